@@ -1,0 +1,155 @@
+"""Typed models of ``params.yaml``; one loader whose errors name the file, the section, the key and what was expected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import HydraPipeError
+
+Objective = Literal["benign", "pgd", "trades", "ibp", "crown-ibp", "mixtrain", "smoothing"]
+Norm = Literal["linf", "l2"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Strict):
+    name: Literal["digits", "cifar10", "svhn", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="folder of a torchvision dataset or an image folder; unused for digits")
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits: stratified held-out fraction")
+    split_seed: int = 0
+    image_size: int | None = Field(None, gt=0, description="imagefolder: side of the centre crop")
+
+
+class ModelParams(Strict):
+    arch: str = "cnn_small"
+
+
+class TrainParams(Strict):
+    """One training stage (pretrain, prune or finetune): the loop is the same, what trains differs."""
+
+    objective: Objective = "pgd"
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(64, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    # the training attack (pgd, trades, mixtrain)
+    eps: float = Field(0.1, ge=0.0, description="L-inf radius of the training objective, inputs in [0, 1]")
+    attack_steps: int = Field(10, ge=1)
+    attack_step_size: float | None = Field(None, gt=0.0, description="default 2.5 * eps / attack_steps")
+    trades_beta: float = Field(6.0, ge=0.0)
+
+    @property
+    def step_size(self) -> float:
+        return self.attack_step_size if self.attack_step_size is not None else 2.5 * self.eps / self.attack_steps
+
+
+class PruneParams(TrainParams):
+    method: Literal["hydra", "lwm", "random"] = "hydra"
+    keep_ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each pruned layer's weights kept")
+    scope: Literal["layer", "global"] = "layer"
+    skip_first: bool = False
+    skip_last: bool = False
+    score_init: Literal["scaled", "kaiming"] = "scaled"
+    schedule_keep: list[float] = Field(default_factory=list,
+                                       description="multi-step pruning: keep ratios before the final keep_ratio")
+    bn: Literal["train", "eval"] = Field("train", description="BatchNorm statistics while scores train")
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(20, ge=0)
+
+    @model_validator(mode="after")
+    def _schedule_in_range(self) -> "PruneParams":
+        for r in self.schedule_keep:
+            if not 0.0 < r <= 1.0:
+                raise ValueError(f"schedule_keep entries must be in (0, 1], got {r}")
+        return self
+
+
+class FinetuneParams(TrainParams):
+    epochs: int = Field(20, ge=0)
+    lr: float = Field(0.01, gt=0.0)
+
+
+class QuantizeParams(Strict):
+    calibration_size: int = Field(256, gt=0, description="training images used to calibrate activation ranges")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+
+
+class AuditParams(Strict):
+    eps: float = Field(0.1, ge=0.0)
+    norm: Norm = "linf"
+    steps: int = Field(1000, ge=0, description="PGD steps; 0 runs no attack")
+    restarts: int = Field(100, ge=1)
+    step_size: float | None = Field(None, gt=0.0, description="default 2.5 * eps / min(steps, 100)")
+    loss: Literal["ce", "margin"] = "margin"
+    ibp: bool = True
+    crown: bool = True
+    n_examples: int | None = Field(200, gt=0, description="seeded subset of the test split; null = all")
+    batch_size: int = Field(20000, gt=0, description="memory budget: examples x restarts in one attack batch")
+    seed: int = 0
+
+
+class ExportParams(Strict):
+    opset: int = Field(17, ge=13)
+    parity_atol: float = Field(1e-4, gt=0.0)
+
+
+class Params(Strict):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    pretrain: TrainParams = TrainParams()
+    prune: PruneParams = PruneParams()
+    finetune: FinetuneParams = FinetuneParams()
+    quantize: QuantizeParams = QuantizeParams()
+    audit: AuditParams = AuditParams()
+    export: ExportParams = ExportParams()
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``; any problem is a one-line :class:`HydraPipeError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise HydraPipeError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise HydraPipeError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise HydraPipeError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise HydraPipeError(f"{path}: {_describe(first)}{more}") from None
+
+
+def params_hash(params: Params, *sections: str) -> str:
+    """SHA-256 (12 hex) of the named sections (all when none), the provenance stamp of checkpoints and models."""
+    dump = params.model_dump(mode="json")
+    chosen = {k: dump[k] for k in (sections or dump.keys())}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
