@@ -1,0 +1,151 @@
+"""Architecture registry: ``build_model(name, info)``. Inputs are in [0, 1]; normalisation is the first layer.
+
+Every Conv2d / Linear is a masked layer (:mod:`pipeline.masking`), dense until a pruning method sets its mode.
+CNN-small and CNN-large follow HYDRA's ``models/basic.py`` (themselves from Wong et al.'s convex-adversarial
+and the CROWN-IBP papers); VGG-16-bn, WRN-28-4 and ResNet-18 follow the paper's CIFAR architectures. The first
+Linear layer's width is derived from the dataset's input size, so each model runs at any dataset's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.data import DatasetInfo
+from pipeline.errors import HydraPipeError
+from pipeline.masking import MaskedConv2d, MaskedLinear
+
+Builder = Callable[[DatasetInfo], nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(fn: Builder) -> Builder:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, info: DatasetInfo) -> nn.Module:
+    if name not in _REGISTRY:
+        raise HydraPipeError(f"model.arch: unknown architecture {name!r}; expected one of {', '.join(model_names())}")
+    return _REGISTRY[name](info)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, inside the model so the deployed graph takes inputs in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _flat_dim(features: nn.Module, info: DatasetInfo) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, info.channels, info.size, info.size)).flatten(1).shape[1])
+
+
+def _with_head(info: DatasetInfo, features: list[nn.Module], hidden: Sequence[int]) -> nn.Sequential:
+    body = nn.Sequential(Normalize(info.mean, info.std), *features, nn.Flatten())
+    width = _flat_dim(body, info)
+    head: list[nn.Module] = []
+    for h in hidden:
+        head += [MaskedLinear(width, h), nn.ReLU()]
+        width = h
+    head.append(MaskedLinear(width, info.classes))
+    return nn.Sequential(*body, *head)
+
+
+@register_model
+def cnn_small(info: DatasetInfo) -> nn.Module:
+    """HYDRA's CNN-small: conv(16,4,s2)-conv(32,4,s2)-fc(100)-fc(classes)."""
+    return _with_head(info, [MaskedConv2d(info.channels, 16, 4, stride=2, padding=1), nn.ReLU(),
+                             MaskedConv2d(16, 32, 4, stride=2, padding=1), nn.ReLU()], [100])
+
+
+@register_model
+def cnn_large(info: DatasetInfo) -> nn.Module:
+    """HYDRA's CNN-large: conv(32,3)-conv(32,4,s2)-conv(64,3)-conv(64,4,s2)-fc(512)-fc(512)-fc(classes)."""
+    return _with_head(info, [MaskedConv2d(info.channels, 32, 3, padding=1), nn.ReLU(),
+                             MaskedConv2d(32, 32, 4, stride=2, padding=1), nn.ReLU(),
+                             MaskedConv2d(32, 64, 3, padding=1), nn.ReLU(),
+                             MaskedConv2d(64, 64, 4, stride=2, padding=1), nn.ReLU()], [512, 512])
+
+
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+@register_model
+def vgg16_bn(info: DatasetInfo) -> nn.Module:
+    """VGG-16 with BatchNorm, CIFAR variant (paper's VGG16-bn). Pools that would shrink below 1x1 are skipped."""
+    layers: list[nn.Module] = []
+    c, size = info.channels, info.size
+    for v in _VGG16:
+        if v == "M":
+            if size >= 2:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        else:
+            layers += [MaskedConv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU()]
+            c = int(v)
+    return _with_head(info, layers, [256, 256])
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation-free residual block (He et al., 2016) with masked convolutions."""
+
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv1 = MaskedConv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = MaskedConv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(MaskedConv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _resnet(info: DatasetInfo, widths: Sequence[int], blocks: Sequence[int], stem: int) -> nn.Module:
+    layers: list[nn.Module] = [Normalize(info.mean, info.std)]
+    if info.size >= 64:  # ImageNet-style stem
+        layers += [MaskedConv2d(info.channels, stem, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(stem),
+                   nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
+    else:  # CIFAR-style stem
+        layers += [MaskedConv2d(info.channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU()]
+    c = stem
+    for i, (w, n) in enumerate(zip(widths, blocks)):
+        for j in range(n):
+            layers.append(BasicBlock(c, w, stride=2 if (j == 0 and i > 0) else 1))
+            c = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(c, info.classes)]
+    return nn.Sequential(*layers)
+
+
+@register_model
+def resnet18(info: DatasetInfo) -> nn.Module:
+    return _resnet(info, [64, 128, 256, 512], [2, 2, 2, 2], stem=64)
+
+
+@register_model
+def wrn_28_4(info: DatasetInfo) -> nn.Module:
+    """Wide ResNet 28-4 (Zagoruyko & Komodakis) with basic blocks: 3 groups of 4 blocks, widths 64/128/256."""
+    return _resnet(info, [16 * 4, 32 * 4, 64 * 4], [4, 4, 4], stem=16)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Weights and biases (scores and masks excluded)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))
