@@ -78,7 +78,11 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise HydraPipeError(f"{path}: not a safetensors checkpoint ({e})") from None
     masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise HydraPipeError(f"{path}: tensors do not match architecture {meta['arch']!r} ({first})") from None
     missing = [k for k in missing if not (k.endswith("weight_mask") or k.endswith("scores"))]
     if missing or unexpected:
         raise HydraPipeError(f"{path}: tensors do not match architecture {meta['arch']!r} "

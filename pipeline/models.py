@@ -50,7 +50,7 @@ class Normalize(nn.Module):
 
 def _flat_dim(features: nn.Module, info: DatasetInfo) -> int:
     with torch.no_grad():
-        return int(features(torch.zeros(1, info.channels, info.size, info.size)).flatten(1).shape[1])
+        return int(features.eval()(torch.zeros(1, info.channels, info.size, info.size)).flatten(1).shape[1])
 
 
 def _with_head(info: DatasetInfo, features: list[nn.Module], hidden: Sequence[int]) -> nn.Sequential:

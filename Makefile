@@ -1,0 +1,24 @@
+# `make repro`: the whole pipeline on the embedded digits data. `make test`: the test suite.
+# Both create .venv on first use; re-running is fast while pyproject.toml is unchanged.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install repro test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --progress-bar off -e '.[dev]'
+	touch $(STAMP)
+
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile -p no:cacheprovider
+
+clean:
+	rm -rf models metrics plots reports deploy .dvc/tmp

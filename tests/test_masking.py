@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.config import PruneParams
+from pipeline.errors import HydraPipeError
+from pipeline.masking import (GetSubnet, MaskedConv2d, MaskedLinear, apply_fixed_masks, freeze_masks, init_scores,
+                              keep_counts, masked_layers, prunable_layers, start_score_pruning)
+from pipeline.models import build_model, model_names
+
+
+def test_getsubnet_keeps_exactly_k_and_passes_gradient_straight_through():
+    scores = torch.randn(7, 5, requires_grad=True)
+    mask = GetSubnet.apply(scores, 9)
+    assert mask.sum() == 9
+    kept = scores.detach().abs().flatten()[mask.flatten().bool()]
+    dropped = scores.detach().abs().flatten()[~mask.flatten().bool()]
+    assert kept.min() >= dropped.max()
+    g = torch.randn(7, 5)
+    mask.backward(g)
+    assert torch.equal(scores.grad, g)  # every score gets the gradient, kept or not
+
+
+def test_straight_through_gradient_reaches_every_score_of_every_layer(digits_info):
+    """d loss / d scores must equal d loss / d mask exactly (straight-through), for kept and pruned entries."""
+    torch.manual_seed(0)
+    model = build_model("cnn_small", digits_info)
+    layers = masked_layers(model)
+    start_score_pruning(layers, 0.1, "scaled")
+    x = torch.rand(64, 1, 8, 8)
+    model(x).logsumexp(1).sum().backward()
+    score_grads = [layer.scores.grad.clone() for _, layer in layers]
+    freeze_masks(model)  # same masks, now as leaves whose gradient we can read
+    for _, layer in layers:
+        layer.weight_mask.requires_grad_(True)
+    model(x).logsumexp(1).sum().backward()
+    for g, (name, layer) in zip(score_grads, layers):
+        assert torch.allclose(g, layer.weight_mask.grad, atol=1e-6), name
+        assert (g[layer.weight_mask.detach() == 0] != 0).any(), name  # pruned scores move too
+
+
+def test_scaled_init_formula():
+    layer = MaskedConv2d(3, 4, 3)
+    init_scores(layer, "scaled")
+    w = layer.weight.detach()
+    expected = math.sqrt(6 / (3 * 3 * 3)) * w / w.abs().max()
+    assert torch.allclose(layer.scores, expected)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.1, 0.01])
+def test_exactly_k_weights_kept_per_layer(digits_info, ratio):
+    model = build_model("cnn_small", digits_info)
+    layers = masked_layers(model)
+    start_score_pruning(layers, ratio, "kaiming")
+    for _, layer in layers:
+        assert int(layer.mask().sum()) == max(1, math.ceil(ratio * layer.weight.numel()))
+
+
+def test_frozen_hydra_scores_initialised_by_magnitude_equal_lwm(digits_info):
+    torch.manual_seed(0)
+    model = build_model("cnn_small", digits_info)
+    layers = masked_layers(model)
+    start_score_pruning(layers, 0.05, "scaled")  # scaled init is proportional to w per layer
+    hydra = [layer.mask().clone() for _, layer in layers]
+    apply_fixed_masks(layers, [layer.weight.abs() for _, layer in layers], 0.05)
+    for h, (_, layer) in zip(hydra, layers):
+        assert torch.equal(h, layer.weight_mask)
+
+
+def test_global_scope_allocates_by_one_threshold():
+    big, small = torch.full((100,), 2.0), torch.full((100,), 1.0)
+    assert keep_counts([big, small], 0.5, "global") == [100, 0]
+    assert keep_counts([big, small], 0.5, "layer") == [50, 50]
+
+
+def test_mask_that_empties_a_layer_is_refused():
+    layers = [("a", MaskedLinear(10, 10)), ("b", MaskedLinear(10, 10))]
+    with torch.no_grad():
+        layers[1][1].weight.mul_(1e-6)
+    with pytest.raises(HydraPipeError, match="disconnected"):
+        apply_fixed_masks(layers, [l.weight.abs() for _, l in layers], 0.05, scope="global")
+
+
+def test_first_last_policy(digits_info):
+    model = build_model("cnn_small", digits_info)
+    all_layers = masked_layers(model)
+    chosen = prunable_layers(model, skip_first=True, skip_last=True)
+    assert [n for n, _ in chosen] == [n for n, _ in all_layers[1:-1]]
+
+
+def test_freeze_turns_scores_into_fixed_mask(digits_info):
+    model = build_model("cnn_small", digits_info)
+    layers = masked_layers(model)
+    start_score_pruning(layers, 0.2, "scaled")
+    masks = [l.mask().clone() for _, l in layers]
+    freeze_masks(model)
+    for m, (_, l) in zip(masks, layers):
+        assert l.mode == "fixed" and torch.equal(m, l.weight_mask) and not l.scores.requires_grad
+
+
+@pytest.mark.parametrize("arch", model_names())
+def test_every_architecture_runs_at_digits_size(digits_info, arch):
+    model = build_model(arch, digits_info).eval()
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
