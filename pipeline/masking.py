@@ -31,12 +31,18 @@ ScoreInit = Literal["scaled", "kaiming", "magnitude"]
 
 
 class GetSubnet(torch.autograd.Function):
-    """Top-k of ``|scores|`` as a 0/1 mask; straight-through gradient (HYDRA's ``GetSubnet``)."""
+    """Top-``keep`` entries of ``importance`` as a 0/1 mask; straight-through gradient (HYDRA's ``GetSubnet``).
+
+    Callers pass ``|scores|`` (as HYDRA's ``SubnetConv`` does), so autograd gives ``dL/ds = dL/dmask * sign(s)``:
+    a score whose connection would lower the loss grows in magnitude whatever its sign. Ranking the signed scores
+    by ``abs`` inside this function instead would pass ``dL/dmask`` unsigned and push every negative score the
+    wrong way.
+    """
 
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, keep: int) -> torch.Tensor:  # type: ignore[override]
-        mask = torch.zeros_like(scores)
-        idx = scores.detach().abs().flatten().topk(keep, sorted=False).indices
+    def forward(ctx, importance: torch.Tensor, keep: int) -> torch.Tensor:  # type: ignore[override]
+        mask = torch.zeros_like(importance)
+        idx = importance.detach().flatten().topk(keep, sorted=False).indices
         mask.view(-1)[idx] = 1.0
         return mask
 
@@ -58,7 +64,7 @@ class _Masked:
 
     def mask(self) -> torch.Tensor:
         if self.mode == "scores":
-            return GetSubnet.apply(self.scores, self.keep)
+            return GetSubnet.apply(self.scores.abs(), self.keep)
         return self.weight_mask
 
     def effective_weight(self) -> torch.Tensor:
@@ -150,7 +156,7 @@ def keep_counts(importance: list[torch.Tensor], keep_ratio: float, scope: Litera
 
 
 def _topk_mask(importance: torch.Tensor, keep: int) -> torch.Tensor:
-    return GetSubnet.apply(importance.detach(), keep)
+    return GetSubnet.apply(importance.detach().abs(), keep)
 
 
 def check_connected(layers: list[tuple[str, MaskedLayer]]) -> None:

@@ -11,19 +11,20 @@ from pipeline.models import build_model, model_names
 
 
 def test_getsubnet_keeps_exactly_k_and_passes_gradient_straight_through():
-    scores = torch.randn(7, 5, requires_grad=True)
-    mask = GetSubnet.apply(scores, 9)
+    importance = torch.rand(7, 5, requires_grad=True)
+    mask = GetSubnet.apply(importance, 9)
     assert mask.sum() == 9
-    kept = scores.detach().abs().flatten()[mask.flatten().bool()]
-    dropped = scores.detach().abs().flatten()[~mask.flatten().bool()]
+    kept = importance.detach().flatten()[mask.flatten().bool()]
+    dropped = importance.detach().flatten()[~mask.flatten().bool()]
     assert kept.min() >= dropped.max()
     g = torch.randn(7, 5)
     mask.backward(g)
-    assert torch.equal(scores.grad, g)  # every score gets the gradient, kept or not
+    assert torch.equal(importance.grad, g)  # every entry gets the gradient, kept or not
 
 
 def test_straight_through_gradient_reaches_every_score_of_every_layer(digits_info):
-    """d loss / d scores must equal d loss / d mask exactly (straight-through), for kept and pruned entries."""
+    """d loss / d scores = d loss / d mask * sign(scores) (straight-through through |s|, as HYDRA's SubnetConv),
+    for kept and pruned entries."""
     torch.manual_seed(0)
     model = build_model("cnn_small", digits_info)
     layers = masked_layers(model)
@@ -36,8 +37,28 @@ def test_straight_through_gradient_reaches_every_score_of_every_layer(digits_inf
         layer.weight_mask.requires_grad_(True)
     model(x).logsumexp(1).sum().backward()
     for g, (name, layer) in zip(score_grads, layers):
-        assert torch.allclose(g, layer.weight_mask.grad, atol=1e-6), name
+        assert torch.allclose(g, layer.weight_mask.grad * layer.scores.detach().sign(), atol=1e-6), name
         assert (g[layer.weight_mask.detach() == 0] != 0).any(), name  # pruned scores move too
+
+
+def test_score_descent_grows_the_magnitude_of_helpful_connections_of_either_sign():
+    """One SGD step on the scores moves |s| by -lr * dL/dmask for negative and positive scores alike.
+
+    Ranking signed scores by abs without the sign in the gradient would shrink a helpful negative score."""
+    torch.manual_seed(0)
+    layer = MaskedLinear(6, 3)
+    start_score_pruning([("fc", layer)], 0.5, "kaiming")
+    x = torch.randn(16, 6)
+    before = layer.scores.detach().clone()
+    layer(x).pow(2).sum().backward()
+    freeze_masks(layer)
+    layer.weight_mask.requires_grad_(True)
+    layer(x).pow(2).sum().backward()
+    g_mask = layer.weight_mask.grad
+    lr = 1e-4
+    after = before - lr * layer.scores.grad
+    assert (before < 0).any() and (before > 0).any()
+    assert torch.allclose(after.abs() - before.abs(), -lr * g_mask, atol=1e-7)
 
 
 def test_scaled_init_formula():
