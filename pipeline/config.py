@@ -57,6 +57,8 @@ class TrainParams(Strict):
 
 class PruneParams(TrainParams):
     method: Literal["hydra", "lwm", "random"] = "hydra"
+    granularity: Literal["weight", "filter"] = Field(
+        "weight", description="weight: unstructured masks; filter: whole output channels (pipeline.structured)")
     keep_ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each pruned layer's weights kept")
     scope: Literal["layer", "global"] = "layer"
     skip_first: bool = False

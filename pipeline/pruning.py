@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from pipeline.config import PruneParams
 from pipeline.masking import apply_fixed_masks, freeze_masks, prunable_layers, set_score_keep, start_score_pruning
+from pipeline.structured import prune_filters
 from pipeline.training import train
 
 
@@ -24,6 +25,8 @@ def prune(model: nn.Module, data: Dataset, p: PruneParams) -> list[dict[str, flo
     Multi-step pruning (``p.schedule_keep``) trains the scores for ``p.epochs`` at each keep ratio of the schedule
     before the final one, starting each step from the previous step's scores.
     """
+    if p.granularity == "filter":  # whole output channels, removable from the deployed graph
+        return prune_filters(model, data, p)
     layers = prunable_layers(model, p.skip_first, p.skip_last)
     if p.method == "lwm":
         apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.scope)
