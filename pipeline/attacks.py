@@ -137,26 +137,26 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> No
         raise HydraPipeError("attack: x must lie in [0, 1]")
 
 
-def _start_seed(seed: int, example: int, first_restart: int) -> int:
-    # one stream per (example, restart chunk): random starts do not depend on which rows share a batch, so
-    # early exits, batch sizes and verification never change any row's trajectory
-    return int(np.random.SeedSequence([seed, example, first_restart]).generate_state(1, np.uint64)[0] >> 1)
+def _start_seed(seed: int, example: int, restart: int) -> int:
+    # one stream per (example, restart): a random start does not depend on which rows share a batch, so early
+    # exits, batch sizes, verification and the number of restarts never change any row's trajectory
+    return int(np.random.SeedSequence([seed, example, restart]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _random_start(x0: torch.Tensor, eps: float, norm: str, restarts: int, seed: int) -> torch.Tensor:
-    """``restarts`` points drawn uniformly in the eps-ball around ``x0`` (one example), clipped to [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (restarts, *x0.shape)
-    if norm == "linf":
-        delta = (torch.rand(shape, generator=g) * 2 - 1) * eps
-    else:
-        d = x0.numel()
-        direction = torch.randn(shape, generator=g).flatten(1)
-        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        radius = eps * torch.rand(restarts, 1, generator=g) ** (1.0 / d)
-        delta = (direction * radius).view(shape)
+def _random_start(x0: torch.Tensor, eps: float, norm: str, seed: int, example: int, restarts: range) -> torch.Tensor:
+    """One point per restart, uniform in the eps-ball around ``x0`` (one example), clipped to [0, 1]."""
+    deltas = []
+    for r in restarts:
+        g = torch.Generator().manual_seed(_start_seed(seed, example, r))
+        if norm == "linf":
+            deltas.append((torch.rand(x0.shape, generator=g) * 2 - 1) * eps)
+        else:
+            direction = torch.randn(x0.shape, generator=g)
+            radius = eps * float(torch.rand(1, generator=g)) ** (1.0 / x0.numel())
+            deltas.append(direction * (radius / float(direction.norm().clamp_min(1e-12))))
+    delta = torch.stack(deltas).to(x0.device, x0.dtype)
     # clipping to [0, 1] only shrinks |delta_i|, so the start stays in the ball
-    return (x0.unsqueeze(0) + delta.to(x0.device, x0.dtype)).clamp(0.0, 1.0)
+    return (x0.unsqueeze(0) + delta).clamp(0.0, 1.0)
 
 
 def _logit_grad(z: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,7 +294,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
                 new.append((i, r0, k))
                 room -= k
             if new:
-                starts = [_random_start(x[i], eps, norm, k, _start_seed(seed, i, r0)) for i, r0, k in new]
+                starts = [_random_start(x[i], eps, norm, seed, i, range(r0, r0 + k)) for i, r0, k in new]
                 idx = torch.cat([torch.full((k,), i, dtype=torch.long) for i, _, k in new]).to(dev)
                 X = torch.cat([X, *starts])
                 ex = torch.cat([ex, idx])
@@ -396,3 +396,98 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
                         robust_by_restart=by_restart, robust_by_step=by_step, settled=settled, rejected=rejected,
                         rejected_examples=int(rejected_ex.sum()), row_steps=row_steps,
                         budget_row_steps=n * restarts * steps, seconds=time.perf_counter() - t_start)
+
+
+def _square_p(p_init: float, it: int, n_iters: int) -> float:
+    """Square attack's schedule of the fraction of pixels changed: halved at fixed points of a 10k-query run."""
+    it = int(it / max(n_iters, 1) * 10000)
+    for k, mark in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
+        if it <= mark:
+            return p_init / 2 ** k
+    return p_init / 2 ** 9
+
+
+@dataclass
+class SquareResult:
+    broken: torch.Tensor  # bool [N]: a confirmed misclassified point was found
+    adv_x: torch.Tensor  # [N, C, H, W]: the best point per example (lowest margin)
+    margin: torch.Tensor  # [N]: its margin on the attacked model
+    queries: int
+    rejected: int
+    seconds: float
+
+
+@torch.no_grad()
+def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                  queries: int = 1000, p_init: float = 0.05, seed: int = 0, confirm: Confirm | None = None,
+                  threads: int | None = None) -> SquareResult:
+    """Square attack, L-inf (Andriushchenko et al., ECCV 2020): random search with no gradient.
+
+    Starts from vertical stripes of +-eps, then each query redraws one random square window (side
+    ``sqrt(p * H * W)``, ``p`` halving on the paper's schedule from ``p_init``) to +-eps per channel and keeps the
+    change when the margin loss ``z_y - max_{j != y} z_j`` drops. It needs no gradient, so it is the audit's check
+    for gradient masking: examples it breaks but PGD did not point at a flawed gradient, not at robustness.
+    ``model`` is any ``x -> logits`` callable; ``confirm`` as in :func:`pgd_attack`.
+    """
+    _check_inputs(x, y, eps, "linf")
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    n, dev = len(x), x.device
+    y = y.to(dev, torch.long)
+    with contextlib.ExitStack() as stack:
+        if isinstance(model, nn.Module):
+            stack.enter_context(attack_mode(model, threads))
+        elif threads is not None:
+            old_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            stack.callback(torch.set_num_threads, old_threads)
+
+        def margin_of(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+            z = model(xs)
+            rows = torch.arange(len(ys), device=dev)
+            other = z.clone()
+            other[rows, ys] = -torch.inf
+            return z[rows, ys] - other.max(1).values
+
+        lo, hi = (x - eps).clamp_min(0.0), (x + eps).clamp_max(1.0)
+        nc, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+        stripes = (torch.randint(0, 2, (n, nc, 1, w), generator=g).float() * 2 - 1).to(dev) * eps
+        best = x.clone()
+        best_margin = torch.full((n,), torch.inf, device=dev)
+        broken = torch.zeros(n, dtype=torch.bool, device=dev)
+        rejected = 0
+
+        def accept(idx: torch.Tensor, xs: torch.Tensor, m: torch.Tensor) -> None:
+            """Keep improvements; a point misclassified by the model counts only once the deployed one agrees."""
+            nonlocal rejected
+            wrong = m < 0
+            if wrong.any():
+                ok = _deployed_wrong(confirm, xs[wrong], y[idx[wrong]])
+                rejected += int((~ok).sum())
+                good = wrong.clone()
+                good[wrong] = ok
+                broken[idx[good]] = True
+                m = torch.where(wrong & ~good, best_margin[idx], m)  # a rejected point is no improvement
+            better = m < best_margin[idx]
+            best[idx[better]] = xs[better]
+            best_margin[idx[better]] = m[better]
+
+        if n:
+            start = torch.clamp(x + stripes, lo, hi)
+            accept(torch.arange(n, device=dev), start, margin_of(start, y))
+        for it in range(queries):
+            idx = (~broken).nonzero().squeeze(1)
+            if not len(idx):
+                break
+            p = _square_p(p_init, it, queries)
+            s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
+            r0 = int(torch.randint(0, h - s + 1, (1,), generator=g))
+            c0 = int(torch.randint(0, w - s + 1, (1,), generator=g))
+            cand = best[idx].clone()
+            signs = (torch.randint(0, 2, (len(idx), nc, 1, 1), generator=g).float() * 2 - 1).to(dev) * eps
+            window = (slice(None), slice(None), slice(r0, r0 + s), slice(c0, c0 + s))
+            cand[window] = x[idx][window] + signs
+            cand = torch.clamp(cand, lo[idx], hi[idx])
+            accept(idx, cand, margin_of(cand, y[idx]))
+    return SquareResult(broken=broken, adv_x=best, margin=best_margin, queries=queries, rejected=rejected,
+                        seconds=time.perf_counter() - t0)
