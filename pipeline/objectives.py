@@ -6,6 +6,7 @@ objectives train weights (pretrain, finetune) and HYDRA's importance scores (pru
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -44,14 +45,24 @@ def benign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, p
     return F.cross_entropy(model(x), y)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    # Restores each module's own mode, not model.train(): the prune stage may hold BatchNorm in eval (prune.bn)
+    # while the rest of the model trains, and that choice must survive the attack.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, loss_fn=None) -> torch.Tensor:
     # The attack runs with the model in eval mode so BatchNorm statistics are not updated by adversarial
-    # iterates (as in the HYDRA and TRADES code), then training mode is restored for the loss.
-    was_training = model.training
-    model.eval()
-    x_adv = pgd_perturb(model, x, y, p.eps, p.step_size, p.attack_steps, loss_fn=loss_fn)
-    model.train(was_training)
-    return x_adv
+    # iterates (as in the HYDRA and TRADES code), then the previous modes are restored for the loss.
+    with _eval_mode(model):
+        return pgd_perturb(model, x, y, p.eps, p.step_size, p.attack_steps, loss_fn=loss_fn)
 
 
 @register_objective("pgd")
@@ -69,13 +80,11 @@ def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, p
     def kl(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="batchmean")
 
-    was_training = model.training
-    model.eval()
-    # TRADES starts from a small Gaussian perturbation rather than the uniform ball
-    x_start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-    x_adv = pgd_perturb(model, x_start, y, p.eps, p.step_size, p.attack_steps, random_start=False, loss_fn=kl)
-    x_adv = torch.min(torch.max(x_adv, x - p.eps), x + p.eps).clamp(0, 1)
-    model.train(was_training)
+    with _eval_mode(model):
+        # TRADES starts from a small Gaussian perturbation rather than the uniform ball
+        x_start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+        x_adv = pgd_perturb(model, x_start, y, p.eps, p.step_size, p.attack_steps, random_start=False, loss_fn=kl)
+        x_adv = torch.min(torch.max(x_adv, x - p.eps), x + p.eps).clamp(0, 1)
     logits = model(x)
     robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + p.trades_beta * robust
