@@ -49,6 +49,20 @@ class TrainParams(Strict):
     attack_steps: int = Field(10, ge=1)
     attack_step_size: float | None = Field(None, gt=0.0, description="default 2.5 * eps / attack_steps")
     trades_beta: float = Field(6.0, ge=0.0)
+    # verified objectives (ibp, crown-ibp, mixtrain): schedules over the stage's steps (CROWN-IBP, Zhang et al. 2020)
+    eps_ramp: float = Field(0.5, ge=0.0, le=1.0,
+                            description="fraction of the stage over which the bound eps rises linearly from 0 to eps")
+    kappa_end: float = Field(0.0, ge=0.0, le=1.0,
+                             description="weight of the clean loss once eps is reached (starts at 1; CROWN-IBP's kappa)")
+    crown_beta_end: float = Field(0.0, ge=0.0, le=1.0,
+                                  description="crown-ibp: weight of the CROWN bound once eps is reached (starts at 1)")
+    # mixtrain (Wang et al. 2018; HYDRA's trainer/mixtrain.py)
+    mixtrain_k: int = Field(5, ge=1, description="examples of each batch that get the symbolic (linear-relaxation) loss")
+    mixtrain_prob: float = Field(0.8, ge=0.0, le=1.0, description="probability that a batch adds the symbolic loss")
+    mixtrain_weight: float = Field(0.1, ge=0.0, description="initial weight of the symbolic loss (x2.5 every 5 epochs after the ramp, at most 50)")
+    mixtrain_base: Literal["pgd", "benign"] = Field("pgd", description="the loss the symbolic loss is mixed with")
+    # smoothing (Cohen et al. 2019): Gaussian data augmentation
+    smoothing_sigma: float = Field(0.25, gt=0.0, description="std of the Gaussian noise added to training inputs")
 
     @property
     def step_size(self) -> float:
@@ -71,6 +85,7 @@ class PruneParams(TrainParams):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: int = Field(20, ge=0)
+    eps_ramp: float = Field(0.05, ge=0.0, le=1.0, description="short: the pretrained model is already robust (HYDRA)")
 
     @model_validator(mode="after")
     def _schedule_in_range(self) -> "PruneParams":
@@ -83,6 +98,7 @@ class PruneParams(TrainParams):
 class FinetuneParams(TrainParams):
     epochs: int = Field(20, ge=0)
     lr: float = Field(0.01, gt=0.0)
+    eps_ramp: float = Field(0.05, ge=0.0, le=1.0, description="short: the pruned model is already robust (HYDRA)")
 
 
 class QuantizeParams(Strict):
@@ -105,6 +121,13 @@ class AuditParams(Strict):
     seed: int = 0
     square_queries: int = Field(1000, ge=0, description="Square attack queries (gradient-masking check); 0 = off")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
+    # randomized smoothing certification (Cohen et al. 2019, CERTIFY) of the deployed model; null = not run
+    smoothing_sigma: float | None = Field(None, gt=0.0, description="noise std of the smoothed classifier")
+    smoothing_n0: int = Field(100, ge=1, description="Monte Carlo draws that select the top class")
+    smoothing_n: int = Field(10000, ge=1, description="Monte Carlo draws that bound its probability (paper: 100,000)")
+    smoothing_alpha: float = Field(0.001, gt=0.0, lt=0.5, description="failure probability of each certificate")
+    smoothing_radii: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
+                                         description="L2 radii at which certified accuracy is reported")
 
 
 class ExportParams(Strict):
