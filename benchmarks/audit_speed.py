@@ -1,0 +1,242 @@
+"""PGD audit speed and strength: ours vs torchattacks, ART and a plain PyTorch loop, same model, examples, threads.
+
+    .venv/bin/python benchmarks/audit_speed.py --n 100 --peer-n 20 --out benchmarks/results/audit_speed.json
+
+Model: ``models/quantized.onnx`` from ``dvc repro`` when it exists (``--model``), else a 57k-parameter CNN
+(Conv(16,3)-Conv(32,3,s2)-Fc(100)-Fc(10)) trained here on digits with PGD adversarial training (eps 0.1), so that
+the robust accuracy is not trivially 0. Examples: the first ``--n`` of the digits test split.
+
+Contenders, every one on 1 thread (``--threads``), L-inf, eps ``--eps``, the same constant step ``2.5 eps /
+min(steps, 100)``:
+- ``ours``: :func:`pipeline.audit.run_audit` on the ONNX file (load, clean accuracy on onnxruntime, IBP and CROWN
+  verification, PGD with margin loss confirmed on onnxruntime; Square off since peers have none), wall time of
+  the whole call; plus ablations of :func:`pipeline.attacks.pgd_attack` on the same module.
+- ``torchattacks``: ``torchattacks.PGD`` called once per restart on the whole batch; an example is broken when any
+  restart's final iterate is misclassified.
+- ``art``: ART's ``ProjectedGradientDescent(num_random_init=restarts)`` with a ``PyTorchClassifier``.
+- ``plain``: the textbook loop, restarts one after another over the whole batch, margin loss, worst case over
+  every iterate (what ours computes, without batching restarts or any exit).
+Peers get the torch module directly (the native ``nn.Sequential`` for the trained model). The physical floor is
+``steps x restarts x`` one forward+backward of the model on the batch of examples (median of 50).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.attacks import default_step_size, pgd_attack, pgd_perturb  # noqa: E402
+from pipeline.audit import run_audit  # noqa: E402
+from pipeline.config import AuditParams  # noqa: E402
+from pipeline.data import digits_arrays  # noqa: E402
+
+
+def cnn57k() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(512, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def train_default(x: np.ndarray, y: np.ndarray, eps: float = 0.1, epochs: int = 30, seed: int = 0) -> nn.Module:
+    """PGD adversarial training (Madry et al.), 7 steps, eps ramped over the first third."""
+    torch.manual_seed(seed)
+    model = cnn57k()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    for ep in range(epochs):
+        perm = torch.randperm(len(xt))
+        e = eps * min(1.0, (ep + 1) / (epochs / 3))
+        for i in range(0, len(perm), 64):
+            xb, yb = xt[perm[i:i + 64]], yt[perm[i:i + 64]]
+            model.eval()
+            xa = pgd_perturb(model, xb, yb, e, 2.5 * e / 7, 7)
+            model.train()
+            loss = F.cross_entropy(model(xa), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def export(model: nn.Module, path: Path) -> None:
+    torch.onnx.export(model, torch.zeros(1, 1, 8, 8), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17)
+
+
+def floor_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int = 50) -> float:
+    """One forward+backward (gradient w.r.t. the input only) of the batch: the unit of any PGD's cost."""
+    times = []
+    for _ in range(reps + 5):
+        t = time.perf_counter()
+        xr = x.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xr), y)
+        torch.autograd.grad(loss, xr)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[5:])
+
+
+def margin_grad(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    other = z.detach().clone()
+    other[torch.arange(len(y)), y] = -torch.inf
+    return other.max(1).values - z.gather(1, y[:, None]).squeeze(1)
+
+
+def plain_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+              restarts: int, seed: int = 0) -> torch.Tensor:
+    """The textbook loop: restart after restart over the whole batch, worst case over every iterate."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        broken = model(x).argmax(1) != y
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    for _ in range(restarts):
+        xa = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        for t in range(steps + 1):
+            xa.requires_grad_(True)
+            z = model(xa)
+            broken |= z.detach().argmax(1) != y
+            if t == steps:
+                break
+            (g,) = torch.autograd.grad(margin_grad(z, y).sum(), xa)
+            xa = torch.min(torch.max(xa.detach() + alpha * g.sign(), lo), hi)
+    return ~broken
+
+
+def torchattacks_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                     restarts: int, seed: int = 0) -> torch.Tensor:
+    import torchattacks
+
+    torch.manual_seed(seed)
+    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    with torch.no_grad():
+        broken = model(x).argmax(1) != y
+    for _ in range(restarts):
+        xa = atk(x, y)
+        with torch.no_grad():
+            broken |= model(xa).argmax(1) != y
+    return ~broken
+
+
+def art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+            restarts: int, seed: int = 0) -> torch.Tensor:
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    clf = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                            nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+    atk = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps,
+                                   num_random_init=restarts, batch_size=len(x), verbose=False)
+    xa = atk.generate(x=x.numpy(), y=y.numpy())
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        return clean & (model(torch.as_tensor(xa)).argmax(1) == y)
+
+
+PEERS = {"plain": plain_pgd, "torchattacks": torchattacks_pgd, "art": art_pgd}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=Path("models/quantized.onnx"))
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--peer-n", type=int, default=20, help="examples for peers at the large budget")
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", default="50x10,1000x100", help="steps x restarts, comma separated")
+    ap.add_argument("--peers", default="plain,torchattacks,art")
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hydra_audit_bench")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    x_tr, y_tr, x_te, y_te = digits_arrays()
+    x, y = x_te[:args.n], y_te[:args.n]
+
+    if args.model.exists():
+        from pipeline.onnx_io import load_onnx
+
+        onnx_path, peer_model, model_name = args.model, load_onnx(args.model).eval(), str(args.model)
+    else:
+        onnx_path = args.work / "cnn57k_pgd.onnx"
+        weights = args.work / "cnn57k_pgd.pt"
+        peer_model = cnn57k()
+        if weights.exists():
+            peer_model.load_state_dict(torch.load(weights))
+        else:
+            t = time.perf_counter()
+            peer_model = train_default(x_tr, y_tr)
+            print(f"trained the default model in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            torch.save(peer_model.state_dict(), weights)
+        peer_model.eval()
+        export(peer_model, onnx_path)
+        model_name = "cnn57k (PGD-AT eps 0.1, trained by this script)"
+    for p in peer_model.parameters():
+        p.requires_grad_(False)
+
+    rows = []
+    for budget in args.budgets.split(","):
+        steps, restarts = (int(v) for v in budget.split("x"))
+        alpha = default_step_size(args.eps, steps)
+        large = steps * restarts > 50_000
+        subsets = [args.n] if not large or args.peer_n >= args.n else [args.peer_n, args.n]
+        for n in subsets:
+            xs, ys = torch.as_tensor(x[:n]), torch.as_tensor(y[:n])
+            floor = floor_seconds(peer_model, xs, ys) * steps * restarts
+            line = dict(budget=budget, n=n, floor_s=floor)
+            # ours: the whole audit call (verification included), then peers back to back
+            params = AuditParams(eps=args.eps, steps=steps, restarts=restarts, square_queries=0,
+                                 batch_size=args.batch_size, threads=args.threads)
+            rep = run_audit(onnx_path, x[:n], y[:n], params, progress=False)
+            line["ours"] = dict(seconds=rep["seconds"]["total"], robust=rep["pgd_robust_accuracy"],
+                                pgd_seconds=rep["seconds"]["pgd"], work=rep["attack_work"], settled=rep["settled"])
+            print(budget, n, "ours", line["ours"], file=sys.stderr, flush=True)
+            if n == subsets[0]:
+                for name in args.peers.split(","):
+                    t = time.perf_counter()
+                    robust = PEERS[name](peer_model, xs, ys, args.eps, alpha, steps, restarts)
+                    line[name] = dict(seconds=time.perf_counter() - t, robust=float(robust.float().mean()))
+                    print(budget, n, name, line[name], file=sys.stderr, flush=True)
+            rows.append(line)
+    # ablation of the exits on the large budget (pgd_attack alone, on the module the audit attacks)
+    from pipeline.onnx_io import load_onnx
+
+    module = load_onnx(onnx_path).eval()
+    steps, restarts = (int(v) for v in args.budgets.split(",")[-1].split("x"))
+    n = min(args.peer_n, args.n)
+    xs, ys = torch.as_tensor(x[:n]), torch.as_tensor(y[:n])
+    ablation = {}
+    for label, kw in (("no exits (batched restarts only)", dict(early_exit=False, cycle_exit=False)),
+                      ("+ broken examples leave", dict(cycle_exit=False)),
+                      ("+ cycling rows leave", dict())):
+        if label.startswith("no exits") and steps * restarts * n >= 1_000_000:
+            continue  # as long as the plain loop; measured there
+        r = pgd_attack(module, xs, ys, args.eps, steps=steps, restarts=restarts, batch_size=args.batch_size, **kw)
+        ablation[label] = dict(seconds=r.seconds, robust=r.robust_accuracy, work=r.row_steps / r.budget_row_steps)
+        print("ablation", label, ablation[label], file=sys.stderr, flush=True)
+    result = dict(model=model_name, eps=args.eps, threads=args.threads, machine=platform.processor() or platform.machine(),
+                  cpus=os.cpu_count(), load_average=os.getloadavg(), rows=rows, ablation=ablation)
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
