@@ -47,7 +47,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_x: np.ndarray, pe
         quantize_static(str(pre), str(staged), _Calibration(input_name, calibration_x),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=per_channel, calibrate_method=methods[method],
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                       # keep the logits in float: uint8 logits create ties at the decision
+                                       # boundary, exactly where the robustness audit looks
+                                       "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
         staged.replace(out_path)
 
 
