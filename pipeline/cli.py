@@ -95,6 +95,8 @@ def audit(
     crown: Annotated[bool, typer.Option("--crown/--no-crown", help="CROWN verified accuracy")] = True,
     batch_size: Annotated[int, typer.Option(help="memory budget: examples x restarts per attack batch")] = 20000,
     seed: Annotated[int, typer.Option(help="seed of the random starts")] = 0,
+    smoothing_sigma: Annotated[Optional[float], typer.Option(
+        help="also certify the Gaussian-smoothed model (CERTIFY, L2 radii) with this noise std")] = None,
     out: Annotated[Optional[Path], typer.Option(help="the report (JSON)")] = None,
     bounds_out: Annotated[Optional[Path], typer.Option(help="IBP / CROWN logit bounds (.npz)")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -121,7 +123,7 @@ def audit(
         raise HydraPipeError(f"{model}: model file not found")
     try:
         settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown,
-                               batch_size=batch_size, seed=seed, n_examples=None)
+                               batch_size=batch_size, seed=seed, n_examples=None, smoothing_sigma=smoothing_sigma)
     except ValidationError as e:
         err = e.errors()[0]
         raise HydraPipeError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None

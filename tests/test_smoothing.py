@@ -110,3 +110,31 @@ def test_bad_settings_are_one_line_errors(kwargs):
     args = dict(sigma=0.25, n0=10, n=100, alpha=0.001) | kwargs
     with pytest.raises(HydraPipeError):
         certify(linear, points([0.3, 0.1]), **args)
+
+
+def test_cli_audit_certifies_the_smoothed_deployed_model(tmp_path):
+    """``hydra-pipe audit --smoothing-sigma``: the report's smoothing block is CERTIFY on the ONNX model's numerics,
+    so it matches CERTIFY on the torch model it was exported from (same seed, same noise)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.onnx_io import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    export_onnx(net, tmp_path / "m.onnx", (1, 2, 2))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((12, 1, 2, 2), dtype=np.float32), rng.integers(0, 3, 12).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    args = ["audit", "m.onnx", "--data", "d.npz", "--eps", "0.01", "--steps", "0", "--no-crown",
+            "--smoothing-sigma", "0.5", "--out", "r.json"]
+    res = subprocess.run([sys.executable, "-c", "from pipeline.cli import app; app()", *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_PIPE_QUIET": "1"})
+    assert res.returncode == 0, res.stderr
+    sm = json.loads((tmp_path / "r.json").read_text())["smoothing"]
+    assert sm["sigma"] == 0.5 and sm["n"] == 10_000
+    expected = certify_report(net, torch.from_numpy(x), y, 0.5, [0.25, 0.5, 0.75, 1.0], n=10_000, seed=0)
+    for r, acc in expected["certified_accuracy"].items():
+        assert sm["certified_accuracy"][r] == pytest.approx(acc, abs=1 / 12 + 1e-9)
