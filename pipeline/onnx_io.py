@@ -96,7 +96,11 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int],
     device = next((p.device for p in folded.parameters()), torch.device("cpu"))
     dummy = torch.zeros(1, *input_shape, device=device)
     buf = io.BytesIO()
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but is the one that honours opset 17 (see issue 2)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(folded, (dummy,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
