@@ -121,17 +121,25 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
     CROWN logit bounds to ``bounds_out`` (.npz) if given. Bad input raises :class:`HydraPipeError`, before
     anything is written.
     """
-    from pipeline.onnx_io import load_onnx, ort_logits, ort_session
-
     t_total = time.perf_counter()
-    seconds: dict[str, float] = {}
     x, y = _validate(x, y, params.eps)
     eps = float(params.eps)
-    threads = getattr(params, "threads", None)
-    square_queries = getattr(params, "square_queries", 1000)
+    threads = params.threads
+    square_queries = params.square_queries
+    old_threads = torch.get_num_threads()
     if threads is not None:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the bounds too; restored on the way out
+    try:
+        return _audit(model_path, x, y, params, bounds_out, progress, threads, square_queries, eps, t_total)
+    finally:
+        torch.set_num_threads(old_threads)
 
+
+def _audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None,
+           progress: bool, threads: int | None, square_queries: int, eps: float, t_total: float) -> dict:
+    from pipeline.onnx_io import load_onnx, ort_logits, ort_session
+
+    seconds: dict[str, float] = {}
     t = time.perf_counter()
     model = load_onnx(Path(model_path))
     session = ort_session(Path(model_path), threads=threads)
