@@ -181,8 +181,17 @@ def _quant_endpoints(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
     return v_lo, v_hi, q_lo, q_hi
 
 
+def _kind(node: Node) -> str:
+    """The op as bounds see it: ONNX's Add / Sub / Mul / Div become ConstBinary or Binary by their operands."""
+    if isinstance(node.module, ConstBinary):
+        return "ConstBinary"
+    if isinstance(node.module, Binary):
+        return "Binary"
+    return node.op
+
+
 def _ibp_node(node: Node, boxes: list[Box]) -> Box:
-    op, m = node.op, node.module
+    op, m = _kind(node), node.module
     if op == "Conv":
         _check_conv(node)
         w = effective_weight(m)
@@ -348,17 +357,18 @@ _RELAXED_OPS = {"Relu", "QuantizeLinear"}
 
 
 def _is_linear(node: Node) -> bool:
-    if node.op == "Binary":
+    op = _kind(node)
+    if op == "Binary":
         return node.module.op in ("Add", "Sub")
-    if node.op == "ConstBinary":
+    if op == "ConstBinary":
         return not (node.module.op == "Div" and node.module.const_first)
-    return node.op in _LINEAR_OPS
+    return op in _LINEAR_OPS
 
 
 def _backward_node(node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None
                    ) -> tuple[list[Tensor | None], Tensor | float]:
     """Pull the coefficients ``a`` of ``node``'s output back onto its inputs; return (input coefficients, bias)."""
-    op, m = node.op, node.module
+    op, m = _kind(node), node.module
     in_shape = boxes[node.inputs[0]].shape if node.inputs else None
     if op == "Gemm":
         w = effective_weight(m)
@@ -521,11 +531,11 @@ def _ibp_exact(graph: GraphModule) -> set[str]:
     for node in graph.nodes:
         if len(node.inputs) != 1 or node.inputs[0] not in general:
             continue
-        g = general[node.inputs[0]]
-        if node.op in ("BatchNormalization", "Normalize", "ConstBinary", "Flatten", "Reshape", "Transpose"):
-            if node.op != "ConstBinary" or _is_linear(node):
+        g, op = general[node.inputs[0]], _kind(node)
+        if op in ("BatchNormalization", "Normalize", "ConstBinary", "Flatten", "Reshape", "Transpose"):
+            if op != "ConstBinary" or _is_linear(node):
                 general[node.output] = g
-        elif node.op in ("Conv", "Gemm", "AveragePool", "GlobalAveragePool", "AdaptiveAvgPool") and not g:
+        elif op in ("Conv", "Gemm", "AveragePool", "GlobalAveragePool", "AdaptiveAvgPool") and not g:
             general[node.output] = True
     return set(general)
 
@@ -588,7 +598,7 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], uns
         spec = torch.zeros(1, 2 * u, dim, dtype=lo.dtype, device=lo.device)
         spec[0, torch.arange(u), union] = 1.0
         spec[0, torch.arange(u, 2 * u), union] = -1.0
-        pos = position[sel]
+        pos = torch.where(valid[:, start:start + chunk], position[sel], 0)  # padding rows: any valid row
         res = _backward(graph, name, spec.view(1, 2 * u, *lo.shape[1:]), boxes, rows=torch.cat([pos, pos + u], 1))
         new_lo.append(res[:, :k])
         new_hi.append(-res[:, k:])
@@ -669,19 +679,20 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
     with torch.no_grad():
         best = _backward(graph, graph.output_name, rows, boxes)
     if params:
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(iterations):
+        # Adam by hand: torch.optim's first use imports the compiler stack, seconds on a small CPU
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+        beta1, beta2 = 0.9, 0.999
+        for step in range(1, iterations + 1):
             with torch.enable_grad():
                 bound = _backward(graph, graph.output_name, rows, boxes, alphas=alphas)
-                loss = -bound.sum()
-                grads = torch.autograd.grad(loss, params)
+                grads = torch.autograd.grad(-bound.sum(), params)
             with torch.no_grad():
                 best = torch.maximum(best, bound.detach())
-                for p, g in zip(params, grads):
-                    p.grad = g
-                opt.step()
-                for p in params:
-                    p.clamp_(0.0, 1.0)
+                for p, g, (m1, m2) in zip(params, grads, moments):
+                    m1.mul_(beta1).add_(g, alpha=1 - beta1)
+                    m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    denom = (m2 / (1 - beta2 ** step)).sqrt_().add_(1e-8)
+                    p.addcdiv_(m1, denom, value=-lr / (1 - beta1 ** step)).clamp_(0.0, 1.0)
         with torch.no_grad():
             best = torch.maximum(best, _backward(graph, graph.output_name, rows, boxes, alphas=alphas))
     ibp_lo, ibp_hi = _naive_spec_bounds(spec, out_box)

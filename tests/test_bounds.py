@@ -1,0 +1,248 @@
+"""IBP / CROWN / alpha-CROWN: equality with auto_LiRPA's results, soundness, closed forms, int8 graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pipeline.bounds import (alpha_crown_bounds, crown_bounds, interval_bounds, margin_lower_bounds, margin_spec,
+                             verified)
+from pipeline.errors import UnsupportedOpError
+from pipeline.masking import MaskedConv2d, MaskedLinear, start_score_pruning, masked_layers
+from pipeline.models import Normalize
+from pipeline.onnx_io import Binary, GraphModule, Node, export_onnx, load_onnx, ort_logits, ort_session
+
+DATA = Path(__file__).parent / "data" / "ibp"
+ORACLES = [("mlp", 0.01), ("mlp", 0.05), ("cnn", 0.005), ("cnn", 0.01)]
+
+
+def close(ours: torch.Tensor, ref: np.ndarray) -> None:
+    """Within 1e-5 relative, relative to the bound's own scale (float32 summation order differs)."""
+    np.testing.assert_allclose(ours.detach().numpy(), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("net,eps", ORACLES)
+def test_bounds_equal_auto_lirpa(net, eps):
+    ref = np.load(DATA / f"{net}.eps{eps}.bounds.npz")
+    model = load_onnx(DATA / f"{net}.onnx")
+    x_lo, x_hi, y = torch.from_numpy(ref["x_L"]), torch.from_numpy(ref["x_U"]), torch.from_numpy(ref["y"])
+    lo, hi = interval_bounds(model, x_lo, x_hi)
+    close(lo, ref["ibp_lb"])
+    close(hi, ref["ibp_ub"])
+    ibp_margin = margin_lower_bounds(model, x_lo, x_hi, y, "ibp")
+    close(ibp_margin, ref["ibp_margin_lb"])
+    assert np.array_equal((ibp_margin > 0).all(1).numpy(), ref["ibp_verified"])
+    lo, hi = crown_bounds(model, x_lo, x_hi)
+    close(lo, ref["crown_lb"])
+    close(hi, ref["crown_ub"])
+    crown_margin = margin_lower_bounds(model, x_lo, x_hi, y, "crown")
+    close(crown_margin, ref["crown_margin_lb"])
+    assert np.array_equal((crown_margin > 0).all(1).numpy(), ref["crown_verified"])
+    assert torch.equal(margin_spec(y, 10), torch.from_numpy(ref["C"]))
+    # every logit seen by auto_LiRPA's sampling and attacks lies inside our bounds
+    assert (ref["emp_min"] >= lo.detach().numpy() - 1e-5).all() and (ref["emp_max"] <= hi.detach().numpy() + 1e-5).all()
+
+
+def test_folded_margins_are_tighter_than_subtracting_logit_bounds():
+    ref = np.load(DATA / "cnn.eps0.005.bounds.npz")
+    model = load_onnx(DATA / "cnn.onnx")
+    x_lo, x_hi, y = torch.from_numpy(ref["x_L"]), torch.from_numpy(ref["x_U"]), torch.from_numpy(ref["y"])
+    folded = margin_lower_bounds(model, x_lo, x_hi, y, "ibp")
+    lo, hi = interval_bounds(model, x_lo, x_hi)
+    spec = margin_spec(y, 10)
+    naive = (spec.clamp(min=0) * lo.unsqueeze(1) + spec.clamp(max=0) * hi.unsqueeze(1)).sum(2)
+    close(naive, ref["ibp_naive_margin_lb"])
+    assert (folded.detach().numpy() >= ref["ibp_naive_margin_lb"] - 1e-5).all()
+    assert (folded > 0).all(1).sum() > int(ref["ibp_naive_verified"].sum())
+
+
+# ---------------------------------------------------------------- closed forms
+
+def test_single_linear_layer_ibp_is_exact():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4)
+    x_lo, x_hi = torch.tensor([[-1.0, 0.0, 2.0]]), torch.tensor([[1.0, 0.5, 2.5]])
+    lo, hi = interval_bounds(nn.Sequential(layer), x_lo, x_hi)
+    corners = torch.cartesian_prod(*[torch.stack([a, b]) for a, b in zip(x_lo[0], x_hi[0])])
+    values = layer(corners).detach()
+    # the bound is attained at a corner of the box, for every output
+    assert torch.allclose(lo[0], values.min(0).values, atol=1e-6)
+    assert torch.allclose(hi[0], values.max(0).values, atol=1e-6)
+    clo, chi = crown_bounds(nn.Sequential(layer), x_lo, x_hi)
+    assert torch.allclose(clo, lo, atol=1e-6) and torch.allclose(chi, hi, atol=1e-6)
+
+
+def test_crown_on_a_relu_network_known_by_hand():
+    """y = relu(x1 + x2) + relu(x1 - x2) on [-1, 1]^2. Both pre-activations lie in [-2, 2]: unstable, with
+    u = -l, so the adaptive lower slope is 0 and the upper chord is h / 2 + 1. CROWN: y <= (x1 + x2) / 2 + 1 +
+    (x1 - x2) / 2 + 1 = x1 + 2 <= 3 and y >= 0. IBP: [0, 4]. The true range is [0, 2]."""
+    fc1 = nn.Linear(2, 2)
+    fc2 = nn.Linear(2, 1)
+    with torch.no_grad():
+        fc1.weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+        fc1.bias.zero_()
+        fc2.weight.copy_(torch.tensor([[1.0, 1.0]]))
+        fc2.bias.zero_()
+    net = nn.Sequential(fc1, nn.ReLU(), fc2)
+    x_lo, x_hi = -torch.ones(1, 2), torch.ones(1, 2)
+    lo, hi = crown_bounds(net, x_lo, x_hi)
+    assert lo.item() == pytest.approx(0.0, abs=1e-6) and hi.item() == pytest.approx(3.0, abs=1e-6)
+    ilo, ihi = interval_bounds(net, x_lo, x_hi)
+    assert ilo.item() == pytest.approx(0.0, abs=1e-6) and ihi.item() == pytest.approx(4.0, abs=1e-6)
+    # with intermediate bounds from IBP the first layer's bounds are the same (exact), so is the result
+    lo2, hi2 = crown_bounds(net, x_lo, x_hi, intermediate="ibp")
+    assert hi2.item() == pytest.approx(3.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- soundness, property-based
+
+def random_net(seed: int, conv: bool) -> nn.Sequential:
+    torch.manual_seed(seed)
+    if conv:
+        net = nn.Sequential(Normalize([0.5], [0.25]), MaskedConv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            MaskedConv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                            MaskedLinear(24, 12), nn.ReLU(), MaskedLinear(12, 5))
+        with torch.no_grad():
+            net[2].running_mean.uniform_(-0.3, 0.3)
+            net[2].running_var.uniform_(0.5, 2.0)
+            net[2].weight.uniform_(-1.5, 1.5)
+    else:
+        net = nn.Sequential(nn.Flatten(), MaskedLinear(64, 16), nn.ReLU(), MaskedLinear(16, 16), nn.ReLU(),
+                            MaskedLinear(16, 5))
+    return net.eval()
+
+
+def inside(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tol: float = 1e-4) -> bool:
+    return bool(((v >= lo - tol) & (v <= hi + tol)).all())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), conv=st.booleans(), eps=st.floats(0.001, 0.2))
+def test_sampled_and_attacked_points_lie_inside_every_bound(seed, conv, eps):
+    net = random_net(seed, conv)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 1, 8, 8, generator=g)
+    x_lo, x_hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    with torch.no_grad():
+        ibp = interval_bounds(net, x_lo, x_hi)
+        crown = crown_bounds(net, x_lo, x_hi)
+        crown_ibp = crown_bounds(net, x_lo, x_hi, intermediate="ibp")
+    alpha = alpha_crown_bounds(net, x_lo, x_hi, iterations=5)
+    # CROWN is intersected with IBP, so it is never looser; alpha-CROWN keeps its best iterate, never looser
+    assert (crown[0] >= ibp[0] - 1e-5).all() and (crown[1] <= ibp[1] + 1e-5).all()
+    assert (alpha[0] >= crown[0] - 1e-5).all() and (alpha[1] <= crown[1] + 1e-5).all()
+    # random points of the box, its corners, and points found by gradient ascent / descent on each logit
+    u = torch.rand(64, *x.shape, generator=g)
+    samples = [x_lo + u * (x_hi - x_lo), torch.where(u < 0.5, x_lo, x_hi)]
+    z = (x_lo + x_hi) / 2
+    for sign in (1.0, -1.0):
+        for k in range(5):
+            p = z.clone().requires_grad_(True)
+            for _ in range(8):
+                (grad,) = torch.autograd.grad(sign * net(p)[:, k].sum(), p)
+                p = torch.min(torch.max(p.detach() + (x_hi - x_lo) * 0.25 * grad.sign(), x_lo), x_hi).requires_grad_(True)
+            samples.append(p.detach().unsqueeze(0))
+    with torch.no_grad():
+        for s in samples:
+            out = net(s.reshape(-1, *x.shape[1:])).reshape(s.shape[0], x.shape[0], -1)
+            for lo, hi in (ibp, crown, crown_ibp, alpha):
+                assert inside(out, lo, hi)
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0.0, 0.1))
+def test_margin_bounds_are_sound_and_ordered(seed, eps):
+    net = random_net(seed, conv=True)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    y = torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(seed + 1))
+    x_lo, x_hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    ibp = margin_lower_bounds(net, x_lo, x_hi, y, "ibp")
+    crown = margin_lower_bounds(net, x_lo, x_hi, y, "crown")
+    alpha = margin_lower_bounds(net, x_lo, x_hi, y, "alpha-crown")
+    assert ibp.shape == (4, 4)
+    assert (alpha >= crown - 1e-5).all()
+    spec = margin_spec(y, 5)
+    with torch.no_grad():
+        pts = x_lo + torch.rand(32, *x.shape) * (x_hi - x_lo)
+        margins = torch.einsum("nmk,snk->snm", spec, net(pts.reshape(-1, 1, 8, 8)).reshape(32, 4, 5))
+    for bound in (ibp, crown, alpha):
+        assert (margins >= bound - 1e-4).all()
+
+
+def test_alpha_crown_tightens_crown():
+    ref = np.load(DATA / "cnn.eps0.01.bounds.npz")
+    model = load_onnx(DATA / "cnn.onnx")
+    x, y = torch.from_numpy(ref["x"]), torch.from_numpy(ref["y"])
+    x_lo, x_hi = (x - 0.04).clamp(0, 1), (x + 0.04).clamp(0, 1)
+    crown = margin_lower_bounds(model, x_lo, x_hi, y, "crown")
+    alpha = margin_lower_bounds(model, x_lo, x_hi, y, "alpha-crown")
+    assert (alpha >= crown - 1e-5).all() and (alpha - crown).sum() > 0.01
+
+
+# ---------------------------------------------------------------- verification, training, errors
+
+def test_verified_at_zero_eps_is_correct_classification():
+    net = random_net(3, conv=True)
+    x = torch.rand(20, 1, 8, 8)
+    y = net(x).argmax(1)
+    y[:5] = (y[:5] + 1) % 5
+    for method in ("ibp", "crown", "alpha-crown"):
+        assert torch.equal(verified(net, x, y, 0.0, method, batch_size=7), torch.arange(20) >= 5)
+
+
+def test_ibp_margins_send_gradients_to_weights_and_hydra_scores():
+    net = random_net(0, conv=True)
+    start_score_pruning(masked_layers(net), 0.5, "scaled")
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 3])
+    for method in ("ibp", "crown"):
+        net.zero_grad()
+        for _, layer in masked_layers(net):
+            layer.scores.grad = None
+        loss = -margin_lower_bounds(net, (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1), y, method,
+                                    intermediate="ibp").sum()
+        loss.backward()
+        for name, layer in masked_layers(net):
+            assert layer.scores.grad is not None and layer.scores.grad.abs().sum() > 0, (method, name)
+
+
+def test_unsupported_op_in_bounds_names_op_and_node():
+    lin = nn.Linear(4, 4)
+    graph = GraphModule([Node("fc", "Gemm", lin, ("input",), "h"),
+                         Node("the_product", "Binary", Binary("Div"), ("h", "h"), "out")], "input", "out")
+    x = torch.rand(2, 4)
+    with pytest.raises(UnsupportedOpError, match="the_product"):
+        interval_bounds(graph, x, x + 0.1)
+
+
+# ---------------------------------------------------------------- the deployed int8 graph
+
+def test_bounds_contain_onnxruntime_outputs_of_the_int8_model(tmp_path):
+    from tests.test_onnx_io import quantize_int8, small_masked_model
+
+    model = small_masked_model()
+    src, dst = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    export_onnx(model, src, (1, 8, 8))
+    rng = np.random.default_rng(0)
+    quantize_int8(src, dst, rng.random((64, 1, 8, 8), dtype=np.float32))
+    qmodel = load_onnx(dst)
+    session = ort_session(dst, threads=1)
+    x = torch.from_numpy(rng.random((6, 1, 8, 8), dtype=np.float32))
+    for eps in (0.0, 0.01, 0.05):
+        x_lo, x_hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+        with torch.no_grad():
+            boxes = [interval_bounds(qmodel, x_lo, x_hi), crown_bounds(qmodel, x_lo, x_hi),
+                     crown_bounds(qmodel, x_lo, x_hi, intermediate="ibp")]
+        u = torch.from_numpy(rng.random((200, *x.shape), dtype=np.float32))
+        pts = (x_lo + u * (x_hi - x_lo)).reshape(-1, 1, 8, 8).numpy()
+        out = torch.from_numpy(ort_logits(session, pts)).reshape(200, *boxes[0][0].shape)
+        for lo, hi in boxes:
+            assert inside(out, lo, hi, tol=1e-6)
+        if eps > 0:  # the linear relaxation of rounding pays off: CROWN is tighter than IBP on the int8 graph
+            assert (boxes[1][1] - boxes[1][0]).sum() < 0.99 * (boxes[0][1] - boxes[0][0]).sum()
