@@ -33,25 +33,25 @@ from pipeline.reporting import atomic_write_bytes, progress_bar
 BOUNDS_BATCH = 256  # examples per bounds call: CROWN's memory grows with it
 
 
-def _validate(x: object, y: object, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _validate(x: object, y: object, eps: float, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
     """The audit's inputs: ``x`` float N x C x H x W in [0, 1], ``y`` integer N, ``eps >= 0``; one-line errors."""
     if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
-        raise HydraPipeError("data: x and y must be numpy arrays")
+        raise HydraPipeError(f"{source}: x and y must be numpy arrays")
     if x.ndim != 4:
-        raise HydraPipeError(f"data: x must be N x C x H x W, got shape {x.shape}")
+        raise HydraPipeError(f"{source}: x must be N x C x H x W, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
-        raise HydraPipeError(f"data: x must be float32 in [0, 1], got dtype {x.dtype}")
+        raise HydraPipeError(f"{source}: x must be float32 in [0, 1], got dtype {x.dtype}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise HydraPipeError(f"data: y must be a 1-D integer (int64) array, got dtype {y.dtype} and shape {y.shape}")
+        raise HydraPipeError(f"{source}: y must be a 1-D integer (int64) array, got dtype {y.dtype} and shape {y.shape}")
     if len(x) != len(y):
-        raise HydraPipeError(f"data: x has {len(x)} examples but y has {len(y)}")
+        raise HydraPipeError(f"{source}: x has {len(x)} examples but y has {len(y)}")
     if len(x) == 0:
-        raise HydraPipeError("data: no examples")
+        raise HydraPipeError(f"{source}: no examples")
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
-        raise HydraPipeError("data: x contains NaN or infinite values")
+        raise HydraPipeError(f"{source}: x contains NaN or infinite values")
     if x.min() < 0.0 or x.max() > 1.0:
-        raise HydraPipeError(f"data: x values must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]")
+        raise HydraPipeError(f"{source}: x values must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise HydraPipeError(f"eps must be a finite number >= 0, got {eps}")
     return np.ascontiguousarray(x), y.astype(np.int64, copy=False)
@@ -115,14 +115,14 @@ def _bounds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
 
 
 def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, source: str = "data") -> dict:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
     ``params.eps`` (intersected with [0, 1]). Returns the report (the contract's keys and more); writes the IBP /
     CROWN logit bounds to ``bounds_out`` (.npz) if given. Bad input raises :class:`HydraPipeError`, before
     anything is written.
     """
     t_total = time.perf_counter()
-    x, y = _validate(x, y, params.eps)
+    x, y = _validate(x, y, params.eps, source)
     eps = float(params.eps)
     threads = params.threads
     square_queries = params.square_queries
@@ -130,13 +130,13 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
     if threads is not None:
         torch.set_num_threads(threads)  # the bounds too; restored on the way out
     try:
-        return _audit(model_path, x, y, params, bounds_out, progress, threads, square_queries, eps, t_total)
+        return _audit(model_path, x, y, params, bounds_out, progress, threads, square_queries, eps, t_total, source)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None,
-           progress: bool, threads: int | None, square_queries: int, eps: float, t_total: float) -> dict:
+           progress: bool, threads: int | None, square_queries: int, eps: float, t_total: float, source: str = "data") -> dict:
     from pipeline.onnx_io import load_onnx, ort_logits, ort_session
 
     seconds: dict[str, float] = {}
@@ -158,7 +158,7 @@ def _audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, 
         raise HydraPipeError(f"{model_path}: expected logits N x classes, got shape {logits.shape}")
     classes = logits.shape[1]
     if y.min() < 0 or y.max() >= classes:
-        raise HydraPipeError(f"data: labels must lie in [0, {classes - 1}] for this model, found [{y.min()}, {y.max()}]")
+        raise HydraPipeError(f"{source}: labels must lie in [0, {classes - 1}] for this model, found [{y.min()}, {y.max()}]")
     clean_correct = torch.as_tensor(logits.argmax(1) == y, device=device)
     seconds["clean"] = time.perf_counter() - t
 

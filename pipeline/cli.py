@@ -128,9 +128,41 @@ def audit(
         err = e.errors()[0]
         raise HydraPipeError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     x, y = load_audit_data(data)
-    report = run_audit(model, x, y, settings, bounds_out=bounds_out)
+    report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data)
     write_json(out, report)
     show(render_report(report))
 
 
 _stage("export")  # registered last so `hydra-pipe --help` lists the stages in pipeline order
+
+
+@app.command("info")
+@_one_line_errors
+def info(model: Annotated[Path, typer.Argument(help="an ONNX model, e.g. deploy/model.onnx")]) -> None:
+    """Print what an exported model carries: sparsity, bit width, audit figures and settings, provenance."""
+    import json
+
+    from rich.table import Table
+
+    from pipeline.onnx_io import read_metadata
+    from pipeline.reporting import show
+
+    if not model.is_file():
+        raise HydraPipeError(f"{model}: model file not found")
+    meta = read_metadata(model)
+    table = Table(title=f"{model} ({model.stat().st_size:,} bytes)")
+    table.add_column("key")
+    table.add_column("value")
+    if not meta:
+        table.add_row("(no metadata)", "this model was not exported by hydra-pipe")
+    for key, raw in meta.items():
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, dict):  # per-layer figures and the audit: one row each
+            for sub, v in value.items():
+                table.add_row(f"{key}.{sub}", str(v))
+        else:
+            table.add_row(key, str(value))
+    show(table)
