@@ -167,13 +167,20 @@ def check_connected(layers: list[tuple[str, MaskedLayer]]) -> None:
 
 
 @torch.no_grad()
+def topk_masks(importance: list[torch.Tensor], keep_ratio: float,
+               scope: Literal["layer", "global"] = "layer") -> list[torch.Tensor]:
+    """0/1 masks keeping the largest ``|importance|`` entries, per layer or under one global threshold."""
+    counts = keep_counts(importance, keep_ratio, scope)
+    return [_topk_mask(imp, k) if k > 0 else torch.zeros_like(imp) for imp, k in zip(importance, counts)]
+
+
+@torch.no_grad()
 def apply_fixed_masks(layers: list[tuple[str, MaskedLayer]], importance: list[torch.Tensor], keep_ratio: float,
                       scope: Literal["layer", "global"] = "layer") -> None:
     """Freeze each layer's mask to the top entries of ``importance`` (LWM: ``|w|``; random: random scores)."""
-    counts = keep_counts(importance, keep_ratio, scope)
-    for (_, layer), imp, k in zip(layers, importance, counts):
-        layer.weight_mask.copy_(_topk_mask(imp, k) if k > 0 else torch.zeros_like(imp))
-        layer.keep = k
+    for (_, layer), mask in zip(layers, topk_masks(importance, keep_ratio, scope)):
+        layer.weight_mask.copy_(mask)
+        layer.keep = int(mask.sum())
         layer.mode = "fixed"
     check_connected(layers)
 

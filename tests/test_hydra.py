@@ -37,3 +37,24 @@ def test_bn_eval_keeps_running_statistics_and_bn_train_updates_them(objective):
         assert same != should_change, (bn, objective)
         # BatchNorm's affine parameters are frozen with the weights either way (only scores train)
         assert torch.equal(norm.weight, torch.ones(4)) and torch.equal(norm.bias, torch.zeros(4))
+
+
+def test_lwm_kept_weights_match_the_lwm_method_and_the_histogram_compares_distributions():
+    import numpy as np
+
+    from pipeline.pruning import kept_weight_histogram, lwm_kept_weights
+
+    model = bn_net()
+    before = {n: l.weight.detach().numpy().copy() for n, l in masked_layers(model)}
+    prune(model, tiny_data(), PruneParams(method="lwm", keep_ratio=0.2))
+    by_method = {n: l.effective_weight().detach().numpy() for n, l in masked_layers(model)}
+    predicted = lwm_kept_weights(before, 0.2)
+    for n in before:
+        assert np.array_equal(predicted[n], by_method[n]), n
+    # a mask that keeps the smallest weights: the opposite of LWM
+    smallest = {n: np.where(np.abs(w) <= np.quantile(np.abs(w), 0.2), w, 0.0) for n, w in before.items()}
+    rows = kept_weight_histogram(before, {"lwm": predicted, "small": smallest}, bins=10)
+    for col in ("pretrained", "kept_lwm", "kept_small"):
+        assert abs(sum(r[col] for r in rows) - 1.0) < 1e-4, col
+    centre = lambda col: sum(r["magnitude"] * r[col] for r in rows)  # noqa: E731
+    assert centre("kept_small") < centre("pretrained") < centre("kept_lwm")
