@@ -80,7 +80,9 @@ class PruneParams(TrainParams):
     score_init: Literal["scaled", "kaiming"] = "scaled"
     schedule_keep: list[float] = Field(default_factory=list,
                                        description="multi-step pruning: keep ratios before the final keep_ratio")
-    bn: Literal["train", "eval"] = Field("train", description="BatchNorm statistics while scores train")
+    bn: Literal["train", "eval"] = Field(
+        "train", description="BatchNorm while scores train: train = batch statistics, running statistics follow the "
+                             "sub-network (HYDRA's code); eval = the pretrained statistics. Affine parameters stay frozen")
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
