@@ -116,7 +116,7 @@ def test_robust_loss_is_an_upper_bound_of_the_adversarial_loss():
     adv = F.cross_entropy(model(x_adv), y, reduction="none")
     for objective in ("ibp", "crown-ibp"):
         robust = loss_at(model, x, y, params(objective, kappa_end=0.0))
-        assert robust >= float(adv.mean()) - 1e-6
+        assert robust >= float(adv.mean().detach()) - 1e-6
 
 
 def test_eps_and_mixing_schedules_follow_progress():
