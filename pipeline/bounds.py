@@ -361,7 +361,8 @@ def _relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor
     us_u = upper_slope.reshape(n, -1).gather(1, idx)
     ub_u = upper_bias.reshape(n, -1).gather(1, idx) * valid
     correction = a_u.clamp(min=0) * ((ls_u - us_u) * valid).unsqueeze(1)
-    pulled = pulled.flatten(2).scatter_add(2, cols, correction).view(pulled.shape)
+    pulled = pulled.contiguous()
+    pulled.view(n, m, dim).scatter_add_(2, cols, correction)  # in place: a fresh product, not saved by autograd
     bias = (a_u.clamp(max=0) * ub_u.unsqueeze(1)).sum(2)
     return [pulled], bias
 
@@ -504,7 +505,8 @@ def _dense_conv(node: Node, w: Tensor, in_shape: torch.Size, boxes: dict[str, Bo
     out_dim = math.prod(boxes[node.output].shape[1:])
     fan_in = w.shape[1] * w.shape[2] * w.shape[3]
     dense = None
-    if in_dim <= 4 * fan_in and in_dim * out_dim <= 1 << 22:
+    # a transposed conv back onto 1-3 channels (the input layer) is far from peak speed; so is any tiny one
+    if (in_dim <= 4 * fan_in or w.shape[1] * m.groups <= 3) and in_dim * out_dim <= 1 << 22:
         eye = torch.eye(in_dim, dtype=w.dtype, device=w.device).view(in_dim, *in_shape[1:])
         # row i is the response to e_i: [in_dim, out_dim]; stored transposed for ``coeffs @ dense``
         dense = F.conv2d(eye, w, None, m.stride, m.padding, m.dilation, m.groups).flatten(1).T.contiguous()
@@ -682,8 +684,13 @@ def _spec_or_identity(C: Tensor | None, n: int, classes: int, like: Tensor) -> T
     return C.to(like.dtype)
 
 
-def _naive_spec_bounds(spec: Tensor, box: Box) -> tuple[Tensor, Tensor]:
-    return _concretize(spec, box), -_concretize(-spec, box)
+def _interval_spec_bounds(graph: GraphModule, spec: Tensor, boxes: dict[str, Box]) -> tuple[Tensor, Tensor]:
+    """Interval bounds of ``spec @ logits`` with the spec folded into the trailing affine layers (CROWN-IBP's
+    margin bound) on the same boxes. CROWN results are intersected with it: on IBP-trained networks the folded
+    interval bound can be the tighter one, and taking the better of two sound bounds is sound."""
+    m = spec.shape[1]
+    both = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes, linear_only=True)
+    return both[:, :m], -both[:, m:]
 
 
 DEFAULT_MAX_ELEMENTS = 1 << 25
@@ -697,7 +704,8 @@ def crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor | None 
 
     Backward linear relaxation: ReLU upper bound = chord, lower slope 1 if ``u > -l`` else 0 (auto_LiRPA's
     "adaptive"). Intermediate pre-activation bounds from CROWN itself or from IBP (CROWN-IBP). The result is
-    intersected with the interval bound of ``C @ logits``, so it is never looser than IBP.
+    intersected with the interval bound of ``C @ logits`` (spec folded into the trailing affine layers), so it is
+    never looser than IBP.
     """
     _check_box(x_lo, x_hi)
     graph = as_graph(model)
@@ -708,7 +716,7 @@ def crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor | None 
     m = spec.shape[1]
     lower_upper = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes)
     lo, hi = lower_upper[:, :m], -lower_upper[:, m:]
-    ibp_lo, ibp_hi = _naive_spec_bounds(spec, out_box)
+    ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
     return torch.maximum(lo, ibp_lo), torch.minimum(hi, ibp_hi)
 
 
@@ -759,7 +767,7 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
                     p.addcdiv_(m1, denom, value=-lr / (1 - beta1 ** step)).clamp_(0.0, 1.0)
         with torch.no_grad():
             best = torch.maximum(best, _backward(graph, graph.output_name, rows, boxes, alphas=alphas))
-    ibp_lo, ibp_hi = _naive_spec_bounds(spec, out_box)
+    ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
     lo = torch.maximum(best[:, :m], ibp_lo)
     if lower_only:
         with torch.no_grad():
@@ -802,7 +810,8 @@ def margin_lower_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, y: Tensor,
         boxes = _crown_boxes(graph, x_lo, x_hi, intermediate, DEFAULT_MAX_ELEMENTS)
         spec = margin_spec(y, boxes[graph.output_name].shape[1]).to(x_lo.dtype)
         lo = _backward(graph, graph.output_name, spec, boxes)
-        return torch.maximum(lo, _concretize(spec, boxes[graph.output_name]))
+        folded = _backward(graph, graph.output_name, spec, boxes, linear_only=True)
+        return torch.maximum(lo, folded)
     if method == "alpha-crown":
         spec = margin_spec(y, _num_classes(graph, x_lo)).to(x_lo.dtype)
         return alpha_crown_bounds(graph, x_lo, x_hi, spec, lower_only=True)[0]
