@@ -610,29 +610,37 @@ def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: L
                  max_elements: int) -> dict[str, Box]:
     """IBP boxes, with the inputs of relaxed nodes (ReLU, QuantizeLinear) tightened by CROWN when asked.
 
-    Each tightened bound is intersected with its IBP bound (both are sound). Only neurons that matter are
-    recomputed: for a ReLU input the neurons unstable in any example of the batch (a stable neuron's relaxation
-    is exact whatever its bounds); for a QuantizeLinear input every neuron.
+    Each tightened bound is intersected with its IBP bound (both are sound). Only neurons whose relaxation
+    depends on their bounds are recomputed, per example: for a ReLU input the unstable neurons (a stable
+    neuron's relaxation is exact whatever its bounds), for a QuantizeLinear input those whose box does not
+    round to a single level.
     """
     if intermediate == "ibp":
         return _ibp(graph, x_lo, x_hi)
-    needs: dict[str, str] = {}
+    consumers: dict[str, list[Node]] = {}
     for node in graph.nodes:
         if node.op in _RELAXED_OPS:
-            needs.setdefault(node.inputs[0], node.op)
+            consumers.setdefault(node.inputs[0], []).append(node)
     exact = _ibp_exact(graph)
     boxes: dict[str, Box] = _Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
     for node in graph.nodes:
         box = _ibp_node(node, [boxes[i] for i in node.inputs])
         boxes[node.output] = box
-        if node.output in needs and node.output not in exact:
-            boxes[node.output] = _tighten(graph, node.output, box, boxes, needs[node.output] == "Relu", max_elements)
+        if node.output in consumers and node.output not in exact:
+            chosen = torch.zeros_like(box.lo, dtype=torch.bool)
+            for consumer in consumers[node.output]:
+                if consumer.op == "Relu":
+                    chosen |= (box.lo < 0) & (box.hi > 0)
+                else:
+                    _, _, q_lo, q_hi = _quant_endpoints(consumer.module, box.lo, box.hi)
+                    chosen |= q_lo < q_hi
+            boxes[node.output] = _tighten(graph, node.output, box, boxes, chosen, max_elements)
     return boxes
 
 
-def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], unstable_only: bool,
+def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], chosen: Tensor,
              max_elements: int) -> Box:
-    """Recompute the bounds of value ``name`` by CROWN, one row per (example, neuron) that matters.
+    """Recompute the bounds of value ``name`` by CROWN, one row per (example, neuron) where ``chosen``.
 
     Rows are chosen per example (an example's unstable neurons), not as the union over the batch: in a trained
     network each example has few unstable neurons but the union covers most of the layer.
@@ -641,7 +649,7 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], uns
     n = lo.shape[0]
     flat_lo, flat_hi = lo.reshape(n, -1), hi.reshape(n, -1)
     dim = flat_lo.shape[1]
-    chosen = (flat_lo < 0) & (flat_hi > 0) if unstable_only else torch.ones_like(flat_lo, dtype=torch.bool)
+    chosen = chosen.reshape(n, -1)
     counts = chosen.sum(1)
     k_max = int(counts.max()) if n else 0
     if k_max == 0:
