@@ -153,16 +153,25 @@ def info(model: Annotated[Path, typer.Argument(help="an ONNX model, e.g. deploy/
     table = Table(title=f"{model} ({model.stat().st_size:,} bytes)")
     table.add_column("key")
     table.add_column("value")
+    def fmt(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
     if not meta:
         table.add_row("(no metadata)", "this model was not exported by hydra-pipe")
+    parsed = {}
     for key, raw in meta.items():
         try:
-            value = json.loads(raw)
+            parsed[key] = json.loads(raw)
         except ValueError:
-            value = raw
+            parsed[key] = raw
+    # the export stage also stores each audit figure flat (audit_eps ...) for tools that read one key
+    shown_in_dicts = {f"{k}_{sub}" for k, v in parsed.items() if isinstance(v, dict) for sub in v}
+    for key, value in parsed.items():
+        if key in shown_in_dicts:
+            continue
         if isinstance(value, dict):  # per-layer figures and the audit: one row each
             for sub, v in value.items():
-                table.add_row(f"{key}.{sub}", str(v))
+                table.add_row(f"{key}.{sub}", fmt(v))
         else:
-            table.add_row(key, str(value))
+            table.add_row(key, fmt(value))
     show(table)

@@ -167,3 +167,40 @@ def test_architecture_without_removable_channels_is_refused():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(HydraPipeError, match="no removable channels"):
         prunable_groups(model)
+
+
+def test_filter_pipeline_ships_a_narrower_compact_graph(tmp_path, monkeypatch):
+    """prune.granularity: filter through the stages: the int8 graph is narrower, the shipped file compact and
+    identical in logits to the audited one, and `hydra-pipe info` prints the carried figures."""
+    import importlib
+    import json
+
+    import onnx
+    import yaml
+    from onnx import numpy_helper
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    tiny = {"pretrain": {"epochs": 1, "objective": "benign"},
+            "prune": {"granularity": "filter", "method": "lwm", "keep_ratio": 0.5},
+            "finetune": {"epochs": 1, "attack_steps": 1},
+            "quantize": {"calibration_size": 32},
+            "audit": {"steps": 2, "restarts": 1, "n_examples": 8, "crown": False, "square_queries": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny))
+    monkeypatch.chdir(tmp_path)
+    for stage in ("pretrain", "prune", "finetune", "quantize", "audit", "export"):
+        importlib.import_module(f"stages.{stage}").run("params.yaml")
+    weights = {i.name: numpy_helper.to_array(i).shape for i in onnx.load("models/quantized.onnx").graph.initializer
+               if i.data_type == onnx.TensorProto.INT8}
+    assert sorted(s[0] for s in weights.values() if len(s) == 4) == [8, 16]  # conv filters 16 -> 8, 32 -> 16
+    meta = {p.key: p.value for p in onnx.load("deploy/model.onnx").metadata_props}
+    assert meta["granularity"] == "filter" and meta["encoding"] == "delta" and meta["verified_method"] == "ibp"
+    assert json.loads(meta["channels_per_layer"])["1"] == "8/16"
+    assert json.loads(meta["audit"])["steps"] == 2
+    assert (tmp_path / "deploy/model.onnx.xz").stat().st_size < (tmp_path / "deploy/model.onnx").stat().st_size
+    assert "channels kept" in (tmp_path / "deploy/MODEL_CARD.md").read_text()
+    out = CliRunner().invoke(app, ["info", "deploy/model.onnx"], terminal_width=200)
+    assert out.exit_code == 0 and "channels_per_layer.1" in out.output and "8/16" in out.output
+    bad = CliRunner().invoke(app, ["info", "params.yaml"])
+    assert bad.exit_code == 2 and "params.yaml" in bad.output
