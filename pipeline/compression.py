@@ -26,8 +26,6 @@ distribution (xz / LZMA, in the standard library).
 from __future__ import annotations
 
 import lzma
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Literal
 import numpy as np
 
 from pipeline.errors import HydraPipeError
+from pipeline.reporting import atomic_write_bytes
 
 Encoding = Literal["delta", "sparse_initializer"]
 ENCODINGS: tuple[str, ...] = ("delta", "sparse_initializer")
@@ -169,20 +168,6 @@ def _require_opset(proto, version: int) -> None:
             return
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def compact_file(src: Path, dst: Path, encoding: Encoding = "delta", min_elements: int = 64) -> CompactStats:
     """Write the compact form of the ONNX model ``src`` to ``dst`` (atomically; ``dst`` may be ``src``).
 
@@ -203,7 +188,7 @@ def compact_file(src: Path, dst: Path, encoding: Encoding = "delta", min_element
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise HydraPipeError(f"{src}: the compact encoding fails onnx.checker ({first})") from None
-    _atomic_write(Path(dst), proto.SerializeToString())
+    atomic_write_bytes(Path(dst), proto.SerializeToString())
     return stats
 
 
@@ -222,5 +207,5 @@ def archive(path: Path, out: Path, fmt: Literal["xz", "zip"] = "xz") -> int:
         blob = buf.getvalue()
     else:
         raise HydraPipeError(f"archive: unknown format {fmt!r}; expected xz or zip")
-    _atomic_write(Path(out), blob)
+    atomic_write_bytes(Path(out), blob)
     return len(blob)
