@@ -220,7 +220,11 @@ def _ibp_node(node: Node, boxes: list[Box]) -> Box:
         b = boxes[0]
         return Box(lo=m(b.lo), hi=m(b.hi))
     if op in ("AveragePool", "GlobalAveragePool", "AdaptiveAvgPool", "Flatten", "Reshape", "Transpose"):
-        return boxes[0].map(m)
+        out = boxes[0].map(m)
+        # bounds keep one row of coefficients per example: the batch dimension must stay where it is
+        if out.shape[0] != boxes[0].shape[0] or (op == "Transpose" and m.perm[0] != 0):
+            raise UnsupportedOpError(f"{op} that moves the batch dimension", node.name)
+        return out
     if op == "Pad":
         b = boxes[0]
         return Box(lo=m(b.lo), hi=m(b.hi))
