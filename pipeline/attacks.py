@@ -216,7 +216,9 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
         model: ``x -> logits``, inputs in [0, 1], on ``x``'s device. Put in eval mode with no parameter gradients
             for the call (restored after).
         x, y: ``[N, C, H, W]`` float in [0, 1] and ``[N]`` labels.
-        batch_size: memory budget, rows (examples x restarts) per forward pass.
+        batch_size: memory budget, rows (examples x restarts) per forward pass. Each row holds its iterate, its
+            box and the last ``CYCLE`` iterates: about ``8 x batch_size x input size`` floats, plus the model's
+            activations. On CPU, 1-4k rows run fastest per row for small models (cache); on GPU, larger is better.
         seed: random starts are drawn per (example, restart) from it: reproducible, and independent of batching.
         verified: bool ``[N]``, examples proven robust by a sound verifier: counted robust, never attacked.
         confirm: ``x (numpy) -> logits`` of the deployed model. A misclassified iterate counts only if the
