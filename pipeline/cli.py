@@ -93,7 +93,7 @@ def audit(
     norm: Annotated[str, typer.Option(help="linf or l2")] = "linf",
     ibp: Annotated[bool, typer.Option("--ibp/--no-ibp", help="IBP verified accuracy")] = True,
     crown: Annotated[bool, typer.Option("--crown/--no-crown", help="CROWN verified accuracy")] = True,
-    batch_size: Annotated[int, typer.Option(help="memory budget: examples x restarts per attack batch")] = 20000,
+    batch_size: Annotated[int, typer.Option(help="memory budget: examples x restarts per attack batch")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of the random starts")] = 0,
     smoothing_sigma: Annotated[Optional[float], typer.Option(
         help="also certify the Gaussian-smoothed model (CERTIFY, L2 radii) with this noise std")] = None,

@@ -119,7 +119,7 @@ class AuditParams(Strict):
     ibp: bool = True
     crown: bool = True
     n_examples: int | None = Field(200, gt=0, description="seeded subset of the test split; null = all")
-    batch_size: int = Field(20000, gt=0, description="memory budget: examples x restarts in one attack batch")
+    batch_size: int = Field(4096, gt=0, description="memory budget: examples x restarts in one attack batch")
     seed: int = 0
     square_queries: int = Field(1000, ge=0, description="Square attack queries (gradient-masking check); 0 = off")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
