@@ -143,7 +143,8 @@ def summary_table(rows: list[dict], study: str) -> Table:
     t = Table(title=f"hydra_vs_lwm --study {study}: accuracy in %, mean ± std [min, max] over seeds")
     for col in ("sparsity", "method", "seeds", "pruned robust", "clean", "PGD robust"):
         t.add_column(col, justify="right")
-    keys = sorted({(r["sparsity"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    epochs = {r["method"]: r.get("prune_epochs", 0) if study == "epochs" else 0 for r in rows}
+    keys = sorted({(r["sparsity"], r["method"]) for r in rows}, key=lambda k: (k[0], epochs[k[1]], k[1]))
     for sparsity, method in keys:
         group = [r for r in rows if r["sparsity"] == sparsity and r["method"] == method]
         pruned = [r["pruned_pgd_robust_accuracy"] for r in group if "pruned_pgd_robust_accuracy" in r]
