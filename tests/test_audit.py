@@ -11,6 +11,7 @@ import torch
 from pipeline.audit import render_report, run_audit
 from pipeline.config import AuditParams
 from pipeline.errors import HydraPipeError
+from tests.graphs import qdq_linear_graph
 
 torch.set_num_threads(1)
 
@@ -131,27 +132,9 @@ def test_negative_eps_and_unreadable_model(mlp, tmp_path):
         run_audit(bad, x, y, AuditParams(eps=0.1, **FAST), progress=False)
 
 
-def _qdq_onnx(path) -> None:
-    """int8 graph: input rounded to a grid of 1/4 (QuantizeLinear/DequantizeLinear), then z = [10 (0.6 - x), 0]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    inits = [numpy_helper.from_array(np.array(0.25, np.float32), "s"),
-             numpy_helper.from_array(np.array(0, np.uint8), "zp"),
-             numpy_helper.from_array(np.array([[-10.0, 0.0]], np.float32), "W"),
-             numpy_helper.from_array(np.array([6.0, 0.0], np.float32), "b")]
-    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "zp"], ["q"]),
-             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"]),
-             helper.make_node("Flatten", ["dq"], ["f"]),
-             helper.make_node("Gemm", ["f", "W", "b"], ["logits"])]
-    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 1, 1])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
 def test_quantized_graph_verdicts_follow_the_deployed_rounding(tmp_path):
     path = tmp_path / "q.onnx"
-    _qdq_onnx(path)
+    qdq_linear_graph(path)
     x = np.full((4, 1, 1, 1), 0.5, np.float32)
     y = np.zeros(4, np.int64)
     # eps 0.12: every point of the ball rounds to 0.5 on the deployed model, so nothing can break it (a float
