@@ -17,8 +17,6 @@ shape arithmetic on initializers ...) is folded at load time with ONNX's referen
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch import nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.masking import effective_weight, masked_layers
+from pipeline.reporting import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -38,19 +37,6 @@ OUTPUT_NAME = "logits"
 # ----------------------------------------------------------------------------------------------------------------
 # Export, metadata, onnxruntime
 # ----------------------------------------------------------------------------------------------------------------
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _folded_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose masked layers are plain Conv2d / Linear holding ``weight * mask``.
@@ -107,7 +93,7 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int],
     proto = onnx.load_from_string(buf.getvalue())
     _set_props(proto, metadata or {})
     onnx.checker.check_model(proto)
-    _atomic_write_bytes(path, proto.SerializeToString())
+    atomic_write_bytes(path, proto.SerializeToString())
 
 
 def _set_props(proto, metadata: dict[str, str]) -> None:
@@ -137,7 +123,7 @@ def set_metadata(path: Path, metadata: dict[str, str]) -> None:
     """Add or overwrite ONNX ``metadata_props`` entries of the model at ``path`` (atomic rewrite)."""
     proto = _read_proto(path)
     _set_props(proto, metadata)
-    _atomic_write_bytes(Path(path), proto.SerializeToString())
+    atomic_write_bytes(Path(path), proto.SerializeToString())
 
 
 def read_metadata(path: Path) -> dict[str, str]:
