@@ -388,9 +388,10 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
 
     broken = break_restart >= 0
     robust = clean_correct & ~broken
-    by_restart = [float((robust | (broken & (break_restart >= k))).float().mean()) if n else float("nan")
+    # fractions from counts, so reports show 0.98 rather than float32's 0.9800000190734863
+    by_restart = [int((robust | (broken & (break_restart >= k))).sum()) / n if n else float("nan")
                   for k in range(1, restarts + 1)] if steps > 0 else []
-    by_step = {s: float((robust | (broken & (break_step > s))).float().mean()) if n else float("nan")
+    by_step = {s: int((robust | (broken & (break_step > s))).sum()) / n if n else float("nan")
                for s in step_checkpoints(steps)} if steps > 0 else {}
     adv_index = broken.nonzero().squeeze(1)
     return AttackResult(robust=robust, clean_correct=clean_correct, adv_index=adv_index, adv_x=adv_x[adv_index],
