@@ -37,6 +37,10 @@ def verified_method(audit: dict) -> str:
 
 
 def model_card(meta: dict[str, str], audit: dict, export_metrics: dict) -> str:
+    square = audit.get("square") or {}
+    square_warning = (f" (it broke {square['broken_beyond_pgd']} images PGD did not: the gradients of this model may be "
+                      "masked, so trust the verified figures below more)") if square.get("gradient_masking_suspected") else ""
+
     def pct(v) -> str:
         return "not measured" if v is None else f"{100 * v:.1f}%"
 
@@ -69,8 +73,9 @@ distribution (`xz -d`).
 L-{audit['norm'].replace('l', '')} radius eps = {audit['eps']}, pixel scale [0, 1]):
 - Clean accuracy: {pct(audit['clean_accuracy'])}.
 - Robust accuracy under PGD ({audit['steps']} steps x {audit['restarts']} random restarts, worst case per image):
-  {pct(audit['pgd_robust_accuracy'])} ({audit.get('loss', 'margin')} loss). This is an upper bound on true
-  robustness: a stronger attack could lower it.
+  {pct(audit['pgd_robust_accuracy'])} ({audit.get('loss', 'margin')} loss); {pct(audit.get('robust_accuracy'))} after the
+  gradient-free Square attack too{square_warning}. This is an upper bound on true robustness: a stronger attack could
+  lower it.
 - Verified robust accuracy (no attack within eps can change these predictions), method `{meta.get('verified_method')}`:
   IBP {pct(audit['ibp_verified_accuracy'])}, CROWN {pct(audit['crown_verified_accuracy'])}. This is a lower bound that
   no attack can overturn.
