@@ -30,5 +30,4 @@ MODEL_CARD = DEPLOY / "MODEL_CARD.md"
 def setup(params_path: Path) -> tuple[Params, Splits, torch.device]:
     """Validate params first (a bad key stops the stage before anything is read or written), then load data."""
     params = load_params(params_path)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return params, load_dataset(params.data), default_device()
