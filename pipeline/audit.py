@@ -119,6 +119,20 @@ def _bounds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     return np.concatenate(lows), np.concatenate(highs), torch.cat(ver)
 
 
+def _alpha_crown_verified(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """alpha-CROWN margins (optimised ReLU lower slopes; :func:`pipeline.bounds.alpha_crown_bounds`), in batches."""
+    from pipeline.bounds import margin_lower_bounds
+
+    ver = []
+    for i in range(0, len(x), BOUNDS_BATCH):
+        xb, yb = x[i:i + BOUNDS_BATCH], y[i:i + BOUNDS_BATCH]
+        x_lo, x_hi = (xb - eps).clamp(0.0, 1.0), (xb + eps).clamp(0.0, 1.0)
+        with torch.enable_grad():  # the slopes are optimised by gradient; the model's buffers get none
+            margin = margin_lower_bounds(model, x_lo, x_hi, yb, "alpha-crown")
+        ver.append((margin.detach() > 0).all(1))
+    return torch.cat(ver) if ver else torch.zeros(0, dtype=torch.bool, device=x.device)
+
+
 def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
               progress: bool = True, source: str = "data") -> dict:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
@@ -176,7 +190,7 @@ def _audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, 
     report: dict = dict(model=str(model_path), n=n, classes=classes, eps=eps, norm=params.norm, steps=params.steps,
                         restarts=params.restarts, loss=params.loss, seed=params.seed, batch_size=params.batch_size,
                         clean_accuracy=_fraction(clean_correct), ibp_verified_accuracy=None,
-                        crown_verified_accuracy=None, pgd_robust_accuracy=None, robust_accuracy=None)
+                        crown_verified_accuracy=None, alpha_crown_verified_accuracy=None, pgd_robust_accuracy=None, robust_accuracy=None)
     arrays: dict[str, np.ndarray] = {}
     verified = torch.zeros(n, dtype=torch.bool, device=device)
     with _Progress(progress) as bars:
@@ -190,7 +204,17 @@ def _audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, 
             arrays[f"{method}_lower"], arrays[f"{method}_upper"] = lo, hi
             report[f"{method}_verified_accuracy"] = _fraction(ver)
             seconds[method] = time.perf_counter() - t
-        report["verified_accuracy"] = _fraction(verified) if arrays else None
+        if params.alpha_crown:
+            # only where CROWN did not already verify: alpha-CROWN is never looser, so the rest are verified anyway
+            t = time.perf_counter()
+            todo = (clean_correct & ~verified).nonzero().squeeze(1)
+            alpha = verified & clean_correct
+            if len(todo):
+                alpha[todo] = _alpha_crown_verified(model, xt[todo], yt[todo], eps)
+            verified |= alpha
+            report["alpha_crown_verified_accuracy"] = _fraction(alpha)
+            seconds["alpha_crown"] = time.perf_counter() - t
+        report["verified_accuracy"] = _fraction(verified) if (arrays or params.alpha_crown) else None
 
         robust = clean_correct.clone()
         if params.steps > 0:
@@ -260,6 +284,8 @@ def render_report(report: dict):
     table.add_row("clean accuracy", _pct(report["clean_accuracy"]), "onnxruntime")
     table.add_row("IBP verified", _pct(report["ibp_verified_accuracy"]), s("ibp"))
     table.add_row("CROWN verified", _pct(report["crown_verified_accuracy"]), s("crown"))
+    if report.get("alpha_crown_verified_accuracy") is not None:
+        table.add_row("alpha-CROWN verified", _pct(report["alpha_crown_verified_accuracy"]), s("alpha_crown"))
     if report.get("pgd_robust_accuracy") is not None:
         st = report.get("settled", {})
         table.add_row(f"PGD robust ({report['steps']} x {report['restarts']})", _pct(report["pgd_robust_accuracy"]),

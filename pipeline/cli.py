@@ -93,6 +93,8 @@ def audit(
     norm: Annotated[str, typer.Option(help="linf or l2")] = "linf",
     ibp: Annotated[bool, typer.Option("--ibp/--no-ibp", help="IBP verified accuracy")] = True,
     crown: Annotated[bool, typer.Option("--crown/--no-crown", help="CROWN verified accuracy")] = True,
+    alpha_crown: Annotated[bool, typer.Option("--alpha-crown/--no-alpha-crown",
+                                              help="alpha-CROWN on what CROWN left unverified")] = True,
     batch_size: Annotated[int, typer.Option(help="memory budget: examples x restarts per attack batch")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of the random starts")] = 0,
     smoothing_sigma: Annotated[Optional[float], typer.Option(
@@ -122,7 +124,7 @@ def audit(
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
     try:
-        settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown,
+        settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown, alpha_crown=alpha_crown,
                                batch_size=batch_size, seed=seed, n_examples=None, smoothing_sigma=smoothing_sigma)
     except ValidationError as e:
         err = e.errors()[0]

@@ -118,6 +118,7 @@ class AuditParams(Strict):
     loss: Literal["ce", "margin"] = "margin"
     ibp: bool = True
     crown: bool = True
+    alpha_crown: bool = Field(True, description="alpha-CROWN (optimised ReLU slopes) on what CROWN left unverified")
     n_examples: int | None = Field(200, gt=0, description="seeded subset of the test split; null = all")
     batch_size: int = Field(4096, gt=0, description="memory budget: examples x restarts in one attack batch")
     seed: int = 0

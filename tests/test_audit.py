@@ -98,6 +98,17 @@ def test_steps_zero_runs_no_attack_and_crown_can_be_off(mlp, tmp_path):
     render_report(report)
 
 
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_alpha_crown_verifies_at_least_what_crown_does_and_can_be_off(mlp, eps):
+    x, y = _data(mlp)
+    on = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0), progress=False)
+    assert on["crown_verified_accuracy"] <= on["alpha_crown_verified_accuracy"] == on["verified_accuracy"]
+    assert on["alpha_crown_verified_accuracy"] <= on["clean_accuracy"]
+    off = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0, alpha_crown=False), progress=False)
+    assert off["alpha_crown_verified_accuracy"] is None
+    assert off["verified_accuracy"] == off["crown_verified_accuracy"]  # crown >= ibp by construction
+
+
 def test_l2_audit_runs_and_is_bounded_by_clean(mlp):
     x, y = _data(mlp, n=20)
     report = run_audit(mlp, x, y, AuditParams(eps=0.3, norm="l2", **FAST), progress=False)
