@@ -769,10 +769,13 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
         for step in range(1, iterations + 1):
             with torch.enable_grad():
                 bound = _backward(graph, graph.output_name, rows, boxes, alphas=alphas)
-                grads = torch.autograd.grad(-bound.sum(), params)
+                # a slope can be unused (e.g. a ReLU whose output the backward pass never reaches)
+                grads = torch.autograd.grad(-bound.sum(), params, allow_unused=True)
             with torch.no_grad():
                 best = torch.maximum(best, bound.detach())
                 for p, g, (m1, m2) in zip(params, grads, moments):
+                    if g is None:
+                        continue
                     m1.mul_(beta1).add_(g, alpha=1 - beta1)
                     m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                     denom = (m2 / (1 - beta2 ** step)).sqrt_().add_(1e-8)
