@@ -16,7 +16,7 @@ from pipeline.bounds import (alpha_crown_bounds, crown_bounds, interval_bounds, 
 from pipeline.errors import UnsupportedOpError
 from pipeline.masking import MaskedConv2d, MaskedLinear, start_score_pruning, masked_layers
 from pipeline.models import Normalize
-from pipeline.onnx_io import Binary, GraphModule, Node, export_onnx, load_onnx, ort_logits, ort_session
+from pipeline.onnx_io import Binary, GraphModule, Node, load_onnx, ort_logits, ort_session
 
 DATA = Path(__file__).parent / "data" / "ibp"
 ORACLES = [("mlp", 0.01), ("mlp", 0.05), ("cnn", 0.005), ("cnn", 0.01)]
@@ -225,13 +225,10 @@ def test_unsupported_op_in_bounds_names_op_and_node():
 # ---------------------------------------------------------------- the deployed int8 graph
 
 def test_bounds_contain_onnxruntime_outputs_of_the_int8_model(tmp_path):
-    from tests.test_onnx_io import quantize_int8, small_masked_model
+    from tests.test_onnx_io import int8_model
 
-    model = small_masked_model()
-    src, dst = tmp_path / "m.onnx", tmp_path / "q.onnx"
-    export_onnx(model, src, (1, 8, 8))
+    dst = int8_model(tmp_path)
     rng = np.random.default_rng(0)
-    quantize_int8(src, dst, rng.random((64, 1, 8, 8), dtype=np.float32))
     qmodel = load_onnx(dst)
     session = ort_session(dst, threads=1)
     x = torch.from_numpy(rng.random((6, 1, 8, 8), dtype=np.float32))
