@@ -49,8 +49,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.masking import effective_weight
-from pipeline.onnx_io import (Binary, Clip, Concat, ConstBinary, GraphModule, Node, Pad, Quantize, Reshape,
-                              Transpose, as_graph)
+from pipeline.onnx_io import Binary, ConstBinary, GraphModule, Node, Quantize, as_graph
 
 QUANT_TOL = 1e-2
 """Quanta by which interval endpoints are widened before rounding (see the module docstring)."""

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from pipeline.errors import HydraPipeError
+
+if TYPE_CHECKING:  # numpy is imported lazily so `hydra-pipe --help` starts fast
+    import numpy as np
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="HYDRA pruning of robust networks: pretrain -> prune -> finetune -> quantize -> audit -> export.")
@@ -60,7 +63,7 @@ for _name in ("pretrain", "prune", "finetune", "quantize"):
     _stage(_name)
 
 
-def load_audit_data(spec: str) -> tuple["np.ndarray", "np.ndarray"]:  # noqa: F821
+def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
     """``DATA`` of the audit contract: a .npz with ``x`` and ``y``, or a built-in dataset's test split."""
     import numpy as np
 

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from pipeline.config import PruneParams
 from pipeline.errors import HydraPipeError
 from pipeline.masking import (GetSubnet, MaskedConv2d, MaskedLinear, apply_fixed_masks, freeze_masks, init_scores,
                               keep_counts, masked_layers, prunable_layers, start_score_pruning)
