@@ -168,7 +168,7 @@ def main() -> None:
     x, y = x_te[:args.n], y_te[:args.n]
 
     if args.model.exists():
-        from pipeline.onnx_io import load_onnx
+        from pipeline.onnx_load import load_onnx
 
         onnx_path, peer_model, model_name = args.model, load_onnx(args.model).eval(), str(args.model)
     else:
@@ -202,8 +202,8 @@ def main() -> None:
             params = AuditParams(eps=args.eps, steps=steps, restarts=restarts, square_queries=0,
                                  batch_size=args.batch_size, threads=args.threads)
             rep = run_audit(onnx_path, x[:n], y[:n], params, progress=False)
-            line["ours"] = dict(seconds=rep["seconds"]["total"], robust=rep["pgd_robust_accuracy"],
-                                pgd_seconds=rep["seconds"]["pgd"], work=rep["attack_work"], settled=rep["settled"])
+            line["ours"] = dict(seconds=rep.seconds["total"], robust=rep.pgd_robust_accuracy,
+                                pgd_seconds=rep.seconds["pgd"], work=rep.attack_work, settled=rep.settled)
             print(budget, n, "ours", line["ours"], file=sys.stderr, flush=True)
             if n == subsets[0]:
                 for name in args.peers.split(","):
@@ -213,7 +213,7 @@ def main() -> None:
                     print(budget, n, name, line[name], file=sys.stderr, flush=True)
             rows.append(line)
     # ablation of the exits on the large budget (pgd_attack alone, on the module the audit attacks)
-    from pipeline.onnx_io import load_onnx
+    from pipeline.onnx_load import load_onnx
 
     module = load_onnx(onnx_path).eval()
     steps, restarts = (int(v) for v in args.budgets.split(",")[-1].split("x"))

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.bounds import alpha_crown_bounds, crown_bounds, interval_bounds, margin_lower_bounds, margin_spec
-from pipeline.onnx_io import as_graph, load_onnx
+from pipeline.graph import as_graph
+from pipeline.onnx_load import load_onnx
 
 ORACLES = Path(__file__).resolve().parents[1] / ".." / "shared" / "oracles" / "ibp"
 

@@ -74,7 +74,7 @@ def build_variants(arch: str, work: Path, seed: int = 0) -> list[dict]:
     from pipeline.onnx_io import export_onnx
     from pipeline.pruning import prune
     from pipeline.quantization import quantize_int8
-    from pipeline.structured import narrow
+    from pipeline.channels import narrow
 
     info = _info(arch)
     shape = (info.channels, info.size, info.size)

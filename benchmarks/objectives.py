@@ -32,7 +32,8 @@ from pipeline.masking import global_sparsity  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.pruning import prune  # noqa: E402
 from pipeline.smoothing import certify_report  # noqa: E402
-from pipeline.training import accuracy, pgd_accuracy, seed_everything, train  # noqa: E402
+from pipeline.runtime import seed_everything
+from pipeline.training import accuracy, pgd_accuracy, train  # noqa: E402
 
 
 def evaluate(model, data, eps: float, sigma: float, smoothing_n: int, pgd_steps: int, pgd_restarts: int) -> dict:

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.data import DatasetInfo
 from pipeline.errors import HydraPipeError
-from pipeline.masking import fold_masks, global_sparsity, masked_layers
+from pipeline.masking import fold_masks, global_sparsity, is_masking_state, masked_layers
 from pipeline.models import build_model
 from pipeline.reporting import atomic_write_bytes, write_json
 
@@ -36,8 +36,7 @@ def save_checkpoint(model: nn.Module, path: Path, arch: str, info: DatasetInfo, 
                     parent: str | None = None, extra: dict[str, Any] | None = None) -> None:
     """Fold masks into the weights and write ``path`` (safetensors) and its ``.json`` sidecar."""
     fold_masks(model)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if not k.endswith("weight_mask") and not k.endswith("scores")}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not is_masking_state(k)}
     for name, layer in masked_layers(model):
         if layer.mode != "dense":
             tensors[MASK_PREFIX + name] = layer.mask().detach().to(torch.uint8).cpu().contiguous()
@@ -83,7 +82,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as e:  # shape mismatch
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise HydraPipeError(f"{path}: tensors do not match architecture {meta['arch']!r} ({first})") from None
-    missing = [k for k in missing if not (k.endswith("weight_mask") or k.endswith("scores"))]
+    missing = [k for k in missing if not is_masking_state(k)]
     if missing or unexpected:
         raise HydraPipeError(f"{path}: tensors do not match architecture {meta['arch']!r} "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -91,7 +90,5 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     for name, m in masks.items():
         if name not in layers or m.shape != layers[name].weight.shape:
             raise HydraPipeError(f"{path}: mask {name!r} does not match a layer of {meta['arch']!r}")
-        layers[name].weight_mask.copy_(m.to(layers[name].weight_mask.dtype))
-        layers[name].keep = int(m.sum())
-        layers[name].mode = "fixed"
+        layers[name].fix_mask(m.to(layers[name].weight_mask.dtype))
     return model, meta

@@ -11,9 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import HydraPipeError
+from pipeline.threat import Norm, ThreatModel
 
 Objective = Literal["benign", "pgd", "trades", "ibp", "crown-ibp", "mixtrain", "smoothing"]
-Norm = Literal["linf", "l2"]
 
 
 class Strict(BaseModel):
@@ -47,7 +47,7 @@ class TrainParams(Strict):
     # the training attack (pgd, trades, mixtrain)
     eps: float = Field(0.1, ge=0.0, description="L-inf radius of the training objective, inputs in [0, 1]")
     attack_steps: int = Field(10, ge=1)
-    attack_step_size: float | None = Field(None, gt=0.0, description="default 2.5 * eps / attack_steps")
+    attack_step_size: float | None = Field(None, gt=0.0, description="default 2.5 * eps / min(attack_steps, 100)")
     trades_beta: float = Field(6.0, ge=0.0)
     # verified objectives (ibp, crown-ibp, mixtrain): schedules over the stage's steps (CROWN-IBP, Zhang et al. 2020)
     eps_ramp: float = Field(0.5, ge=0.0, le=1.0,
@@ -65,8 +65,12 @@ class TrainParams(Strict):
     smoothing_sigma: float = Field(0.25, gt=0.0, description="std of the Gaussian noise added to training inputs")
 
     @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(self.eps)
+
+    @property
     def step_size(self) -> float:
-        return self.attack_step_size if self.attack_step_size is not None else 2.5 * self.eps / self.attack_steps
+        return self.attack_step_size if self.attack_step_size is not None else self.threat.step_size(self.attack_steps)
 
 
 class PruneParams(TrainParams):
@@ -131,6 +135,10 @@ class AuditParams(Strict):
     smoothing_alpha: float = Field(0.001, gt=0.0, lt=0.5, description="failure probability of each certificate")
     smoothing_radii: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
                                          description="L2 radii at which certified accuracy is reported")
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(self.eps, self.norm)
 
 
 class ExportParams(Strict):

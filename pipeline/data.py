@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from pipeline.config import DataParams
 from pipeline.errors import HydraPipeError
+from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,11 @@ class Splits:
     info: DatasetInfo
 
 
-_REGISTRY: dict[str, Callable[[DataParams], Splits]] = {}
-
-
-def register_dataset(name: str):
-    def deco(fn: Callable[[DataParams], Splits]) -> Callable[[DataParams], Splits]:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+DATASETS: Registry[Callable[[DataParams], Splits]] = Registry("dataset", "data.name")
 
 
 def load_dataset(params: DataParams) -> Splits:
-    return _REGISTRY[params.name](params)
+    return DATASETS.get(params.name)(params)
 
 
 def digits_arrays(test_fraction: float = 0.25, split_seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -63,7 +56,7 @@ def digits_arrays(test_fraction: float = 0.25, split_seed: int = 0) -> tuple[np.
     return x_tr, y_tr, x_te, y_te
 
 
-@register_dataset("digits")
+@DATASETS.register("digits")
 def _digits(params: DataParams) -> Splits:
     x_tr, y_tr, x_te, y_te = digits_arrays(params.test_fraction, params.split_seed)
     mean, std = float(x_tr.mean()), float(x_tr.std())
@@ -88,7 +81,7 @@ def _torchvision_split(factory, root: Path, name: str, **kwargs):
         raise HydraPipeError(f"data.root: no {name} data under {root} ({e})") from None
 
 
-@register_dataset("cifar10")
+@DATASETS.register("cifar10")
 def _cifar10(params: DataParams) -> Splits:
     from torchvision import datasets, transforms
 
@@ -100,7 +93,7 @@ def _cifar10(params: DataParams) -> Splits:
     return Splits(train, test, info)
 
 
-@register_dataset("svhn")
+@DATASETS.register("svhn")
 def _svhn(params: DataParams) -> Splits:
     from torchvision import datasets, transforms
 
@@ -112,7 +105,7 @@ def _svhn(params: DataParams) -> Splits:
     return Splits(train, test, info)
 
 
-@register_dataset("imagefolder")
+@DATASETS.register("imagefolder")
 def _imagefolder(params: DataParams) -> Splits:
     from torchvision import datasets, transforms
 

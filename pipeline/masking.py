@@ -16,6 +16,7 @@ network and is refused.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Literal
@@ -51,8 +52,12 @@ class GetSubnet(torch.autograd.Function):
         return grad, None
 
 
-class _Masked:
-    """Mixin holding the scores, the frozen mask and the mode of one prunable layer."""
+class Masked:
+    """Mixin holding the scores, the frozen mask and the mode of one prunable layer.
+
+    The layer changes its own state through the methods below (as HYDRA's ``set_prune_rate``); nothing outside
+    writes ``mode``, ``keep``, ``scores`` or ``weight_mask``.
+    """
 
     weight: nn.Parameter
 
@@ -73,8 +78,44 @@ class _Masked:
             return self.weight
         return self.weight * self.mask()
 
+    def use_scores(self, scores: torch.Tensor) -> None:
+        """HYDRA mode: the mask is the top-``keep`` of ``|scores|``, and the scores train. ``scores`` has the
+        weight's shape, or one entry per output filter (``[out, 1, ...]``, filter pruning)."""
+        self.scores = nn.Parameter(scores.detach().clone(), requires_grad=True)
+        self.mode = "scores"
 
-class MaskedConv2d(_Masked, nn.Conv2d):
+    def set_keep(self, keep: int) -> None:
+        """How many of the scores the top-k mask keeps."""
+        self.keep = int(keep)
+
+    @torch.no_grad()
+    def fix_mask(self, mask: torch.Tensor | None = None) -> None:
+        """Freeze the mask: ``mask`` (0/1, broadcastable to the weight) or, when None, the current one (all ones for
+        a dense layer); the scores stop training."""
+        if mask is None:
+            mask = self.mask().detach() if self.mode != "dense" else torch.ones_like(self.weight)
+        self.weight_mask.copy_(mask.expand_as(self.weight))
+        self.keep = int(self.weight_mask.count_nonzero())
+        self.mode = "fixed"
+        self.scores.requires_grad_(False)
+
+    @torch.no_grad()
+    def drop(self, outputs: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> None:
+        """Remove whole output rows and / or input columns (bool per row / column) from the frozen mask."""
+        if self.mode != "fixed":
+            self.fix_mask()
+        if outputs is not None:
+            self.weight_mask[outputs] = 0
+        if inputs is not None:
+            self.weight_mask[:, inputs] = 0
+        self.keep = int(self.weight_mask.count_nonzero())
+
+    def reset_scores(self) -> None:
+        """Weight-shaped zero scores that do not train (the state checkpoints are saved and loaded in)."""
+        self.scores = nn.Parameter(torch.zeros_like(self.weight), requires_grad=False)
+
+
+class MaskedConv2d(Masked, nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_masking()
@@ -83,7 +124,7 @@ class MaskedConv2d(_Masked, nn.Conv2d):
         return self._conv_forward(x, self.effective_weight(), self.bias)
 
 
-class MaskedLinear(_Masked, nn.Linear):
+class MaskedLinear(Masked, nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_masking()
@@ -97,14 +138,14 @@ MaskedLayer = MaskedConv2d | MaskedLinear
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The weight an affine layer computes with, masked or not (used by the bounds and the exporter)."""
-    if isinstance(layer, _Masked):
+    if isinstance(layer, Masked):
         return layer.effective_weight()
     return layer.weight  # type: ignore[return-value]
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, MaskedLayer]]:
     """All masked layers of ``model`` in definition order, with their qualified names."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Masked)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Masked)]
 
 
 def prunable_layers(model: nn.Module, skip_first: bool = False, skip_last: bool = False) -> list[tuple[str, MaskedLayer]]:
@@ -124,8 +165,8 @@ def fan_in(layer: nn.Module) -> int:
 
 
 @torch.no_grad()
-def init_scores(layer: MaskedLayer, how: ScoreInit, generator: torch.Generator | None = None) -> None:
-    """Initialise importance scores.
+def initial_scores(layer: MaskedLayer, how: ScoreInit, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial importance scores of a layer's weights.
 
     ``scaled`` is the paper's key ingredient (Sec. 3.2): ``s = sqrt(6 / fan_in) * w / max|w|``, so the first
     mask equals the magnitude mask and the scores live on the scale of a Kaiming-uniform weight. ``kaiming``
@@ -133,14 +174,13 @@ def init_scores(layer: MaskedLayer, how: ScoreInit, generator: torch.Generator |
     """
     w = layer.weight
     if how == "scaled":
-        layer.scores.copy_(math.sqrt(6.0 / fan_in(layer)) * w / w.abs().max().clamp_min(1e-12))
-    elif how == "kaiming":
+        return math.sqrt(6.0 / fan_in(layer)) * w / w.abs().max().clamp_min(1e-12)
+    if how == "kaiming":
         bound = math.sqrt(6.0 / fan_in(layer))
-        layer.scores.copy_(torch.empty_like(w).uniform_(-bound, bound, generator=generator))
-    elif how == "magnitude":
-        layer.scores.copy_(w.abs())
-    else:  # pragma: no cover - guarded by the params schema
-        raise HydraPipeError(f"unknown score init {how!r}; expected scaled, kaiming or magnitude")
+        return torch.empty_like(w).uniform_(-bound, bound, generator=generator)
+    if how == "magnitude":
+        return w.abs()
+    raise HydraPipeError(f"unknown score init {how!r}; expected scaled, kaiming or magnitude")
 
 
 def keep_counts(importance: list[torch.Tensor], keep_ratio: float, scope: Literal["layer", "global"]) -> list[int]:
@@ -179,9 +219,7 @@ def apply_fixed_masks(layers: list[tuple[str, MaskedLayer]], importance: list[to
                       scope: Literal["layer", "global"] = "layer") -> None:
     """Freeze each layer's mask to the top entries of ``importance`` (LWM: ``|w|``; random: random scores)."""
     for (_, layer), mask in zip(layers, topk_masks(importance, keep_ratio, scope)):
-        layer.weight_mask.copy_(mask)
-        layer.keep = int(mask.sum())
-        layer.mode = "fixed"
+        layer.fix_mask(mask)
     check_connected(layers)
 
 
@@ -189,9 +227,7 @@ def start_score_pruning(layers: list[tuple[str, MaskedLayer]], keep_ratio: float
                         scope: Literal["layer", "global"] = "layer", generator: torch.Generator | None = None) -> None:
     """Put layers in HYDRA mode: scores initialised, trainable, masks taken from their top-k."""
     for _, layer in layers:
-        init_scores(layer, init, generator)
-        layer.scores.requires_grad_(True)
-        layer.mode = "scores"
+        layer.use_scores(initial_scores(layer, init, generator))
     set_score_keep(layers, keep_ratio, scope)
     check_connected(layers)
 
@@ -199,7 +235,7 @@ def start_score_pruning(layers: list[tuple[str, MaskedLayer]], keep_ratio: float
 def set_score_keep(layers: list[tuple[str, MaskedLayer]], keep_ratio: float, scope: Literal["layer", "global"] = "layer") -> None:
     """(Re)allocate the kept counts from the current scores (global scope moves weights between layers)."""
     for (_, layer), k in zip(layers, keep_counts([l.scores for _, l in layers], keep_ratio, scope)):
-        layer.keep = k
+        layer.set_keep(k)
 
 
 @torch.no_grad()
@@ -207,8 +243,7 @@ def freeze_masks(model: nn.Module) -> None:
     """Turn every scored layer's current mask into its fixed mask; scores stop training."""
     for _, layer in masked_layers(model):
         if layer.mode == "scores":
-            layer.weight_mask.copy_(layer.mask())
-            layer.mode = "fixed"
+            layer.fix_mask()
         layer.scores.requires_grad_(False)
 
 
@@ -238,7 +273,43 @@ def global_sparsity(model: nn.Module) -> float:
     return 1.0 - kept / max(total, 1)
 
 
+def is_masking_state(name: str) -> bool:
+    """Whether a parameter / state-dict name is a masked layer's own state (scores, frozen mask), not a weight."""
+    return name.rpartition(".")[2] in ("scores", "weight_mask")
+
+
+def weight_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The network's weights and biases (and BatchNorm's affine parameters): every parameter but the scores."""
+    return [(n, p) for n, p in model.named_parameters() if not is_masking_state(n)]
+
+
 def score_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for _, layer in masked_layers(model):
         if layer.mode == "scores":
             yield layer.scores
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose masked layers are plain Conv2d / Linear holding ``weight * mask``.
+
+    Exporting the masked layers themselves would put a Mul by the mask (or HYDRA's top-k) into the graph; the
+    deployed model only needs the folded weight, whose pruned entries are exact zeros.
+    """
+    clone = copy.deepcopy(model)
+    for name, layer in masked_layers(clone):
+        weight = layer.effective_weight().detach().clone()
+        if isinstance(layer, nn.Conv2d):
+            plain: nn.Module = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                         layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                                         layer.padding_mode)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if layer.bias is not None:
+                plain.bias.copy_(layer.bias.detach())
+        plain.to(weight.device)
+        parent_name, _, child = name.rpartition(".")
+        parent = clone.get_submodule(parent_name) if parent_name else clone
+        setattr(parent, child, plain)
+    return clone

@@ -14,38 +14,20 @@ import torch
 from torch import nn
 
 from pipeline.data import DatasetInfo
-from pipeline.errors import HydraPipeError
-from pipeline.masking import MaskedConv2d, MaskedLinear
+from pipeline.registry import Registry
+from pipeline.graph import Normalize
+from pipeline.masking import MaskedConv2d, MaskedLinear, weight_parameters
 
 Builder = Callable[[DatasetInfo], nn.Module]
-_REGISTRY: dict[str, Builder] = {}
-
-
-def register_model(fn: Builder) -> Builder:
-    _REGISTRY[fn.__name__] = fn
-    return fn
+MODELS: Registry[Builder] = Registry("architecture", "model.arch")
 
 
 def model_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def build_model(name: str, info: DatasetInfo) -> nn.Module:
-    if name not in _REGISTRY:
-        raise HydraPipeError(f"model.arch: unknown architecture {name!r}; expected one of {', '.join(model_names())}")
-    return _REGISTRY[name](info)
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, inside the model so the deployed graph takes inputs in [0, 1]."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+    return MODELS.get(name)(info)
 
 
 def _flat_dim(features: nn.Module, info: DatasetInfo) -> int:
@@ -64,14 +46,14 @@ def _with_head(info: DatasetInfo, features: list[nn.Module], hidden: Sequence[in
     return nn.Sequential(*body, *head)
 
 
-@register_model
+@MODELS.register()
 def cnn_small(info: DatasetInfo) -> nn.Module:
     """HYDRA's CNN-small: conv(16,4,s2)-conv(32,4,s2)-fc(100)-fc(classes)."""
     return _with_head(info, [MaskedConv2d(info.channels, 16, 4, stride=2, padding=1), nn.ReLU(),
                              MaskedConv2d(16, 32, 4, stride=2, padding=1), nn.ReLU()], [100])
 
 
-@register_model
+@MODELS.register()
 def cnn_large(info: DatasetInfo) -> nn.Module:
     """HYDRA's CNN-large: conv(32,3)-conv(32,4,s2)-conv(64,3)-conv(64,4,s2)-fc(512)-fc(512)-fc(classes)."""
     return _with_head(info, [MaskedConv2d(info.channels, 32, 3, padding=1), nn.ReLU(),
@@ -83,7 +65,7 @@ def cnn_large(info: DatasetInfo) -> nn.Module:
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
-@register_model
+@MODELS.register()
 def vgg16_bn(info: DatasetInfo) -> nn.Module:
     """VGG-16 with BatchNorm, CIFAR variant (paper's VGG16-bn). Pools that would shrink below 1x1 are skipped."""
     layers: list[nn.Module] = []
@@ -135,12 +117,12 @@ def _resnet(info: DatasetInfo, widths: Sequence[int], blocks: Sequence[int], ste
     return nn.Sequential(*layers)
 
 
-@register_model
+@MODELS.register()
 def resnet18(info: DatasetInfo) -> nn.Module:
     return _resnet(info, [64, 128, 256, 512], [2, 2, 2, 2], stem=64)
 
 
-@register_model
+@MODELS.register()
 def wrn_28_4(info: DatasetInfo) -> nn.Module:
     """Wide ResNet 28-4 (Zagoruyko & Komodakis) with basic blocks: 3 groups of 4 blocks, widths 64/128/256."""
     return _resnet(info, [16 * 4, 32 * 4, 64 * 4], [4, 4, 4], stem=16)
@@ -148,4 +130,4 @@ def wrn_28_4(info: DatasetInfo) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     """Weights and biases (scores and masks excluded)."""
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("scores"))
+    return sum(p.numel() for _, p in weight_parameters(model))

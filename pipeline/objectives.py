@@ -14,7 +14,6 @@ use BatchNorm's running statistics (the digits models have no BatchNorm).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 
@@ -24,63 +23,41 @@ from torch import nn
 
 from pipeline.attacks import pgd_perturb
 from pipeline.config import TrainParams
+from pipeline.registry import Registry
+from pipeline.runtime import eval_mode
+from pipeline.threat import ThreatModel
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, TrainParams, float], torch.Tensor]
-_REGISTRY: dict[str, Loss] = {}
-
-
-def register_objective(name: str):
-    def deco(fn: Loss) -> Loss:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+OBJECTIVES: Registry[Loss] = Registry("objective", "objective")
 
 
 def get_objective(name: str) -> Loss:
-    if name not in _REGISTRY:
-        from pipeline.errors import HydraPipeError
-
-        raise HydraPipeError(f"objective: {name!r} is not implemented; expected one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return OBJECTIVES.get(name)
 
 
 def objective_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return OBJECTIVES.names()
 
 
-@register_objective("benign")
+@OBJECTIVES.register("benign")
 def benign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    # Restores each module's own mode, not model.train(): the prune stage may hold BatchNorm in eval (prune.bn)
-    # while the rest of the model trains, and that choice must survive the attack.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, loss_fn=None) -> torch.Tensor:
     # The attack runs with the model in eval mode so BatchNorm statistics are not updated by adversarial
     # iterates (as in the HYDRA and TRADES code), then the previous modes are restored for the loss.
-    with _eval_mode(model):
+    with eval_mode(model):
         return pgd_perturb(model, x, y, p.eps, p.step_size, p.attack_steps, loss_fn=loss_fn)
 
 
-@register_objective("pgd")
+@OBJECTIVES.register("pgd")
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     """Madry et al. (2018): cross-entropy on the L-inf PGD adversarial example."""
     return F.cross_entropy(model(_attack(model, x, y, p)), y)
 
 
-@register_objective("trades")
+@OBJECTIVES.register("trades")
 def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL (HYDRA's default)."""
     with torch.no_grad():
@@ -89,7 +66,7 @@ def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, p
     def kl(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
         return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="batchmean")
 
-    with _eval_mode(model):
+    with eval_mode(model):
         # TRADES starts from a small Gaussian perturbation rather than the uniform ball
         x_start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
         x_adv = pgd_perturb(model, x_start, y, p.eps, p.step_size, p.attack_steps, random_start=False, loss_fn=kl)
@@ -109,11 +86,6 @@ def ramp(p: TrainParams, progress: float) -> float:
     return 1.0 if p.eps_ramp <= 0 else min(1.0, progress / p.eps_ramp)
 
 
-def _box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The L-inf ball intersected with the input range [0, 1]."""
-    return (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-
-
 def robust_cross_entropy(margin_lower: torch.Tensor) -> torch.Tensor:
     """CE of the worst-case logits: class y at 0, class j at ``-lower(z_y - z_j)`` (CROWN-IBP, Zhang et al. 2020,
     Eq. 4), i.e. ``mean log(1 + sum_j exp(-lower_j))``; ``margin_lower`` is N x (K-1)."""
@@ -125,7 +97,7 @@ def _margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
              intermediate: str = "crown") -> torch.Tensor:
     from pipeline.bounds import margin_lower_bounds
 
-    lo, hi = _box(x, eps)
+    lo, hi = ThreatModel(eps).box(x)
     return margin_lower_bounds(model, lo, hi, y, method, intermediate=intermediate)
 
 
@@ -134,7 +106,7 @@ def _kappa(p: TrainParams, t: float) -> float:
     return 1.0 - t * (1.0 - p.kappa_end)
 
 
-@register_objective("ibp")
+@OBJECTIVES.register("ibp")
 def ibp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     """IBP training (Gowal et al. 2018): ``kappa CE(f(x), y) + (1 - kappa) CE(-lower_IBP(margins(eps_t)), y)``.
 
@@ -149,7 +121,7 @@ def ibp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, prog
     return kappa * clean + (1 - kappa) * robust
 
 
-@register_objective("crown-ibp")
+@OBJECTIVES.register("crown-ibp")
 def crown_ibp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     """CROWN-IBP (Zhang et al., ICLR 2020, Eq. 6): the worst-case CE on the mixed lower bound
 
@@ -184,7 +156,7 @@ def mixtrain_weight(p: TrainParams, progress: float) -> float:
     return min(p.mixtrain_weight * MIXTRAIN_GROWTH ** (after // MIXTRAIN_EVERY), MIXTRAIN_MAX_WEIGHT)
 
 
-@register_objective("mixtrain")
+@OBJECTIVES.register("mixtrain")
 def mixtrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     """MixTrain (Wang et al., "MixTrain: Scalable Training of Verifiably Robust Neural Networks", 2018).
 
@@ -212,7 +184,7 @@ def mixtrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams,
     return base + mixtrain_weight(p, progress) * robust_cross_entropy(lower)
 
 
-@register_objective("smoothing")
+@OBJECTIVES.register("smoothing")
 def smoothing(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
     """Randomized smoothing's training (Cohen et al., ICML 2019, Sec. 3.3): CE of ``f(x + d)``,
     ``d ~ N(0, sigma^2 I)``, so the base classifier is accurate under the noise the smoothed classifier uses.

@@ -16,7 +16,7 @@ the paper's text freezes all weights, which is what we do.) The training attack 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -24,29 +24,52 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.config import PruneParams
-from pipeline.masking import (apply_fixed_masks, freeze_masks, prunable_layers, set_score_keep, start_score_pruning,
-                              topk_masks)
+from pipeline.masking import (MaskedLayer, apply_fixed_masks, freeze_masks, prunable_layers, set_score_keep,
+                              start_score_pruning, topk_masks)
+from pipeline.registry import Registry
 from pipeline.structured import prune_filters
 from pipeline.training import train
+
+
+PruneMethod = Callable[[nn.Module, list[tuple[str, MaskedLayer]], Dataset, PruneParams], list[dict[str, float]]]
+PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method", "prune.method")
 
 
 def prune(model: nn.Module, data: Dataset, p: PruneParams) -> list[dict[str, float]]:
     """Prune ``model`` in place to ``p.keep_ratio`` with ``p.method``; returns HYDRA's per-epoch history.
 
-    Multi-step pruning (``p.schedule_keep``) trains the scores for ``p.epochs`` at each keep ratio of the schedule
-    before the final one, starting each step from the previous step's scores.
+    ``p.granularity: filter`` prunes whole output channels instead (:func:`pipeline.structured.prune_filters`).
     """
     if p.granularity == "filter":  # whole output channels, removable from the deployed graph
         return prune_filters(model, data, p)
-    layers = prunable_layers(model, p.skip_first, p.skip_last)
-    if p.method == "lwm":
-        apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.scope)
-        return []
-    if p.method == "random":
-        g = torch.Generator().manual_seed(p.seed)
-        apply_fixed_masks(layers, [torch.rand(layer.weight.shape, generator=g) for _, layer in layers],
-                          p.keep_ratio, p.scope)
-        return []
+    method = PRUNE_METHODS.get(p.method)
+    return method(model, prunable_layers(model, p.skip_first, p.skip_last), data, p)
+
+
+@PRUNE_METHODS.register("lwm")
+def lwm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams) -> list:
+    """Least weight magnitude, one shot: keep the largest ``|w|`` (Han et al. 2015; the paper's baseline)."""
+    apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.scope)
+    return []
+
+
+@PRUNE_METHODS.register("random")
+def random_mask(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams) -> list:
+    """A seeded random mask with the same per-layer (or global) counts."""
+    g = torch.Generator().manual_seed(p.seed)
+    apply_fixed_masks(layers, [torch.rand(layer.weight.shape, generator=g) for _, layer in layers],
+                      p.keep_ratio, p.scope)
+    return []
+
+
+@PRUNE_METHODS.register("hydra")
+def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset,
+          p: PruneParams) -> list[dict[str, float]]:
+    """HYDRA (Alg. 1): scores from ``p.score_init``, trained with ``p.objective`` while the weights stay frozen.
+
+    Multi-step pruning (``p.schedule_keep``) trains the scores for ``p.epochs`` at each keep ratio of the schedule
+    before the final one, starting each step from the previous step's scores.
+    """
     history: list[dict[str, float]] = []
     g = torch.Generator().manual_seed(p.seed)
     for step, keep in enumerate([*p.schedule_keep, p.keep_ratio]):

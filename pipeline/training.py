@@ -13,43 +13,30 @@ from torch.utils.data import Dataset
 from pipeline.attacks import pgd_perturb
 from pipeline.config import TrainParams
 from pipeline.data import loader
-from pipeline.masking import score_parameters
+from pipeline.masking import score_parameters, weight_parameters
 from pipeline.objectives import get_objective
 from pipeline.reporting import progress_bar
+from pipeline.runtime import device_of, eval_mode, frozen, seed_everything
+from pipeline.threat import ThreatModel
 
 Trainable = Literal["weights", "scores"]
 
 
-def device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 def trainable_parameters(model: nn.Module, what: Trainable) -> list[nn.Parameter]:
-    """Weights and biases (scores excluded), or only the importance scores of scored layers."""
-    if what == "scores":
-        params = list(score_parameters(model))
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.endswith("scores") and any(p is s for s in params))
-        return params
-    params = []
-    for n, p in model.named_parameters():
-        is_weight = not n.endswith("scores")
-        p.requires_grad_(is_weight)
-        if is_weight:
-            params.append(p)
-    return params
+    """Weights and biases (scores excluded), or only the importance scores of scored layers; everything else is
+    frozen for the stage."""
+    chosen = list(score_parameters(model)) if what == "scores" else [p for _, p in weight_parameters(model)]
+    ids = {id(p) for p in chosen}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    return chosen
+
+
+def _release(model: nn.Module) -> None:
+    """After a stage: weights trainable again, scores frozen (the state a checkpoint is saved and loaded in)."""
+    weights = {id(p) for _, p in weight_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in weights)
 
 
 def _optimizer(params: Iterable[nn.Parameter], p: TrainParams) -> torch.optim.Optimizer:
@@ -108,8 +95,7 @@ def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "we
                     loss_sum += float(loss) * len(y)
                 bar.advance(task)
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": opt.param_groups[0]["lr"]})
-    for n, par in model.named_parameters():
-        par.requires_grad_(not n.endswith("scores"))
+    _release(model)
     return history
 
 
@@ -130,36 +116,22 @@ def pgd_accuracy(model: nn.Module, data: Dataset, eps: float, steps: int = 20, r
 
     An example counts as robust only if it survives every restart (worst case per example).
     """
-    model.eval()
-    for par in model.parameters():
-        par.requires_grad_(False)
+    step_size = ThreatModel(eps).step_size(steps)
     dev = device_of(model)
     torch.manual_seed(seed)
     robust = total = 0
-    for x, y in loader(data, batch_size, shuffle=False):
-        x, y = x.to(dev), y.to(dev)
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y
-        for _ in range(restarts):
-            if not alive.any():
-                break
-            xa = pgd_perturb(model, x[alive], y[alive], eps, 2.5 * eps / max(steps, 1), steps)
+    with eval_mode(model), frozen(model):
+        for x, y in loader(data, batch_size, shuffle=False):
+            x, y = x.to(dev), y.to(dev)
             with torch.no_grad():
-                still = model(xa).argmax(1) == y[alive]
-            alive[alive.clone()] = still
-        robust += int(alive.sum())
-        total += len(y)
-    for n, par in model.named_parameters():
-        par.requires_grad_(not n.endswith("scores"))
+                alive = model(x).argmax(1) == y
+            for _ in range(restarts):
+                if not alive.any():
+                    break
+                xa = pgd_perturb(model, x[alive], y[alive], eps, step_size, steps)
+                with torch.no_grad():
+                    still = model(xa).argmax(1) == y[alive]
+                alive[alive.clone()] = still
+            robust += int(alive.sum())
+            total += len(y)
     return robust / max(total, 1)
-
-
-@torch.no_grad()
-def torch_logits(model: nn.Module, x, batch_size: int = 512):
-    """Logits of ``model`` on a numpy batch, as numpy (for parity checks against onnxruntime)."""
-    import numpy as np
-
-    model.eval()
-    dev = device_of(model)
-    outs = [model(torch.from_numpy(x[i:i + batch_size]).to(dev)).cpu().numpy() for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs)

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import Params, load_params
 from pipeline.data import Splits, load_dataset
-from pipeline.training import default_device
+from pipeline.runtime import default_device
 
 MODELS = Path("models")
 METRICS = Path("metrics")

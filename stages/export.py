@@ -11,35 +11,26 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pipeline.audit_report import AuditReport
 from pipeline.checkpoint import load_checkpoint
 from pipeline.compression import archive, compact_file
 from pipeline.config import params_hash
 from pipeline.data import as_arrays
 from pipeline.errors import HydraPipeError
 from pipeline.masking import sparsity_report
-from pipeline.onnx_io import ort_logits, ort_session, read_metadata, set_metadata
+from pipeline.onnx_io import ort_logits, ort_session, read_metadata, set_metadata, torch_logits
 from pipeline.reporting import atomic_write_bytes, metrics_table, show, write_json
-from pipeline.structured import channel_report
-from pipeline.training import torch_logits
+from pipeline.channels import channel_report
 from stages.common import AUDIT_REPORT, FINETUNED, INT8_ONNX, METRICS, MODEL_CARD, SHIPPED, setup
 
-AUDIT_KEYS = ("n", "eps", "norm", "steps", "restarts", "loss", "step_size", "seed", "clean_accuracy",
-              "pgd_robust_accuracy", "robust_accuracy", "ibp_verified_accuracy", "crown_verified_accuracy",
-              "verified_accuracy")
 ARCHIVE = SHIPPED.with_name(SHIPPED.name + ".xz")
 ENCODING = "delta"
 
 
-def verified_method(audit: dict) -> str:
-    """Which verifiers produced the audit's verified accuracy: ``ibp``, ``crown``, ``ibp+crown`` or ``none``."""
-    ran = [m for m in ("ibp", "crown") if audit.get(f"{m}_verified_accuracy") is not None]
-    return "+".join(ran) or "none"
-
-
-def model_card(meta: dict[str, str], audit: dict, export_metrics: dict) -> str:
-    square = audit.get("square") or {}
-    square_warning = (f" (it broke {square['broken_beyond_pgd']} images PGD did not: the gradients of this model may be "
-                      "masked, so trust the verified figures below more)") if square.get("gradient_masking_suspected") else ""
+def model_card(meta: dict[str, str], audit: AuditReport, export_metrics: dict) -> str:
+    square = audit.square
+    square_warning = (f" (it broke {square.broken_beyond_pgd} images PGD did not: the gradients of this model may be "
+                      "masked, so trust the verified figures below more)") if square and square.gradient_masking_suspected else ""
 
     def pct(v) -> str:
         return "not measured" if v is None else f"{100 * v:.1f}%"
@@ -69,16 +60,16 @@ passes `onnx.checker`, and runs at the speed and with exactly the outputs of the
 audited. `{ARCHIVE.name}` ({export_metrics['archive_bytes'] / 1e6:.2f} MB, xz) is the same file compressed for
 distribution (`xz -d`).
 
-**How robust it is, as deployed** (audit of these exact int8 numerics on {audit['n']} test images,
-L-{audit['norm'].replace('l', '')} radius eps = {audit['eps']}, pixel scale [0, 1]):
-- Clean accuracy: {pct(audit['clean_accuracy'])}.
-- Robust accuracy under PGD ({audit['steps']} steps x {audit['restarts']} random restarts, worst case per image):
-  {pct(audit['pgd_robust_accuracy'])} ({audit.get('loss', 'margin')} loss); {pct(audit.get('robust_accuracy'))} after the
+**How robust it is, as deployed** (audit of these exact int8 numerics on {audit.n} test images,
+L-{audit.norm.replace('l', '')} radius eps = {audit.eps}, pixel scale [0, 1]):
+- Clean accuracy: {pct(audit.clean_accuracy)}.
+- Robust accuracy under PGD ({audit.steps} steps x {audit.restarts} random restarts, worst case per image):
+  {pct(audit.pgd_robust_accuracy)} ({audit.loss} loss); {pct(audit.robust_accuracy)} after the
   gradient-free Square attack too{square_warning}. This is an upper bound on true robustness: a stronger attack could
   lower it.
-- Verified robust accuracy (no attack within eps can change these predictions), method `{meta.get('verified_method')}`:
-  IBP {pct(audit['ibp_verified_accuracy'])}, CROWN {pct(audit['crown_verified_accuracy'])}. This is a lower bound that
-  no attack can overturn.
+- Verified robust accuracy (no attack within eps can change these predictions): {pct(audit.verified_accuracy)}, by
+  `{audit.verified_method}` (IBP {pct(audit.ibp_verified_accuracy)}, CROWN {pct(audit.crown_verified_accuracy)},
+  alpha-CROWN {pct(audit.alpha_crown_verified_accuracy)}). This is a lower bound that no attack can overturn.
 
 **Provenance.** params hash `{meta['params_hash']}`; data split hash `{meta['data_hash']}`; training objectives:
 pretrain `{meta['pretrain_objective']}`, prune `{meta['prune_objective']}`, finetune `{meta['finetune_objective']}`.
@@ -94,10 +85,7 @@ Predictions agree with the fp32 PyTorch model on {pct(export_metrics['agreement_
 
 def run(params_path: Path) -> dict:
     params, data, _ = setup(params_path)
-    try:
-        audit = json.loads(AUDIT_REPORT.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise HydraPipeError(f"{AUDIT_REPORT}: audit report missing or unreadable ({e})") from None
+    audit = AuditReport.read(AUDIT_REPORT)
     model, ckpt_meta = load_checkpoint(FINETUNED)
     info = data.info
     layers = {n: round(r["sparsity"], 6) for n, r in sparsity_report(model).items()}
@@ -109,12 +97,11 @@ def run(params_path: Path) -> dict:
         "input_shape": f"{info.channels}x{info.size}x{info.size}", "bits": "8",
         "sparsity": f"{ckpt_meta['sparsity']:.6f}", "sparsity_per_layer": json.dumps(layers),
         "granularity": params.prune.granularity, "channels_per_layer": json.dumps(channels),
-        "encoding": ENCODING, "verified_method": verified_method(audit),
+        "encoding": ENCODING, "verified_method": audit.verified_method,
         "prune_method": params.prune.method, "pretrain_objective": params.pretrain.objective,
         "prune_objective": params.prune.objective, "finetune_objective": params.finetune.objective,
         "params_hash": params_hash(params), "data_hash": params_hash(params, "data"),
-        "audit": json.dumps({k: audit.get(k) for k in AUDIT_KEYS}),
-        **{f"audit_{k}": json.dumps(audit.get(k)) for k in AUDIT_KEYS},
+        "audit": json.dumps(audit.headline()),
     }
     graph = onnx.load(str(INT8_ONNX))
     onnx.checker.check_model(graph, full_check=True)

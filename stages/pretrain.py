@@ -8,7 +8,8 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.config import params_hash
 from pipeline.models import build_model, count_parameters
 from pipeline.reporting import metrics_table, show, write_csv, write_json
-from pipeline.training import accuracy, pgd_accuracy, seed_everything, train
+from pipeline.runtime import seed_everything
+from pipeline.training import accuracy, pgd_accuracy, train
 from stages.common import METRICS, PLOTS, PRETRAINED, setup
 
 

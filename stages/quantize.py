@@ -9,11 +9,10 @@ import numpy as np
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import as_arrays
 from pipeline.errors import HydraPipeError
-from pipeline.onnx_io import export_onnx, ort_logits, ort_session
+from pipeline.onnx_io import export_onnx, ort_logits, ort_session, torch_logits
 from pipeline.quantization import int8_weight_zeros, quantize_int8
 from pipeline.reporting import metrics_table, show, write_json
-from pipeline.structured import narrow
-from pipeline.training import torch_logits
+from pipeline.channels import narrow
 from stages.common import FINETUNED, FP32_ONNX, INT8_ONNX, METRICS, setup
 
 

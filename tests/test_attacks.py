@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from pipeline.attacks import pgd_attack, square_attack
+from pipeline.attacks.steps import RowState, pgd_rule
 from pipeline.errors import HydraPipeError
+from pipeline.threat import ThreatModel
 from tests.graphs import qdq_linear_graph
 
 torch.set_num_threads(1)
@@ -112,6 +114,28 @@ def test_every_iterate_stays_in_the_ball_and_the_valid_range(norm):
     assert dist.max() <= eps + 1e-5
     assert seen.min() >= 0 and seen.max() <= 1
     assert dist.max() > 0.9 * eps  # the attack does move to the ball's edge
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_each_step_rule_keeps_every_iterate_in_the_threat_set(norm):
+    threat = ThreatModel(0.3, norm)
+    rule = pgd_rule(threat, alpha=0.25)  # large steps: the projection binds on most of them
+    g = torch.Generator().manual_seed(19)
+    x0 = torch.rand(5, 1, 4, 4, generator=g)
+    x0[:, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the range's edges: the clip must bind
+    starts = [rule.start(x0[i], seed=0, example=i, restarts=range(4)) for i in range(5)]
+    x = torch.cat([s for s, _ in starts])
+    state = RowState.cat([st for _, st in starts])
+    centre = x0.repeat_interleave(4, 0)
+    for t in range(40):
+        dist = (x - centre).flatten(1).abs().amax(1) if norm == "linf" else (x - centre).flatten(1).norm(dim=1)
+        assert dist.max() <= threat.eps + 1e-5, t
+        assert x.min() >= 0 and x.max() <= 1, t
+        if t == 20:  # rows leave with their state: the others keep their own box or centre
+            keep = torch.arange(len(x)) % 3 != 0
+            x, state, centre = x[keep], state.keep(keep), centre[keep]
+        x = rule.step(x, torch.randn(x.shape, generator=g), state, torch.full((len(x),), t))
+    assert dist.max() > 0.9 * threat.eps  # the rule does reach the ball's edge
 
 
 class _Flat(nn.Module):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.audit import render_report, run_audit
+from pipeline.audit import run_audit
+from pipeline.audit_report import render_report
 from pipeline.config import AuditParams
 from pipeline.errors import HydraPipeError
 from tests.graphs import qdq_linear_graph
@@ -61,19 +62,19 @@ def test_report_has_the_contract_keys_and_consistent_figures(mlp, tmp_path):
     report = run_audit(mlp, x, y, AuditParams(eps=0.05, **FAST), bounds_out=tmp_path / "b.npz", progress=False)
     for key in ("n", "eps", "norm", "steps", "restarts", "clean_accuracy", "pgd_robust_accuracy",
                 "ibp_verified_accuracy", "crown_verified_accuracy", "seconds"):
-        assert key in report
-    json.dumps(report)  # the CLI writes it as JSON
-    assert report["n"] == 40 and report["clean_accuracy"] == pytest.approx(37 / 40)
-    ibp, crown, pgd = report["ibp_verified_accuracy"], report["crown_verified_accuracy"], report["pgd_robust_accuracy"]
+        assert key in report.model_dump()
+    json.dumps(report.model_dump(mode="json"))  # the CLI writes it as JSON
+    assert report.n == 40 and report.clean_accuracy == pytest.approx(37 / 40)
+    ibp, crown, pgd = report.ibp_verified_accuracy, report.crown_verified_accuracy, report.pgd_robust_accuracy
     # verified <= robust <= clean, and the attack leaves the verified examples alone
-    assert 0 < max(ibp, crown) <= pgd <= report["clean_accuracy"]
-    assert report["robust_accuracy"] <= pgd
-    assert report["settled"]["verification"] == round(report["verified_accuracy"] * 40)
-    assert report["settled"]["clean_wrong"] == 3
-    assert sum(report["settled"].values()) == 40
-    assert len(report["robust_accuracy_by_restart"]) == 3
-    assert report["robust_accuracy_by_restart"][-1] == pytest.approx(pgd)
-    assert {"pgd", "ibp", "crown", "total"} <= set(report["seconds"])
+    assert 0 < max(ibp, crown) <= pgd <= report.clean_accuracy
+    assert report.robust_accuracy <= pgd
+    assert report.settled["verification"] == round(report.verified_accuracy * 40)
+    assert report.settled["clean_wrong"] == 3
+    assert sum(report.settled.values()) == 40
+    assert len(report.robust_accuracy_by_restart) == 3
+    assert report.robust_accuracy_by_restart[-1] == pytest.approx(pgd)
+    assert {"pgd", "ibp", "crown", "total"} <= set(report.seconds)
     # the bounds contain the deployed model's logits at the clean inputs
     import onnxruntime as ort
 
@@ -91,8 +92,8 @@ def test_steps_zero_runs_no_attack_and_crown_can_be_off(mlp, tmp_path):
     x, y = _data(mlp, n=10)
     report = run_audit(mlp, x, y, AuditParams(eps=0.05, steps=0, crown=False), bounds_out=tmp_path / "b.npz",
                        progress=False)
-    assert report["pgd_robust_accuracy"] is None and report["robust_accuracy"] is None
-    assert report["crown_verified_accuracy"] is None and report["ibp_verified_accuracy"] is not None
+    assert report.pgd_robust_accuracy is None and report.robust_accuracy is None
+    assert report.crown_verified_accuracy is None and report.ibp_verified_accuracy is not None
     with np.load(tmp_path / "b.npz") as b:
         assert set(b.files) == {"ibp_lower", "ibp_upper"}
     render_report(report)
@@ -102,18 +103,18 @@ def test_steps_zero_runs_no_attack_and_crown_can_be_off(mlp, tmp_path):
 def test_alpha_crown_verifies_at_least_what_crown_does_and_can_be_off(mlp, eps):
     x, y = _data(mlp)
     on = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0), progress=False)
-    assert on["crown_verified_accuracy"] <= on["alpha_crown_verified_accuracy"] == on["verified_accuracy"]
-    assert on["alpha_crown_verified_accuracy"] <= on["clean_accuracy"]
+    assert on.crown_verified_accuracy <= on.alpha_crown_verified_accuracy == on.verified_accuracy
+    assert on.alpha_crown_verified_accuracy <= on.clean_accuracy
     off = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0, alpha_crown=False), progress=False)
-    assert off["alpha_crown_verified_accuracy"] is None
-    assert off["verified_accuracy"] == off["crown_verified_accuracy"]  # crown >= ibp by construction
+    assert off.alpha_crown_verified_accuracy is None
+    assert off.verified_accuracy == off.crown_verified_accuracy  # crown >= ibp by construction
 
 
 def test_l2_audit_runs_and_is_bounded_by_clean(mlp):
     x, y = _data(mlp, n=20)
     report = run_audit(mlp, x, y, AuditParams(eps=0.3, norm="l2", **FAST), progress=False)
-    assert report["pgd_robust_accuracy"] <= report["clean_accuracy"]
-    assert report["square"] is None  # Square is L-inf only
+    assert report.pgd_robust_accuracy <= report.clean_accuracy
+    assert report.square is None  # Square is L-inf only
 
 
 @pytest.mark.parametrize("change, words", [
@@ -151,6 +152,21 @@ def test_quantized_graph_verdicts_follow_the_deployed_rounding(tmp_path):
     # eps 0.12: every point of the ball rounds to 0.5 on the deployed model, so nothing can break it (a float
     # model would be broken at x > 0.6); eps 0.2: x = 0.7 rounds to 0.75 > 0.6
     small = run_audit(path, x, y, AuditParams(eps=0.12, **FAST), progress=False)
-    assert small["pgd_robust_accuracy"] == 1.0 and small["robust_accuracy"] == 1.0
+    assert small.pgd_robust_accuracy == 1.0 and small.robust_accuracy == 1.0
     large = run_audit(path, x, y, AuditParams(eps=0.2, ibp=False, crown=False, **FAST), progress=False)
-    assert large["pgd_robust_accuracy"] == 0.0
+    assert large.pgd_robust_accuracy == 0.0
+
+
+def test_the_report_round_trips_through_its_json_and_names_its_proofs(mlp, tmp_path):
+    from pipeline.audit_report import AuditReport
+
+    x, y = _data(mlp, n=10)
+    report = run_audit(mlp, x, y, AuditParams(eps=0.05, steps=0, crown=False), progress=False)
+    assert report.verified_method == "ibp+alpha-crown"
+    path = tmp_path / "audit.json"
+    path.write_text(report.model_dump_json())
+    again = AuditReport.read(path)
+    assert again == report and again.verified_method == report.verified_method
+    path.write_text('{"n": 3}')
+    with pytest.raises(HydraPipeError, match="not an audit report"):
+        AuditReport.read(path)

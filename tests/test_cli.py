@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EXE = [sys.executable, "-c", "from pipeline.cli import app; app()"]
+EXE = [sys.executable, "-c", "from stages.cli import app; app()"]
 
 
 def cli(*args, cwd):

@@ -17,7 +17,8 @@ from pipeline.config import PruneParams
 from pipeline.data import DatasetInfo
 from pipeline.errors import HydraPipeError
 from pipeline.models import build_model
-from pipeline.onnx_io import export_onnx, load_onnx
+from pipeline.onnx_io import export_onnx
+from pipeline.onnx_load import load_onnx
 from pipeline.pruning import prune
 from pipeline.quantization import quantize_int8
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.errors import HydraPipeError
-from pipeline.masking import (GetSubnet, MaskedConv2d, MaskedLinear, apply_fixed_masks, freeze_masks, init_scores,
+from pipeline.masking import (GetSubnet, MaskedConv2d, MaskedLinear, apply_fixed_masks, freeze_masks, initial_scores,
                               keep_counts, masked_layers, prunable_layers, start_score_pruning)
 from pipeline.models import build_model, model_names
 
@@ -62,7 +62,7 @@ def test_score_descent_grows_the_magnitude_of_helpful_connections_of_either_sign
 
 def test_scaled_init_formula():
     layer = MaskedConv2d(3, 4, 3)
-    init_scores(layer, "scaled")
+    layer.use_scores(initial_scores(layer, "scaled"))
     w = layer.weight.detach()
     expected = math.sqrt(6 / (3 * 3 * 3)) * w / w.abs().max()
     assert torch.allclose(layer.scores, expected)
@@ -123,3 +123,19 @@ def test_freeze_turns_scores_into_fixed_mask(digits_info):
 def test_every_architecture_runs_at_digits_size(digits_info, arch):
     model = build_model(arch, digits_info).eval()
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_a_masked_layer_changes_its_own_state_through_its_methods():
+    layer = MaskedLinear(6, 4)
+    assert layer.mode == "dense" and torch.equal(layer.effective_weight(), layer.weight)
+    layer.use_scores(initial_scores(layer, "scaled"))
+    layer.set_keep(5)
+    assert layer.mode == "scores" and layer.scores.requires_grad and int(layer.mask().sum()) == 5
+    layer.fix_mask()
+    assert layer.mode == "fixed" and layer.keep == 5 and not layer.scores.requires_grad
+    kept = layer.weight_mask.clone()
+    layer.drop(outputs=torch.tensor([True, False, False, False]), inputs=torch.tensor([False] * 5 + [True]))
+    assert layer.weight_mask[0].sum() == 0 and layer.weight_mask[:, 5].sum() == 0
+    assert layer.keep == int(layer.weight_mask.sum()) == int((kept[1:, :5]).sum())
+    layer.reset_scores()
+    assert layer.scores.shape == layer.weight.shape and not layer.scores.any() and layer.mode == "fixed"

@@ -14,8 +14,9 @@ from torch import nn
 from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.masking import MaskedConv2d, MaskedLinear
 from pipeline.models import Normalize
-from pipeline.onnx_io import (as_graph, export_onnx, load_onnx, ort_logits, ort_session, read_metadata,
-                              set_metadata)
+from pipeline.graph import as_graph
+from pipeline.onnx_io import export_onnx, ort_logits, ort_session, read_metadata, set_metadata
+from pipeline.onnx_load import load_onnx
 
 DATA = Path(__file__).parent / "data" / "ibp"
 
@@ -30,8 +31,7 @@ def small_masked_model() -> nn.Sequential:
         model[2].running_mean.uniform_(-0.2, 0.2)
         model[2].running_var.uniform_(0.5, 2.0)
         for layer in (model[1], model[5], model[9]):
-            layer.weight_mask.bernoulli_(0.4)
-            layer.mode = "fixed"
+            layer.fix_mask(torch.empty_like(layer.weight_mask).bernoulli_(0.4))
     return model.eval()
 
 

@@ -130,7 +130,7 @@ def test_cli_audit_certifies_the_smoothed_deployed_model(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     args = ["audit", "m.onnx", "--data", "d.npz", "--eps", "0.01", "--steps", "0", "--no-crown",
             "--smoothing-sigma", "0.5", "--out", "r.json"]
-    res = subprocess.run([sys.executable, "-c", "from pipeline.cli import app; app()", *args], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-c", "from stages.cli import app; app()", *args], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HYDRA_PIPE_QUIET": "1"})
     assert res.returncode == 0, res.stderr
     sm = json.loads((tmp_path / "r.json").read_text())["smoothing"]

@@ -71,7 +71,7 @@ def test_4_quantize_keeps_pruned_weights_exactly_zero_in_int8(workdir):
 
 
 def test_5_audit_on_the_deployed_int8_model(workdir):
-    report = run("audit")
+    report = run("audit").model_dump()
     for key in ("n", "eps", "norm", "steps", "restarts", "clean_accuracy", "pgd_robust_accuracy",
                 "ibp_verified_accuracy", "crown_verified_accuracy", "seconds"):
         assert key in report, key

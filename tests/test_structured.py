@@ -12,8 +12,8 @@ from pipeline.errors import HydraPipeError
 from pipeline.masking import masked_layers
 from pipeline.models import build_model
 from pipeline.pruning import prune
-from pipeline.structured import (channel_groups, channel_keep, channel_report, dead_channels, filter_norms, narrow,
-                                 prunable_groups)
+from pipeline.channels import channel_groups, channel_report, dead_channels, narrow, prunable_groups
+from pipeline.structured import channel_keep, filter_norms
 from pipeline.training import train
 
 DIGITS = DatasetInfo(1, 8, 10, (0.3,), (0.4,))
@@ -180,7 +180,7 @@ def test_filter_pipeline_ships_a_narrower_compact_graph(tmp_path, monkeypatch):
     from onnx import numpy_helper
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     tiny = {"pretrain": {"epochs": 1, "objective": "benign"},
             "prune": {"granularity": "filter", "method": "lwm", "keep_ratio": 0.5},
@@ -195,7 +195,7 @@ def test_filter_pipeline_ships_a_narrower_compact_graph(tmp_path, monkeypatch):
                if i.data_type == onnx.TensorProto.INT8}
     assert sorted(s[0] for s in weights.values() if len(s) == 4) == [8, 16]  # conv filters 16 -> 8, 32 -> 16
     meta = {p.key: p.value for p in onnx.load("deploy/model.onnx").metadata_props}
-    assert meta["granularity"] == "filter" and meta["encoding"] == "delta" and meta["verified_method"] == "ibp"
+    assert meta["granularity"] == "filter" and meta["encoding"] == "delta" and meta["verified_method"] == "ibp+alpha-crown"
     assert json.loads(meta["channels_per_layer"])["1"] == "8/16"
     assert json.loads(meta["audit"])["steps"] == 2
     assert (tmp_path / "deploy/model.onnx.xz").stat().st_size < (tmp_path / "deploy/model.onnx").stat().st_size

@@ -117,7 +117,8 @@ def audit(
         return
     from pydantic import ValidationError
 
-    from pipeline.audit import render_report, run_audit
+    from pipeline.audit import run_audit
+    from pipeline.audit_report import render_report
     from pipeline.config import AuditParams
     from pipeline.reporting import show, write_json
 
@@ -134,7 +135,7 @@ def audit(
         raise HydraPipeError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
     x, y = load_audit_data(data)
     report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data)
-    write_json(out, report)
+    write_json(out, report.model_dump(mode="json"))
     show(render_report(report))
 
 
@@ -169,11 +170,7 @@ def info(model: Annotated[Path, typer.Argument(help="an ONNX model, e.g. deploy/
             parsed[key] = json.loads(raw)
         except ValueError:
             parsed[key] = raw
-    # the export stage also stores each audit figure flat (audit_eps ...) for tools that read one key
-    shown_in_dicts = {f"{k}_{sub}" for k, v in parsed.items() if isinstance(v, dict) for sub in v}
     for key, value in parsed.items():
-        if key in shown_in_dicts:
-            continue
         if isinstance(value, dict):  # per-layer figures and the audit: one row each
             for sub, v in value.items():
                 table.add_row(f"{key}.{sub}", fmt(v))

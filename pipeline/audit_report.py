@@ -1,0 +1,165 @@
+"""The audit's report: one typed model that :func:`pipeline.audit.run_audit` returns and that the audit stage,
+the export stage (ONNX metadata, model card), ``hydra-pipe info`` and the README read by field, never by string.
+
+Accuracies are fractions in [0, 1] of the ``n`` audited examples; a figure is ``None`` when its part did not run.
+The JSON schema (``AuditReport.model_json_schema()``) is the public contract; the README documents it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from pipeline.errors import HydraPipeError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SquareSummary(_Model):
+    """The gradient-free Square attack (Andriushchenko et al. 2020) on what PGD left robust."""
+
+    queries: int
+    attacked: int = Field(description="examples PGD left robust and unverified")
+    broken_beyond_pgd: int = Field(description="of those, broken by Square: a sign of gradient masking")
+    gradient_masking_suspected: bool
+    rejected_candidates: int = Field(description="points the torch graph misclassified but onnxruntime did not")
+
+
+class SmoothingSummary(_Model):
+    """Randomized smoothing's CERTIFY (Cohen et al. 2019) on the deployed numerics."""
+
+    sigma: float
+    n0: int
+    n: int
+    alpha: float
+    certified_accuracy: dict[str, float] = Field(description="L2 radius -> certified accuracy (radius 0: accuracy)")
+    abstain_rate: float
+    mean_certified_radius: float
+    seconds: float
+
+
+class AuditReport(_Model):
+    """What ``hydra-pipe audit`` measured on one model: clean, verified (proofs) and robust (attacks) accuracy."""
+
+    model: str = Field(description="the audited ONNX file")
+    n: int = Field(description="audited examples")
+    classes: int
+    eps: float = Field(description="perturbation radius, inputs in [0, 1]")
+    norm: str = Field(description="linf or l2")
+    steps: int = Field(description="PGD steps per restart (0: no attack)")
+    restarts: int
+    loss: str = Field(description="PGD's loss: margin or ce")
+    seed: int
+    batch_size: int
+    clean_accuracy: float = Field(description="onnxruntime's accuracy on the clean inputs")
+    ibp_verified_accuracy: float | None = None
+    crown_verified_accuracy: float | None = None
+    alpha_crown_verified_accuracy: float | None = None
+    verified_accuracy: float | None = Field(None, description="proven robust by any method that ran")
+    pgd_robust_accuracy: float | None = Field(None, description="no PGD iterate misclassified on onnxruntime")
+    robust_accuracy: float | None = Field(None, description="after every attack (PGD, then Square)")
+    step_size: float | None = None
+    robust_accuracy_by_restart: list[float] = Field(default_factory=list, description="with restarts 1..k")
+    robust_accuracy_by_step: dict[str, float] = Field(default_factory=dict, description="steps -> robust accuracy")
+    settled: dict[str, int] = Field(default_factory=dict,
+                                    description="examples settled by verification / clean_wrong / broken / "
+                                                "convergence / full_budget")
+    rejected_candidates: int | None = None
+    rejected_examples: int | None = None
+    attack_work: float | None = Field(None, description="PGD's row-steps as a fraction of the plain algorithm's")
+    square: SquareSummary | None = None
+    smoothing: SmoothingSummary | None = None
+    seconds: dict[str, float] = Field(default_factory=dict, description="wall time per part")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_fields_are_not_inputs(cls, data: object) -> object:
+        # a written report carries verified_method (computed); reading it back recomputes it
+        if isinstance(data, dict) and "verified_method" in data:
+            data = {k: v for k, v in data.items() if k != "verified_method"}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def verified_method(self) -> str:
+        """The verifiers that ran, ``+``-joined (``ibp+crown+alpha-crown``), or ``none``."""
+        ran = [name for name, v in (("ibp", self.ibp_verified_accuracy), ("crown", self.crown_verified_accuracy),
+                                    ("alpha-crown", self.alpha_crown_verified_accuracy)) if v is not None]
+        return "+".join(ran) or "none"
+
+    def headline(self) -> dict[str, float | int | str | None]:
+        """The figures a deployed model carries about itself (ONNX metadata, model card)."""
+        keys = ("n", "eps", "norm", "steps", "restarts", "loss", "step_size", "seed", "clean_accuracy",
+                "pgd_robust_accuracy", "robust_accuracy", "ibp_verified_accuracy", "crown_verified_accuracy",
+                "alpha_crown_verified_accuracy", "verified_accuracy")
+        dump = self.model_dump(mode="json")
+        return {k: dump[k] for k in keys}
+
+    @classmethod
+    def read(cls, path: Path) -> AuditReport:
+        """Load a report written by the audit; a missing, unreadable or foreign file is one line."""
+        from pydantic import ValidationError
+
+        try:
+            return cls.model_validate_json(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise HydraPipeError(f"{path}: audit report not found (run the audit stage first)") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise HydraPipeError(f"{path}: not an audit report ({where}: {err['msg']})") from None
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def render_report(report: AuditReport):
+    """The audit report as a rich Table (the CLI prints it)."""
+    from rich.table import Table
+
+    table = Table(title=f"audit: {report.model}  ({report.n} examples, {report.norm} eps={report.eps:g})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("notes")
+    sec = report.seconds
+
+    def s(k: str) -> str:
+        return f"{sec[k]:.1f} s" if k in sec else ""
+
+    table.add_row("clean accuracy", _pct(report.clean_accuracy), "onnxruntime")
+    table.add_row("IBP verified", _pct(report.ibp_verified_accuracy), s("ibp"))
+    table.add_row("CROWN verified", _pct(report.crown_verified_accuracy), s("crown"))
+    if report.alpha_crown_verified_accuracy is not None:
+        table.add_row("alpha-CROWN verified", _pct(report.alpha_crown_verified_accuracy), s("alpha_crown"))
+    if report.pgd_robust_accuracy is not None:
+        st = report.settled
+        table.add_row(f"PGD robust ({report.steps} x {report.restarts})", _pct(report.pgd_robust_accuracy),
+                      f"{s('pgd')}; settled: {st.get('verification', 0)} verified, {st.get('clean_wrong', 0)} clean-wrong, "
+                      f"{st.get('broken', 0)} broken, {st.get('convergence', 0)} converged, "
+                      f"{st.get('full_budget', 0)} full budget; work {100 * (report.attack_work or 0):.1f}% of plain PGD")
+        curve = report.robust_accuracy_by_restart
+        if curve:
+            marks = sorted({1, 10, len(curve)} & set(range(1, len(curve) + 1)))
+            table.add_row("  by restarts", " / ".join(_pct(curve[k - 1]) for k in marks),
+                          "after " + ", ".join(str(k) for k in marks) + " restarts")
+        table.add_row("  rejected by onnxruntime", str(report.rejected_candidates or 0),
+                      f"candidates on {report.rejected_examples or 0} examples")
+        sq = report.square
+        if sq:
+            flag = "[bold red]gradient masking suspected[/]" if sq.gradient_masking_suspected else "no sign of masking"
+            table.add_row(f"Square attack ({sq.queries} queries)", str(sq.broken_beyond_pgd),
+                          f"broken beyond PGD, {flag}; {s('square')}")
+        table.add_row("robust accuracy (all attacks)", _pct(report.robust_accuracy), "")
+    else:
+        table.add_row("PGD robust", "-", "steps = 0: no attack")
+    sm = report.smoothing
+    if sm:
+        certified = ", ".join(f"{_pct(v)} at {r}" for r, v in sm.certified_accuracy.items())
+        table.add_row(f"smoothing certified (sigma {sm.sigma:g})", _pct(sm.certified_accuracy["0"]),
+                      f"L2 radius: {certified}; abstained {_pct(sm.abstain_rate)}; n={sm.n}; {s('smoothing')}")
+    table.add_row("total time", s("total"), "")
+    return table

@@ -1,0 +1,56 @@
+"""Sound bounds on a classifier's logits over an input box: IBP, CROWN and alpha-CROWN.
+
+References:
+- IBP: Gowal et al., "On the Effectiveness of Interval Bound Propagation for Training Verifiably Robust
+  Models", 2018 (interval arithmetic in centre/radius form through affine layers).
+- CROWN: Zhang et al., "Efficient Neural Network Robustness Certification with General Activation Functions",
+  NeurIPS 2018 (backward linear relaxation; ReLU upper bound = chord, adaptive lower slope).
+- CROWN-IBP: Zhang et al., ICLR 2020 (margin specification folded into the last linear layer; CROWN with IBP
+  intermediate bounds).
+- alpha-CROWN: Xu et al., "Fast and Complete: Enabling Complete Neural Network Verification with Rapid and
+  Massively Parallel Incomplete Verifiers", ICLR 2021 (lower ReLU slopes optimised by projected gradient).
+
+What is bounded, over which set, and how are kept apart: a *model* (any module :func:`pipeline.graph.as_graph`
+accepts: our ``nn.Sequential`` models, residual models that ``torch.fx`` traces, an ``OnnxModule``), an input
+*box* ``[x_lo, x_hi]`` (:meth:`pipeline.threat.ThreatModel.box` builds it from the L-inf ball intersected with the
+valid range), and a *method*. IBP and CROWN are differentiable (no ``no_grad`` inside), so training losses on IBP
+or CROWN margins send gradients to the weights and, through ``effective_weight``, to HYDRA's scores; only the
+verdicts of :func:`certify` are computed without gradients.
+
+Op vocabulary (the graph form's ops): Conv, Gemm/Linear, BatchNormalization (running statistics), Normalize,
+Add/Sub/Mul/Div with a constant, Add/Sub of two tensors, AveragePool, GlobalAveragePool, Flatten, Reshape and
+Transpose that keep the batch dimension, Pad, Concat, Relu, LeakyRelu, Clip, MaxPool, QuantizeLinear,
+DequantizeLinear, Constant. Anything else raises :class:`UnsupportedOpError` naming the op and the node.
+
+How CROWN handles ops without a linear relaxation here (MaxPool, Clip, LeakyRelu, Mul of two tensors): the
+backward pass stops at that node and bounds its contribution with the node's interval box (a "cut"), which is
+sound because each term of the linear bound is bounded separately.
+
+Quantized graphs (QuantizeLinear -> DequantizeLinear, as onnxruntime's QDQ format writes them):
+- IBP: ``q(v) = clip(round(v), qmin, qmax)`` with ``v = x / s + z`` is monotone, so the box's endpoints are
+  rounded and clipped. The endpoints are widened by ``QUANT_TOL`` quanta before rounding because onnxruntime's
+  fused integer kernels (QLinearConv, QLinearAveragePool) and our float arithmetic may break an exact tie
+  ``k + 0.5`` differently; without the widening the bounds could miss the deployed model's output.
+- CROWN: within the clip range ``round(v)`` lies in ``[v - 1/2, v + 1/2]``, so ``q`` has the linear bounds
+  ``v -/+ (1/2 + QUANT_TOL)`` (slope ``1 / s``). Where the box reaches past the clip range on one side, the
+  line on that side is invalid and the constant bound ``q(v_lo)`` (lower) or ``q(v_hi)`` (upper) is used; where
+  both are valid, the one with the better mean over the box is chosen (like the adaptive ReLU slope).
+  DequantizeLinear is affine and exact.
+
+Layout: :mod:`pipeline.bounds.ops` holds one rule per op (its IBP rule and its CROWN rule side by side, like
+auto_LiRPA's ``Bound*`` classes; adding an op or a relaxation is adding one class there), with the relaxations'
+math in :mod:`pipeline.bounds.relax`; :mod:`pipeline.bounds.crown` is the engine that runs them over a graph,
+:mod:`pipeline.bounds.alpha` alpha-CROWN, :mod:`pipeline.bounds.verify` margins, the registry of bound methods and
+the batched verification loop :func:`certify`.
+"""
+
+from pipeline.bounds.alpha import alpha_crown_bounds
+from pipeline.bounds.box import Box
+from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, crown_bounds, interval_bounds
+from pipeline.bounds.relax import QUANT_TOL
+from pipeline.bounds.verify import (BOUND_METHODS, Certificate, Method, certify, margin_lower_bounds, margin_spec,
+                                    verified)
+
+__all__ = ["BOUND_METHODS", "Box", "Certificate", "DEFAULT_MAX_ELEMENTS", "Method", "QUANT_TOL",
+           "alpha_crown_bounds", "certify", "crown_bounds", "interval_bounds", "margin_lower_bounds", "margin_spec",
+           "verified"]

@@ -1,0 +1,261 @@
+"""The engine: an IBP pass and CROWN's backward pass over the graph form, knowing no op (see
+:mod:`pipeline.bounds.ops` for the rules).
+
+IBP is Gowal et al. 2018; the backward pass and its intermediate bounds are CROWN (Zhang et al. 2018), with IBP
+intermediate bounds CROWN-IBP (Zhang et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.bounds.box import Box, Boxes, _concretize
+from pipeline.bounds.ops import rule_for
+from pipeline.errors import HydraPipeError
+from pipeline.graph import GraphModule, Node, as_graph
+
+DEFAULT_MAX_ELEMENTS = 1 << 25
+"""Budget, in tensor elements, for one batch of CROWN coefficients (128 MiB in float32)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IBP
+# ----------------------------------------------------------------------------------------------------------------
+
+def _ibp(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, refine: Callable[[Node, Box], Box] | None = None
+         ) -> dict[str, Box]:
+    boxes = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
+    for node in graph.nodes:
+        box = rule_for(node).ibp(node, [boxes[i] for i in node.inputs])
+        boxes[node.output] = refine(node, box) if refine is not None else box
+    return boxes
+
+
+def _check_box(x_lo: Tensor, x_hi: Tensor) -> None:
+    if x_lo.shape != x_hi.shape:
+        raise HydraPipeError(f"bounds: x_lo has shape {tuple(x_lo.shape)} but x_hi {tuple(x_hi.shape)}")
+    if bool((x_lo > x_hi).any()):
+        raise HydraPipeError("bounds: x_lo > x_hi somewhere; expected a non-empty box")
+
+
+def interval_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """IBP (Gowal et al. 2018): elementwise ``lo <= logits(x) <= hi`` for every ``x`` in ``[x_lo, x_hi]``.
+
+    Affine layers in centre/radius form ``c' = W c + b, r' = |W| r``; monotone ops (ReLU, MaxPool, Clip, rounding
+    and clipping of QuantizeLinear) on the endpoints. Differentiable.
+    """
+    _check_box(x_lo, x_hi)
+    graph = as_graph(model)
+    box = _ibp(graph, x_lo, x_hi)[graph.output_name]
+    return box.lo, box.hi
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward linear bound propagation (CROWN). A linear bound is a coefficient tensor ``A`` of shape
+# [N or 1, M, *value_shape] per graph value plus a bias [N, M]; the engine computes lower bounds of
+# ``sum(A * value)`` for each of the M rows. Upper bounds are lower bounds of the negated rows.
+# ----------------------------------------------------------------------------------------------------------------
+
+def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Box], *, linear_only: bool = False,
+              alphas: dict[str, Tensor] | None = None, rows: Tensor | None = None) -> Tensor:
+    """Lower bounds [N, M] of ``sum(spec[:, j] * value(target))``: CROWN's backward pass from ``target``.
+
+    ``linear_only`` stops at the first non-affine node (bounded by its box): the specification folded into the
+    trailing affine layers, as CROWN-IBP does for the margins.
+
+    ``rows`` ([N, R] indices into the rows of a batch-shared ``spec`` [1, U, ...]): the rows are pulled back
+    once for the whole batch through the affine ops next to ``target`` and only split per example (row
+    ``rows[n, j]`` for example n) at the first op whose relaxation depends on the example. The result is [N, R].
+    """
+    coeffs: dict[str, Tensor] = {target: spec}
+    shared = {target} if rows is not None else set()
+    shared_bias: Tensor | float = 0.0  # [1, U] while rows are shared
+    bias: Tensor | float = 0.0
+    n = boxes[graph.input_name].shape[0]
+
+    def split(a: Tensor) -> Tensor:
+        return a[0][rows]
+
+    started = False
+    for node in reversed(graph.nodes):
+        if node.output == target:
+            started = True
+        if not started or node.output not in coeffs:
+            continue
+        a = coeffs.pop(node.output)
+        is_shared = node.output in shared
+        shared.discard(node.output)
+        rule = rule_for(node)
+        relaxed = rule.relaxed and not linear_only
+        linear = rule.is_linear(node)
+        if is_shared and not linear:
+            a, is_shared = split(a), False
+        if not (linear or relaxed):  # a cut: bound this node's contribution by its box
+            bias = bias + _concretize(a, boxes[node.output])
+            continue
+        pulled, b = rule.backward(node, a, boxes, alphas)
+        if is_shared:
+            shared_bias = shared_bias + b
+        else:
+            bias = bias + b
+        for name, pa in zip(node.inputs, pulled):
+            if pa is None:
+                continue
+            if name not in coeffs:
+                coeffs[name] = pa
+                if is_shared:
+                    shared.add(name)
+                continue
+            if (name in shared) != is_shared:  # one shared, one per-example contribution: split the shared one
+                if is_shared:
+                    pa = split(pa)
+                else:
+                    coeffs[name] = split(coeffs[name])
+                    shared.discard(name)
+            coeffs[name] = coeffs[name] + pa
+    width = spec.shape[1] if rows is None else rows.shape[1]
+    out = torch.zeros(n, width, dtype=spec.dtype, device=spec.device) + bias
+    if rows is not None and isinstance(shared_bias, Tensor):
+        out = out + shared_bias.expand(n, -1).gather(1, rows)
+    for name, a in coeffs.items():  # the input, or values upstream of a cut that nothing else reads
+        bound = _concretize(a, boxes[name])
+        out = out + (bound.gather(1, rows) if name in shared else bound)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CROWN with CROWN or IBP intermediate bounds
+# ----------------------------------------------------------------------------------------------------------------
+
+def _ibp_exact(graph: GraphModule) -> set[str]:
+    """Values on which IBP is already exact: reached from the input through diagonal affine ops and at most one
+    general affine op (a single linear map of a box is bounded exactly by centre/radius)."""
+    general = {graph.input_name: False}
+    for node in graph.nodes:
+        if len(node.inputs) != 1 or node.inputs[0] not in general:
+            continue
+        g, exactness = general[node.inputs[0]], rule_for(node).ibp_exactness(node)
+        if exactness == "diagonal":
+            general[node.output] = g
+        elif exactness == "general" and not g:
+            general[node.output] = True
+    return set(general)
+
+
+def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: Literal["ibp", "crown"],
+                 max_elements: int) -> dict[str, Box]:
+    """IBP boxes, with the inputs of relaxed nodes (ReLU, QuantizeLinear) tightened by CROWN when asked.
+
+    Each tightened bound is intersected with its IBP bound (both are sound). Only neurons whose relaxation
+    depends on their bounds are recomputed, per example: for a ReLU input the unstable neurons (a stable
+    neuron's relaxation is exact whatever its bounds), for a QuantizeLinear input those whose box does not
+    round to a single level.
+    """
+    if intermediate == "ibp":
+        return _ibp(graph, x_lo, x_hi)
+    consumers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        if rule_for(node).relaxed:
+            consumers.setdefault(node.inputs[0], []).append(node)
+    exact = _ibp_exact(graph)
+    boxes: dict[str, Box] = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
+    for node in graph.nodes:
+        box = rule_for(node).ibp(node, [boxes[i] for i in node.inputs])
+        boxes[node.output] = box
+        if node.output in consumers and node.output not in exact:
+            chosen = torch.zeros_like(box.lo, dtype=torch.bool)
+            for consumer in consumers[node.output]:
+                chosen |= rule_for(consumer).unstable(consumer, box)
+            boxes[node.output] = _tighten(graph, node.output, box, boxes, chosen, max_elements)
+    return boxes
+
+
+def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], chosen: Tensor,
+             max_elements: int) -> Box:
+    """Recompute the bounds of value ``name`` by CROWN, one row per (example, neuron) where ``chosen``.
+
+    Rows are chosen per example (an example's unstable neurons), not as the union over the batch: in a trained
+    network each example has few unstable neurons but the union covers most of the layer.
+    """
+    lo, hi = box.lo, box.hi
+    n = lo.shape[0]
+    flat_lo, flat_hi = lo.reshape(n, -1), hi.reshape(n, -1)
+    dim = flat_lo.shape[1]
+    chosen = chosen.reshape(n, -1)
+    counts = chosen.sum(1)
+    k_max = int(counts.max()) if n else 0
+    if k_max == 0:
+        return box
+    # the chosen neurons of each example first (stable sort keeps their order), padded with unused rows
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :k_max]
+    valid = torch.arange(k_max, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
+    largest = max(math.prod(b.shape[1:]) for b in boxes.values())
+    # rows per chunk so that one coefficient tensor [N, 2 * rows, largest value] stays under max_elements
+    chunk = max(1, max_elements // max(1, n * largest * 2))
+    position = torch.zeros(dim, dtype=torch.long, device=lo.device)
+    new_lo, new_hi = [], []
+    for start in range(0, k_max, chunk):
+        sel = order[:, start:start + chunk]
+        k = sel.shape[1]
+        # the union of the chunk's neurons over the batch, pulled back once as +e_i (lower) and -e_i (upper)
+        union = torch.unique(sel[valid[:, start:start + chunk]])
+        u = union.numel()
+        position[union] = torch.arange(u, device=lo.device)
+        spec = torch.zeros(1, 2 * u, dim, dtype=lo.dtype, device=lo.device)
+        spec[0, torch.arange(u), union] = 1.0
+        spec[0, torch.arange(u, 2 * u), union] = -1.0
+        pos = torch.where(valid[:, start:start + chunk], position[sel], 0)  # padding rows: any valid row
+        res = _backward(graph, name, spec.view(1, 2 * u, *lo.shape[1:]), boxes, rows=torch.cat([pos, pos + u], 1))
+        new_lo.append(res[:, :k])
+        new_hi.append(-res[:, k:])
+    old_lo, old_hi = flat_lo.gather(1, order), flat_hi.gather(1, order)
+    cl = torch.where(valid, torch.maximum(old_lo, torch.cat(new_lo, 1)), old_lo)
+    ch = torch.where(valid, torch.minimum(old_hi, torch.cat(new_hi, 1)), old_hi)
+    out_lo = flat_lo.scatter(1, order, cl)
+    out_hi = flat_hi.scatter(1, order, ch)
+    return Box(lo=out_lo.view_as(lo), hi=out_hi.view_as(hi))
+
+
+def _spec_or_identity(C: Tensor | None, n: int, classes: int, like: Tensor) -> Tensor:
+    if C is None:
+        return torch.eye(classes, dtype=like.dtype, device=like.device).unsqueeze(0)
+    if C.dim() != 3 or C.shape[2] != classes or C.shape[0] not in (1, n):
+        raise HydraPipeError(f"bounds: C must have shape (N, m, {classes}), got {tuple(C.shape)}")
+    return C.to(like.dtype)
+
+
+def _interval_spec_bounds(graph: GraphModule, spec: Tensor, boxes: dict[str, Box]) -> tuple[Tensor, Tensor]:
+    """Interval bounds of ``spec @ logits`` with the spec folded into the trailing affine layers (CROWN-IBP's
+    margin bound) on the same boxes. CROWN results are intersected with it: on IBP-trained networks the folded
+    interval bound can be the tighter one, and taking the better of two sound bounds is sound."""
+    m = spec.shape[1]
+    both = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes, linear_only=True)
+    return both[:, :m], -both[:, m:]
+
+
+def crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor | None = None,
+                 intermediate: Literal["ibp", "crown"] = "crown",
+                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """CROWN (Zhang et al. 2018): bounds on ``C @ logits`` (``C``: N x m x classes) or on the logits.
+
+    Backward linear relaxation: ReLU upper bound = chord, lower slope 1 if ``u > -l`` else 0 (auto_LiRPA's
+    "adaptive"). Intermediate pre-activation bounds from CROWN itself or from IBP (CROWN-IBP). The result is
+    intersected with the interval bound of ``C @ logits`` (spec folded into the trailing affine layers), so it is
+    never looser than IBP.
+    """
+    _check_box(x_lo, x_hi)
+    graph = as_graph(model)
+    boxes = _crown_boxes(graph, x_lo, x_hi, intermediate, max_elements)
+    out_box = boxes[graph.output_name]
+    n, classes = out_box.shape[0], out_box.shape[1]
+    spec = _spec_or_identity(C, n, classes, x_lo)
+    m = spec.shape[1]
+    lower_upper = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes)
+    lo, hi = lower_upper[:, :m], -lower_upper[:, m:]
+    ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
+    return torch.maximum(lo, ibp_lo), torch.minimum(hi, ibp_hi)

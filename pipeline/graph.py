@@ -1,0 +1,364 @@
+"""The graph form that attacks and bounds run on: an ordered list of :class:`Node` over named tensors.
+
+Two roads lead here and both end in a :class:`GraphModule`: :func:`as_graph` for torch models (an
+``nn.Sequential`` one node per layer; other modules through a ``torch.fx`` trace whose leaves are vocabulary
+layers), sharing the model's modules so gradients reach weights and HYDRA's scores; and
+:func:`pipeline.onnx_load.load_onnx` for ONNX files. ``pipeline.bounds`` and ``pipeline.attacks`` only ever see
+this form, never ONNX or a particular architecture.
+
+The vocabulary: torch's Conv2d, Linear, ReLU, LeakyReLU, BatchNorm, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
+Flatten, Identity / Dropout, plus the modules below for ONNX ops without an exact ``nn`` equivalent (constants are
+buffers) and :class:`Normalize`, the first layer of every model of the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import HydraPipeError, UnsupportedOpError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Nodes and graphs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Node:
+    """One operation: ``outputs[0] = module(*[value of name for name in inputs])``."""
+
+    name: str
+    op: str
+    module: nn.Module
+    inputs: tuple[str, ...]
+    output: str
+
+
+class GraphModule(nn.Module):
+    """A single-input, single-output computation graph of :class:`Node` in topological order."""
+
+    def __init__(self, nodes: Sequence[Node], input_name: str, output_name: str) -> None:
+        super().__init__()
+        self.nodes: list[Node] = list(nodes)
+        self.input_name = input_name
+        self.output_name = output_name
+        self.ops = nn.ModuleList(n.module for n in self.nodes)
+        # a value is dropped after its last consumer, so a long graph keeps few activations alive
+        last: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for name in n.inputs:
+                last[name] = i
+        self._free_after = [[k for k in dict.fromkeys(n.inputs) if last[k] == i and k != output_name]
+                            for i, n in enumerate(self.nodes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env = {self.input_name: x}
+        for node, free in zip(self.nodes, self._free_after):
+            env[node.output] = node.module(*[env[i] for i in node.inputs])
+            for k in free:
+                del env[k]
+        return env[self.output_name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch modules for ops without an exact nn equivalent (all constants are buffers)
+# ----------------------------------------------------------------------------------------------------------------
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, inside the model so the deployed graph takes inputs in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def affine_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a Conv / Linear computes with: a masked layer's ``weight * mask`` (``effective_weight``), else
+    ``weight``. Read live, so bounds and exports see the current mask and gradients reach HYDRA's scores."""
+    effective = getattr(layer, "effective_weight", None)
+    return effective() if callable(effective) else layer.weight  # type: ignore[return-value]
+
+class Const(nn.Module):
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+_BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+
+
+class ConstBinary(nn.Module):
+    """``x op const`` (or ``const op x`` when ``const_first``), ``op`` in Add, Sub, Mul, Div."""
+
+    def __init__(self, op: str, const: torch.Tensor, const_first: bool = False) -> None:
+        super().__init__()
+        self.op, self.const_first = op, const_first
+        self.register_buffer("const", const)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = _BINARY[self.op]
+        return f(self.const, x) if self.const_first else f(x, self.const)
+
+
+class Binary(nn.Module):
+    """``a op b`` for two computed tensors."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _BINARY[self.op](a, b)
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale[c] + shift[c]`` along dim 1: BatchNormalization at inference, folded."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+class Clip(nn.Module):
+    def __init__(self, lo: float | None, hi: float | None) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.lo, self.hi)
+
+
+class Flatten(nn.Module):
+    """ONNX Flatten: 2-D output ``(prod(shape[:axis]), prod(shape[axis:]))``."""
+
+    def __init__(self, axis: int = 1) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % x.dim() if self.axis < 0 else self.axis
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+class Reshape(nn.Module):
+    """ONNX Reshape with a constant target (``0`` copies the input's dimension unless ``allowzero``)."""
+
+    def __init__(self, shape: Sequence[int], allowzero: bool = False) -> None:
+        super().__init__()
+        self.shape, self.allowzero = [int(s) for s in shape], allowzero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self.shape if self.allowzero else [x.shape[i] if s == 0 else s for i, s in enumerate(self.shape)]
+        return x.reshape(shape)
+
+
+class Transpose(nn.Module):
+    def __init__(self, perm: Sequence[int]) -> None:
+        super().__init__()
+        self.perm = [int(p) for p in perm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(self.perm)
+
+
+class Pad(nn.Module):
+    """Constant padding; ``pads`` in torch's order (last dim first)."""
+
+    def __init__(self, pads: Sequence[int], value: float = 0.0) -> None:
+        super().__init__()
+        self.pads, self.value = [int(p) for p in pads], float(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, self.pads, value=self.value)
+
+
+class Concat(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=self.axis)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round half to even (ONNX's rule) with a straight-through gradient, so attacks see through quantization."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def _axis_view(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    axis = axis % ndim
+    return t.view([-1 if d == axis else 1 for d in range(ndim)])
+
+
+class Quantize(nn.Module):
+    """ONNX QuantizeLinear: ``clip(round(x / scale) + zero_point, qmin, qmax)``, kept as a float tensor."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 axis: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.qmin, self.qmax, self.axis = qmin, qmax, axis
+
+    def params(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _axis_view(self.scale, self.axis, ndim), _axis_view(self.zero_point, self.axis, ndim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.params(x.dim())
+        return torch.clamp(_RoundSTE.apply(x / scale) + zero, self.qmin, self.qmax)
+
+
+class Dequantize(nn.Module):
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale``."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.axis = axis
+
+    def params(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _axis_view(self.scale, self.axis, ndim), _axis_view(self.zero_point, self.axis, ndim)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.params(q.dim())
+        return (q - zero) * scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch models -> GraphModule (sharing their modules, so gradients reach weights and scores)
+# ----------------------------------------------------------------------------------------------------------------
+def module_op(m: nn.Module) -> str | None:
+    """The ONNX op type a vocabulary module stands for, or None when it is outside the vocabulary."""
+    if isinstance(m, GraphModule):
+        return None
+    table: list[tuple[type, str]] = [
+        (nn.Conv2d, "Conv"), (nn.Linear, "Gemm"), (nn.ReLU, "Relu"), (nn.LeakyReLU, "LeakyRelu"),
+        (nn.BatchNorm2d, "BatchNormalization"), (nn.BatchNorm1d, "BatchNormalization"), (nn.MaxPool2d, "MaxPool"),
+        (nn.AvgPool2d, "AveragePool"), (nn.AdaptiveAvgPool2d, "GlobalAveragePool"), (nn.Flatten, "Flatten"),
+        (nn.Identity, "Identity"), (nn.Dropout, "Identity"), (Flatten, "Flatten"), (ConstBinary, "ConstBinary"),
+        (Binary, "Binary"), (ChannelAffine, "BatchNormalization"), (Clip, "Clip"), (Reshape, "Reshape"),
+        (Transpose, "Transpose"), (Pad, "Pad"), (Concat, "Concat"), (Quantize, "QuantizeLinear"),
+        (Dequantize, "DequantizeLinear"), (Const, "Constant"), (Normalize, "Normalize")]
+    for cls, op in table:
+        if isinstance(m, cls):
+            if op == "GlobalAveragePool" and tuple(np.broadcast_to(m.output_size, 2)) != (1, 1):  # type: ignore[arg-type]
+                return "AdaptiveAvgPool"
+            return op
+    return None
+
+
+def as_graph(model: nn.Module) -> GraphModule:
+    """The graph form of ``model``: itself when already a :class:`GraphModule`; for an ``nn.Sequential`` one node
+    per layer; for other modules a ``torch.fx`` trace whose leaves are vocabulary layers and whose functions are
+    ``+``, ``torch.flatten``, ``relu`` and ``torch.cat``. Nodes share the model's modules (no copy)."""
+    if isinstance(model, GraphModule):
+        return model
+    if isinstance(model, nn.Sequential):
+        nodes: list[Node] = []
+        prev = "input"
+        for name, m in _sequential_leaves(model, ""):
+            if isinstance(m, (nn.Identity, nn.Dropout)):
+                continue
+            op = module_op(m)
+            if op is None:
+                if not list(m.children()):
+                    raise UnsupportedOpError(type(m).__name__, name)
+                sub = as_graph(m)  # a residual block inside a Sequential
+                mapping = {sub.input_name: prev}
+                for n in sub.nodes:
+                    out = f"{name}.{n.output}"
+                    mapping[n.output] = out
+                    nodes.append(Node(f"{name}.{n.name}", n.op, n.module, tuple(mapping[i] for i in n.inputs), out))
+                prev = mapping[sub.output_name]
+                continue
+            nodes.append(Node(name, op, m, (prev,), name))
+            prev = name
+        if not nodes:
+            raise HydraPipeError("as_graph: the model has no layers")
+        return GraphModule(nodes, "input", prev)
+    return _fx_graph(model)
+
+
+def _sequential_leaves(seq: nn.Sequential, prefix: str):
+    for name, m in seq.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(m, nn.Sequential):
+            yield from _sequential_leaves(m, f"{full}.")
+        else:
+            yield full, m
+
+
+def _fx_graph(model: nn.Module) -> GraphModule:
+    import operator
+
+    import torch.fx as fx
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return module_op(m) is not None or super().is_leaf_module(m, qualname)
+
+    try:
+        traced = _Tracer().trace(model)
+    except Exception as exc:
+        raise HydraPipeError(f"as_graph: cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})") from None
+    modules = dict(model.named_modules())
+    nodes: list[Node] = []
+    input_name = output_name = ""
+    for n in traced.nodes:
+        args = [a.name for a in n.args if isinstance(a, fx.Node)]
+        if n.op == "placeholder":
+            if input_name:
+                raise HydraPipeError(f"as_graph: {type(model).__name__} takes more than one input")
+            input_name = n.name
+        elif n.op == "output":
+            output_name = n.args[0].name  # type: ignore[union-attr]
+        elif n.op == "call_module":
+            m = modules[str(n.target)]
+            op = module_op(m)
+            if op is None:
+                raise UnsupportedOpError(type(m).__name__, str(n.target))
+            nodes.append(Node(str(n.target), op, m, (args[0],), n.name))
+        elif n.op in ("call_function", "call_method"):
+            t = n.target
+            if t in (operator.add, torch.add, "add") and len(args) == 2 and len(n.args) == 2:
+                nodes.append(Node(n.name, "Binary", Binary("Add"), tuple(args), n.name))
+            elif t in (torch.flatten, "flatten") and tuple(n.args[1:]) in ((1,), ()) and not n.kwargs:
+                nodes.append(Node(n.name, "Flatten", Flatten(1), (args[0],), n.name))
+            elif t in (F.relu, torch.relu, "relu") and len(args) == 1:
+                nodes.append(Node(n.name, "Relu", nn.ReLU(), (args[0],), n.name))
+            elif t is torch.cat and isinstance(n.args[0], (list, tuple)):
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                nodes.append(Node(n.name, "Concat", Concat(int(dim)), tuple(a.name for a in n.args[0]), n.name))
+            else:
+                raise UnsupportedOpError(getattr(t, "__name__", str(t)), n.name)
+        else:
+            raise UnsupportedOpError(n.op, n.name)
+    return GraphModule(nodes, input_name, output_name)
