@@ -1,4 +1,5 @@
-# `make repro`: the whole pipeline on the embedded digits data. `make test`: the test suite.
+# `make repro`: the whole pipeline on the embedded digits data, then the README's figure table from its metrics.
+# `make test`: the test suite.
 # Both create .venv on first use; re-running is fast while pyproject.toml is unchanged.
 VENV   ?= .venv
 PYTHON ?= python3
@@ -16,6 +17,7 @@ $(STAMP): pyproject.toml
 
 repro: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m stages.figures
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile -p no:cacheprovider

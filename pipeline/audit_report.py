@@ -46,32 +46,36 @@ class AuditReport(_Model):
 
     model: str = Field(description="the audited ONNX file")
     n: int = Field(description="audited examples")
-    classes: int
+    classes: int = Field(description="the model's output width")
     eps: float = Field(description="perturbation radius, inputs in [0, 1]")
     norm: str = Field(description="linf or l2")
     steps: int = Field(description="PGD steps per restart (0: no attack)")
-    restarts: int
+    restarts: int = Field(description="PGD random restarts per example (worst case kept)")
     loss: str = Field(description="PGD's loss: margin or ce")
-    seed: int
-    batch_size: int
+    seed: int = Field(description="seed of the random starts and of Square")
+    batch_size: int = Field(description="attack memory budget: examples x restarts per batch")
     clean_accuracy: float = Field(description="onnxruntime's accuracy on the clean inputs")
-    ibp_verified_accuracy: float | None = None
-    crown_verified_accuracy: float | None = None
-    alpha_crown_verified_accuracy: float | None = None
+    ibp_verified_accuracy: float | None = Field(None, description="proven by interval bound propagation")
+    crown_verified_accuracy: float | None = Field(None, description="proven by CROWN (backward linear bounds)")
+    alpha_crown_verified_accuracy: float | None = Field(
+        None, description="proven by alpha-CROWN (optimised slopes) or by a method before it")
     verified_accuracy: float | None = Field(None, description="proven robust by any method that ran")
     pgd_robust_accuracy: float | None = Field(None, description="no PGD iterate misclassified on onnxruntime")
     robust_accuracy: float | None = Field(None, description="after every attack (PGD, then Square)")
-    step_size: float | None = None
+    step_size: float | None = Field(None, description="PGD's constant step")
     robust_accuracy_by_restart: list[float] = Field(default_factory=list, description="with restarts 1..k")
     robust_accuracy_by_step: dict[str, float] = Field(default_factory=dict, description="steps -> robust accuracy")
     settled: dict[str, int] = Field(default_factory=dict,
                                     description="examples settled by verification / clean_wrong / broken / "
                                                 "convergence / full_budget")
-    rejected_candidates: int | None = None
-    rejected_examples: int | None = None
+    rejected_candidates: int | None = Field(
+        None, description="PGD iterates the torch graph misclassified but onnxruntime did not")
+    rejected_examples: int | None = Field(None, description="examples with a rejected candidate")
     attack_work: float | None = Field(None, description="PGD's row-steps as a fraction of the plain algorithm's")
-    square: SquareSummary | None = None
-    smoothing: SmoothingSummary | None = None
+    square: SquareSummary | None = Field(None, description="queries, attacked, broken_beyond_pgd, "
+                                         "gradient_masking_suspected, rejected_candidates")
+    smoothing: SmoothingSummary | None = Field(None, description="sigma, n0, n, alpha, certified_accuracy per L2 "
+                                               "radius, abstain_rate, mean_certified_radius, seconds")
     seconds: dict[str, float] = Field(default_factory=dict, description="wall time per part")
 
     @model_validator(mode="before")
@@ -85,7 +89,7 @@ class AuditReport(_Model):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def verified_method(self) -> str:
-        """The verifiers that ran, ``+``-joined (``ibp+crown+alpha-crown``), or ``none``."""
+        """The verifiers that ran, joined by + (ibp+crown+alpha-crown), or none."""
         ran = [name for name, v in (("ibp", self.ibp_verified_accuracy), ("crown", self.crown_verified_accuracy),
                                     ("alpha-crown", self.alpha_crown_verified_accuracy)) if v is not None]
         return "+".join(ran) or "none"

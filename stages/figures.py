@@ -1,0 +1,93 @@
+"""The README's generated blocks: the figure table (from the committed metrics and audit report) and the audit
+report's fields (from :class:`pipeline.audit_report.AuditReport`), never typed by hand.
+
+``python -m stages.figures`` rewrites each block between its markers in README.md (``make repro`` runs it after
+``dvc repro``); ``tests/test_readme.py`` fails when the README and what it is generated from disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.audit_report import AuditReport
+from pipeline.config import load_params
+from pipeline.reporting import atomic_write_bytes
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- generated:{name} by `python -m stages.figures`; do not edit -->", f"<!-- /generated:{name} -->"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def table(root: Path = Path(".")) -> str:
+    """The figure table (markdown) of the run whose outputs are under ``root``."""
+    params = load_params(root / "params.yaml")
+    m = {s: json.loads((root / "metrics" / f"{s}.json").read_text())
+         for s in ("pretrain", "prune", "finetune", "quantize", "export")}
+    audit = AuditReport.read(root / "reports" / "audit.json")
+    pre, pr, fi, q, ex = (m[s] for s in ("pretrain", "prune", "finetune", "quantize", "export"))
+    st = audit.settled
+    rows = [
+        (f"pretrain (dense, {params.pretrain.epochs} epochs {params.pretrain.objective})",
+         "clean / PGD-20 robust accuracy, test split", f"{_pct(pre['clean_accuracy'])} / {_pct(pre['pgd_robust_accuracy'])}"),
+        (f"prune ({pr['method']}, {params.prune.epochs} score epochs)", "sparsity; clean / PGD-20 robust before finetuning",
+         f"{_pct(pr['sparsity'])}; {_pct(pr['clean_accuracy'])} / {_pct(pr['pgd_robust_accuracy'])}"),
+        (f"finetune ({params.finetune.epochs} epochs {params.finetune.objective})", "clean / PGD-20 robust",
+         f"{_pct(fi['clean_accuracy'])} / {_pct(fi['pgd_robust_accuracy'])}"),
+        ("quantize (int8 QDQ)", "fp32 -> int8 clean accuracy; predictions agreeing",
+         f"{_pct(q['fp32_accuracy'])} -> {_pct(q['int8_accuracy'])}; {_pct(q['prediction_agreement'])}"),
+        (f"audit (deployed int8, {audit.n} test images)",
+         f"clean / PGD {audit.steps} x {audit.restarts} / after Square too",
+         f"{_pct(audit.clean_accuracy)} / {_pct(audit.pgd_robust_accuracy)} / {_pct(audit.robust_accuracy)}"),
+        ("audit", "IBP / CROWN / alpha-CROWN verified",
+         f"{_pct(audit.ibp_verified_accuracy)} / {_pct(audit.crown_verified_accuracy)} / "
+         f"{_pct(audit.alpha_crown_verified_accuracy)}"),
+        ("audit", "examples settled by proof / clean error / attack / converged / full budget",
+         f"{st.get('verification', 0)} / {st.get('clean_wrong', 0)} / {st.get('broken', 0)} / "
+         f"{st.get('convergence', 0)} / {st.get('full_budget', 0)}"),
+        ("audit", "seconds: PGD / whole audit",
+         f"{audit.seconds.get('pgd', 0):.1f} / {audit.seconds.get('total', 0):.1f}"),
+        ("export", "`deploy/model.onnx` / `.xz` archive",
+         f"{ex['bytes'] / 1e3:.1f} kB / {ex['archive_bytes'] / 1e3:.1f} kB "
+         f"(dense fp32 weights: {ex['dense_fp32_weight_bytes'] / 1e3:.1f} kB)"),
+    ]
+    lines = ["| stage | figure | value |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    return "\n".join(lines)
+
+
+def report_fields(root: Path = Path(".")) -> str:
+    """The audit report's JSON fields, their types and meaning, from the model itself."""
+    schema = AuditReport.model_json_schema(mode="serialization")
+    lines = ["| field | type | meaning |", "|---|---|---|"]
+    for name, prop in schema["properties"].items():
+        kinds = [t.get("type", t.get("$ref", "").rpartition("/")[2]) for t in prop.get("anyOf", [prop])]
+        kind = " or ".join(k if k != "null" else "null" for k in kinds if k) or "object"
+        lines.append(f"| `{name}` | {kind} | {prop.get('description', '')} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"figures": table, "audit-report": report_fields}
+
+
+def readme_block(readme: str, name: str) -> str:
+    """The generated block ``name`` of ``readme`` (between its markers, exclusive)."""
+    start_mark, end_mark = _markers(name)
+    start, end = readme.index(start_mark) + len(start_mark), readme.index(end_mark)
+    return readme[start:end].strip("\n")
+
+
+def main(root: Path = Path(".")) -> None:
+    readme = (root / "README.md").read_text()
+    for name, make in BLOCKS.items():
+        start_mark, end_mark = _markers(name)
+        start, end = readme.index(start_mark) + len(start_mark), readme.index(end_mark)
+        readme = readme[:start] + "\n" + make(root) + "\n" + readme[end:]
+    atomic_write_bytes(root / "README.md", readme.encode())
+
+
+if __name__ == "__main__":
+    main()
