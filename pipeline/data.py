@@ -23,11 +23,38 @@ from pipeline.registry import Registry
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What a model built for the dataset needs, and what its shipped model says about its outputs. Saved in
+    checkpoint sidecars: fields added later have defaults, so sidecars written before them still load."""
+
     channels: int
     size: int
     classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    labels: tuple[str, ...] = ()  # class index -> name; () where not recorded (sidecars older than labels)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a raw image of a dataset becomes one model input (float32 1 x C x H x W in [0, 1]): ``text`` for a
+    person, ``code`` Python lines (numpy, PIL) that read a raw image and define ``x``. A shipped model is only as
+    right as what it is fed, so its card states both; ``{size}`` stands for the dataset's image side."""
+
+    text: str
+    code: str
+
+
+PREPROCESSING: dict[str, Preprocessing] = {}
+"""Dataset name -> its preprocessing, registered next to each dataset below."""
+
+_UNKNOWN = Preprocessing("not recorded for this dataset: images as float32 in [0, 1]",
+                         "x = ...  # float32, 1 x C x H x W, values in [0, 1]")
+
+
+def preprocessing(name: str, info: DatasetInfo) -> Preprocessing:
+    """The preprocessing of dataset ``name`` at ``info``'s image size (a dataset registered elsewhere: generic)."""
+    p = PREPROCESSING.get(name, _UNKNOWN)
+    return Preprocessing(p.text.format(size=info.size), p.code.format(size=info.size))
 
 
 @dataclass
@@ -56,11 +83,19 @@ def digits_arrays(test_fraction: float = 0.25, split_seed: int = 0) -> tuple[np.
     return x_tr, y_tr, x_te, y_te
 
 
+DIGIT_LABELS = tuple(str(d) for d in range(10))
+PREPROCESSING["digits"] = Preprocessing(
+    "scikit-learn's load_digits images (8 x 8, one channel, integer pixel values 0..16) divided by 16 into [0, 1]",
+    "from sklearn.datasets import load_digits\n"
+    "image = load_digits().images[0]                    # raw: 8 x 8, pixel values 0..16\n"
+    "x = (image / 16.0).astype(np.float32)[None, None]  # 1 x 1 x 8 x 8 in [0, 1]")
+
+
 @DATASETS.register("digits")
 def _digits(params: DataParams) -> Splits:
     x_tr, y_tr, x_te, y_te = digits_arrays(params.test_fraction, params.split_seed)
     mean, std = float(x_tr.mean()), float(x_tr.std())
-    info = DatasetInfo(channels=1, size=8, classes=10, mean=(mean,), std=(std,))
+    info = DatasetInfo(channels=1, size=8, classes=10, mean=(mean,), std=(std,), labels=DIGIT_LABELS)
     return Splits(TensorDataset(torch.from_numpy(x_tr), torch.from_numpy(y_tr)),
                   TensorDataset(torch.from_numpy(x_te), torch.from_numpy(y_te)), info)
 
@@ -81,6 +116,15 @@ def _torchvision_split(factory, root: Path, name: str, **kwargs):
         raise HydraPipeError(f"data.root: no {name} data under {root} ({e})") from None
 
 
+_RGB_CODE = ("from PIL import Image\n"
+             "image = np.asarray(Image.open(\"image.png\").convert(\"RGB\"))    # raw: {size} x {size} x 3, uint8\n"
+             "x = (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]  # 1 x 3 x {size} x {size} in [0, 1]")
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PREPROCESSING["cifar10"] = Preprocessing(
+    "CIFAR-10's {size} x {size} RGB images (uint8, H x W x C) divided by 255 into [0, 1], channels first "
+    "(torchvision's ToTensor)", _RGB_CODE)
+
+
 @DATASETS.register("cifar10")
 def _cifar10(params: DataParams) -> Splits:
     from torchvision import datasets, transforms
@@ -89,8 +133,13 @@ def _cifar10(params: DataParams) -> Splits:
     tf = transforms.ToTensor()
     train = _torchvision_split(datasets.CIFAR10, root, "CIFAR-10", train=True, transform=tf)
     test = _torchvision_split(datasets.CIFAR10, root, "CIFAR-10", train=False, transform=tf)
-    info = DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+    info = DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), CIFAR10_LABELS)
     return Splits(train, test, info)
+
+
+PREPROCESSING["svhn"] = Preprocessing(
+    "SVHN's {size} x {size} RGB house-number crops (uint8, H x W x C) divided by 255 into [0, 1], channels first "
+    "(torchvision's ToTensor); label d is the digit d (torchvision maps SVHN's 10 to 0)", _RGB_CODE)
 
 
 @DATASETS.register("svhn")
@@ -101,8 +150,20 @@ def _svhn(params: DataParams) -> Splits:
     tf = transforms.ToTensor()
     train = _torchvision_split(datasets.SVHN, root, "SVHN", split="train", transform=tf)
     test = _torchvision_split(datasets.SVHN, root, "SVHN", split="test", transform=tf)
-    info = DatasetInfo(3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+    info = DatasetInfo(3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), DIGIT_LABELS)
     return Splits(train, test, info)
+
+
+PREPROCESSING["imagefolder"] = Preprocessing(
+    "any image as RGB, its shorter side resized to {size} (bilinear), the centre {size} x {size} crop, uint8 "
+    "divided by 255 into [0, 1], channels first (torchvision's Resize({size}), CenterCrop({size}), ToTensor)",
+    "from PIL import Image\n"
+    "image, s = Image.open(\"image.jpg\").convert(\"RGB\"), {size}                # raw: any size\n"
+    "w, h = image.size\n"
+    "image = image.resize((s, int(s * h / w)) if w <= h else (int(s * w / h), s), Image.BILINEAR)\n"
+    "left, top = round((image.width - s) / 2), round((image.height - s) / 2)\n"
+    "image = np.asarray(image.crop((left, top, left + s, top + s)))         # s x s x 3, uint8\n"
+    "x = (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None]        # 1 x 3 x s x s in [0, 1]")
 
 
 @DATASETS.register("imagefolder")
@@ -120,7 +181,8 @@ def _imagefolder(params: DataParams) -> Splits:
             parts[split] = datasets.ImageFolder(str(root / split), transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             raise HydraPipeError(f"data.root: {root / split}: {e}") from None
-    info = DatasetInfo(3, size, len(parts["train"].classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    info = DatasetInfo(3, size, len(parts["train"].classes), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                       tuple(parts["train"].classes))
     return Splits(parts["train"], parts["val"], info)
 
 

@@ -7,8 +7,8 @@ layers), sharing the model's modules so gradients reach weights and HYDRA's scor
 this form, never ONNX or a particular architecture.
 
 The vocabulary: torch's Conv2d, Linear, ReLU, LeakyReLU, BatchNorm, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
-Flatten, Identity / Dropout, plus the modules below for ONNX ops without an exact ``nn`` equivalent (constants are
-buffers) and :class:`Normalize`, the first layer of every model of the registry.
+Flatten, Identity / Dropout (pass-throughs: no node), plus the modules below for ONNX ops without an exact ``nn``
+equivalent (constants are buffers) and :class:`Normalize`, the first layer of every model of the registry.
 """
 
 from __future__ import annotations
@@ -158,14 +158,20 @@ class Flatten(nn.Module):
 
 
 class Reshape(nn.Module):
-    """ONNX Reshape with a constant target (``0`` copies the input's dimension unless ``allowzero``)."""
+    """ONNX Reshape with a constant target (``0`` copies the input's dimension unless ``allowzero``).
 
-    def __init__(self, shape: Sequence[int], allowzero: bool = False) -> None:
+    ``keep_batch``: the first target dimension is the input's, whatever the constant says. A model exported with
+    a fixed batch (``torch.onnx.export`` without dynamic axes) bakes its batch size into the target, e.g.
+    ``[1, 9216]``; the graph form must still run a batch of any size (attack rows, bounds)."""
+
+    def __init__(self, shape: Sequence[int], allowzero: bool = False, keep_batch: bool = False) -> None:
         super().__init__()
-        self.shape, self.allowzero = [int(s) for s in shape], allowzero
+        self.shape, self.allowzero, self.keep_batch = [int(s) for s in shape], allowzero, keep_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = self.shape if self.allowzero else [x.shape[i] if s == 0 else s for i, s in enumerate(self.shape)]
+        if self.keep_batch:
+            shape = [x.shape[0], *shape[1:]]
         return x.reshape(shape)
 
 
@@ -196,6 +202,54 @@ class Concat(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return torch.cat(xs, dim=self.axis)
+
+
+class Sum(nn.Module):
+    """ONNX Sum: the n-ary, broadcasting ``a + b + ...`` of computed tensors (Caffe2-era residual joins)."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+class LRN(nn.Module):
+    """ONNX LRN (AlexNet's local response normalisation) across channels:
+    ``y = x / (bias + alpha / size * sum(x[c'] ** 2)) ** beta``, ``c'`` from ``c - floor((size - 1) / 2)`` to
+    ``c + ceil((size - 1) / 2)``.
+
+    Not ``nn.LocalResponseNorm``: torch centres an even window the other way (``size // 2`` channels before,
+    ``(size - 1) // 2`` after), so for even ``size`` it normalises over other channels than ONNX defines
+    (onnxruntime's CPU kernel refuses even sizes; other runtimes follow the definition)."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, bias: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.bias = int(size), float(alpha), float(beta), float(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before, after = (self.size - 1) // 2, self.size // 2  # floor and ceil of (size - 1) / 2
+        sq = F.pad(x * x, [0, 0] * (x.dim() - 2) + [before, after])  # zero channels outside the range
+        channels = x.shape[1]
+        window = sum(sq[:, i:i + channels] for i in range(self.size))
+        return x / (self.bias + (self.alpha / self.size) * window) ** self.beta
+
+
+class Softmax(nn.Module):
+    """ONNX Softmax / LogSoftmax. Before opset 13 (``coerce``) the input is flattened to 2-D at ``axis`` and the
+    softmax taken over the whole second dimension; from opset 13 it is taken along ``axis`` alone."""
+
+    def __init__(self, axis: int, coerce: bool, log: bool = False) -> None:
+        super().__init__()
+        self.axis, self.coerce, self.log = int(axis), bool(coerce), bool(log)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.log_softmax if self.log else F.softmax
+        if not self.coerce:
+            return f(x, dim=self.axis)
+        axis = self.axis % x.dim()
+        rows = x.reshape(int(np.prod(x.shape[:axis])), -1)
+        return f(rows, dim=1).reshape(x.shape)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -266,11 +320,14 @@ def module_op(m: nn.Module) -> str | None:
         (nn.Identity, "Identity"), (nn.Dropout, "Identity"), (Flatten, "Flatten"), (ConstBinary, "ConstBinary"),
         (Binary, "Binary"), (ChannelAffine, "BatchNormalization"), (Clip, "Clip"), (Reshape, "Reshape"),
         (Transpose, "Transpose"), (Pad, "Pad"), (Concat, "Concat"), (Quantize, "QuantizeLinear"),
-        (Dequantize, "DequantizeLinear"), (Const, "Constant"), (Normalize, "Normalize")]
+        (Dequantize, "DequantizeLinear"), (Const, "Constant"), (Normalize, "Normalize"), (Sum, "Sum"), (LRN, "LRN"),
+        (Softmax, "Softmax")]
     for cls, op in table:
         if isinstance(m, cls):
             if op == "GlobalAveragePool" and tuple(np.broadcast_to(m.output_size, 2)) != (1, 1):  # type: ignore[arg-type]
                 return "AdaptiveAvgPool"
+            if op == "Softmax" and m.log:  # type: ignore[union-attr]
+                return "LogSoftmax"
             return op
     return None
 
@@ -332,19 +389,27 @@ def _fx_graph(model: nn.Module) -> GraphModule:
     modules = dict(model.named_modules())
     nodes: list[Node] = []
     input_name = output_name = ""
+    alias: dict[str, str] = {}  # pass-through modules (nn.Identity shortcuts, Dropout): their input's name
+
+    def ref(a: fx.Node) -> str:
+        return alias.get(a.name, a.name)
+
     for n in traced.nodes:
-        args = [a.name for a in n.args if isinstance(a, fx.Node)]
+        args = [ref(a) for a in n.args if isinstance(a, fx.Node)]
         if n.op == "placeholder":
             if input_name:
                 raise HydraPipeError(f"as_graph: {type(model).__name__} takes more than one input")
             input_name = n.name
         elif n.op == "output":
-            output_name = n.args[0].name  # type: ignore[union-attr]
+            output_name = ref(n.args[0])  # type: ignore[arg-type]
         elif n.op == "call_module":
             m = modules[str(n.target)]
             op = module_op(m)
             if op is None:
                 raise UnsupportedOpError(type(m).__name__, str(n.target))
+            if op == "Identity":
+                alias[n.name] = args[0]
+                continue
             nodes.append(Node(str(n.target), op, m, (args[0],), n.name))
         elif n.op in ("call_function", "call_method"):
             t = n.target
@@ -356,7 +421,7 @@ def _fx_graph(model: nn.Module) -> GraphModule:
                 nodes.append(Node(n.name, "Relu", nn.ReLU(), (args[0],), n.name))
             elif t is torch.cat and isinstance(n.args[0], (list, tuple)):
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-                nodes.append(Node(n.name, "Concat", Concat(int(dim)), tuple(a.name for a in n.args[0]), n.name))
+                nodes.append(Node(n.name, "Concat", Concat(int(dim)), tuple(ref(a) for a in n.args[0]), n.name))
             else:
                 raise UnsupportedOpError(getattr(t, "__name__", str(t)), n.name)
         else:

@@ -4,11 +4,24 @@ The module computes what onnxruntime computes, so attacks get gradients and the 
 gets a graph it can propagate bounds through.
 
 Op vocabulary (``SUPPORTED_OPS``): Conv (2-D), Gemm, MatMul (constant right operand), Add, Sub, Mul, Div (two
-tensors, or a tensor and a constant), Relu, LeakyRelu, Clip, BatchNormalization (inference), MaxPool, AveragePool,
-GlobalAveragePool, Flatten, Reshape (constant shape), Transpose, Pad (constant mode), Concat, Identity, Dropout
-(inference), Constant, QuantizeLinear / DequantizeLinear (uint8 / int8, per-tensor or per-axis). Any node whose
-inputs are all constants (weights stored as int8 + DequantizeLinear, int32 biases, shape arithmetic on
-initializers ...) is folded at load time with ONNX's reference evaluator, whatever its op type.
+tensors, or a tensor and a constant), Sum, Relu, LeakyRelu, Clip, BatchNormalization (inference), MaxPool,
+AveragePool, GlobalAveragePool, LRN, Flatten, Reshape (constant shape), Transpose, Pad (constant mode), Concat,
+Softmax, LogSoftmax, Identity, Dropout (inference), Constant, QuantizeLinear / DequantizeLinear (uint8 / int8,
+per-tensor or per-axis). Any node whose inputs are all constants (weights stored as int8 + DequantizeLinear, int32
+biases, shape arithmetic on initializers ...) is folded at load time with ONNX's reference evaluator, whatever its
+op type. A model with ops outside the vocabulary is refused with one line naming every such op.
+
+What people export is turned into logits N x classes, the form attacks and bounds need:
+
+- a final Softmax / LogSoftmax over the classes is stripped (``OnnxModule.stripped_output_ops``): it is monotone
+  per row, so the argmax and the sign of every margin are unchanged, and onnxruntime's output can still be
+  compared by argmax. Bounding the probabilities instead would be wrong for a margin-based verifier (and PGD's
+  margin loss saturates on them);
+- an N x classes x 1 x 1 output (a classifier ending in a convolution and a global pooling, e.g. SqueezeNet) is
+  flattened to N x classes, as :func:`pipeline.onnx_io.ort_logits` flattens onnxruntime's output;
+- a model exported with a fixed batch (input dim 0 a number, ``torch.onnx.export`` without dynamic axes) gets a
+  graph form that runs any batch: a Reshape whose constant target starts with that batch size keeps the input's
+  batch dimension instead (:class:`pipeline.graph.Reshape`); ``ort_logits`` runs such models in slices.
 """
 
 from __future__ import annotations
@@ -21,17 +34,34 @@ import torch
 from torch import nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
-from pipeline.graph import (Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Dequantize, Flatten, GraphModule,
-                            Node, Pad, Quantize, Reshape, Transpose)
+from pipeline.graph import (LRN, Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Dequantize, Flatten,
+                            GraphModule, Node, Pad, Quantize, Reshape, Softmax, Sum, Transpose)
 from pipeline.onnx_io import read_proto
 
 
 class OnnxModule(GraphModule):
-    """An ONNX classifier as a torch module (see :func:`load_onnx`); ``path`` is where it came from."""
+    """An ONNX classifier as a torch module (see :func:`load_onnx`); ``path`` is where it came from,
+    ``stripped_output_ops`` the final ops removed from it (Softmax, LogSoftmax), ``fixed_batch`` the batch size
+    its input is declared with (None when dynamic)."""
 
-    def __init__(self, nodes: Sequence[Node], input_name: str, output_name: str, path: str) -> None:
+    def __init__(self, nodes: Sequence[Node], input_name: str, output_name: str, path: str,
+                 stripped_output_ops: Sequence[str] = (), fixed_batch: int | None = None) -> None:
         super().__init__(nodes, input_name, output_name)
         self.path = path
+        self.stripped_output_ops = list(stripped_output_ops)
+        self.fixed_batch = fixed_batch
+
+
+class UnsupportedOpsError(UnsupportedOpError):
+    """Every op of a model outside the vocabulary, in one line: each distinct op type with its first node, so a
+    user learns at once everything to replace (``op_type`` / ``node_name`` are the first, ``found`` all)."""
+
+    def __init__(self, found: Sequence[tuple[str, str]], path: str) -> None:
+        super().__init__(*found[0], path)
+        self.found = list(found)
+        if len(found) > 1:
+            ops = ", ".join(f"{op!r} (node {name!r})" for op, name in found)
+            self.args = (f"{path}: {len(found)} unsupported ONNX ops: {ops}",)
 
 
 
@@ -46,9 +76,16 @@ def buffers_only(module: nn.Module) -> nn.Module:
 
 
 SUPPORTED_OPS = frozenset({
-    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Clip", "BatchNormalization",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Transpose", "Pad", "Concat", "Identity",
-    "Dropout", "Constant", "QuantizeLinear", "DequantizeLinear"})
+    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "LeakyRelu", "Clip", "BatchNormalization",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "LRN", "Flatten", "Reshape", "Transpose", "Pad", "Concat",
+    "Softmax", "LogSoftmax", "Identity", "Dropout", "Constant", "QuantizeLinear", "DequantizeLinear"})
+PASS_THROUGH_OPS = frozenset({"Identity", "Dropout"})
+"""Ops that become no node of the graph form (an alias of their input)."""
+OUTPUT_STRIPPED_OPS = frozenset({"Softmax", "LogSoftmax"})
+"""Ops removed when they are the model's last, over the classes (elsewhere they run as they are)."""
+GRAPH_OP = {"MatMul": "Gemm"}
+"""ONNX ops the graph form holds as another op (MatMul as a Gemm node); every other op keeps its name (a Constant
+is folded, then a Constant node where a computed op reads it)."""
 
 _QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127), np.dtype(np.uint16): (0, 65535),
            np.dtype(np.int16): (-32768, 32767)}
@@ -67,6 +104,7 @@ class _Loader:
         self.alias: dict[str, str] = {}
         self.nodes: list[Node] = []
         self.produced: set[str] = set()
+        self.fixed_batch: int | None = None
 
     def name_of(self, name: str) -> str:
         while name in self.alias:
@@ -122,16 +160,9 @@ class _Loader:
         if len(inputs) != 1:
             raise HydraPipeError(f"{self.path}: expected one input tensor, found {len(inputs)}")
         input_name = inputs[0].name
-        for node in self.graph.node:
-            if node.domain not in ("", "ai.onnx"):
-                raise UnsupportedOpError(f"{node.domain}.{node.op_type}", node.name, self.path)
-            ins = [self.name_of(n) for n in node.input if n]
-            if node.op_type == "Constant" or (ins and all(n in self.consts for n in ins)):
-                self.fold(node)
-                continue
-            if node.op_type not in SUPPORTED_OPS:
-                raise UnsupportedOpError(node.op_type, node.name, self.path)
-            getattr(self, f"op_{node.op_type}")(node)
+        batch = _dims(inputs[0])
+        self.fixed_batch = batch[0] if batch and batch[0] else None
+        self.convert_nodes()
         output_name = self.name_of(self.graph.output[0].name)
         if output_name in self.consts:
             raise HydraPipeError(f"{self.path}: the output does not depend on the input")
@@ -141,13 +172,93 @@ class _Loader:
             if n.output in needed:
                 kept.append(n)
                 needed.update(n.inputs)
-        return OnnxModule(kept[::-1], input_name, output_name, self.path)
+        nodes, output_name, stripped = self.logits_form(kept[::-1], output_name)
+        return OnnxModule(nodes, input_name, output_name, self.path, stripped, self.fixed_batch)
+
+    def convert_nodes(self) -> None:
+        """Map every node; collect the unsupported ones (op types outside the vocabulary, or forms of an op the
+        handler refuses) and raise once, naming each distinct op with its first node."""
+        found: dict[str, str] = {}
+        skipped: set[str] = set()  # outputs of refused nodes: what reads them cannot be converted either
+        for node in self.graph.node:
+            standard = node.domain in ("", "ai.onnx")
+            op = node.op_type if standard else f"{node.domain}.{node.op_type}"
+            ins = [self.name_of(n) for n in node.input if n]
+            if any(n in skipped for n in ins):
+                # downstream of a refused node only an unknown op type is certain to be unsupported
+                if not (standard and node.op_type in SUPPORTED_OPS):
+                    found.setdefault(op, node.name)
+                skipped.update(node.output)
+                continue
+            if standard and (node.op_type == "Constant" or (ins and all(n in self.consts for n in ins))):
+                self.fold(node)  # whatever its op type: shape arithmetic, int8 weights + DequantizeLinear, ...
+                continue
+            if not (standard and node.op_type in SUPPORTED_OPS):
+                found.setdefault(op, node.name)
+                skipped.update(node.output)
+                continue
+            try:
+                getattr(self, f"op_{node.op_type}")(node)
+            except UnsupportedOpError as exc:
+                found.setdefault(exc.op_type, exc.node_name)
+                skipped.update(node.output)
+        if found:
+            raise UnsupportedOpsError(list(found.items()), self.path)
+
+    def logits_form(self, nodes: list[Node], output: str) -> tuple[list[Node], str, list[str]]:
+        """Strip a final Softmax / LogSoftmax over the classes and flatten an N x K x 1 x 1 output (see the
+        module's docstring); returns the nodes, the output's name and the stripped op types."""
+        dims = _output_dims(self.proto, self.graph.output[0].name)
+        stripped: list[str] = []
+        while len(nodes) > 1 and nodes[-1].op in OUTPUT_STRIPPED_OPS and _over_classes(nodes[-1].module, dims):
+            if any(output in n.inputs for n in nodes[:-1]):  # the probabilities are read elsewhere too
+                break
+            stripped.append(nodes[-1].op)
+            output, nodes = nodes[-1].inputs[0], nodes[:-1]
+        if dims is not None and len(dims) > 2 and all(d == 1 for d in dims[2:]):
+            rows = f"{output}::rows"
+            nodes = [*nodes, Node(rows, "Flatten", Flatten(1), (output,), rows)]
+            output = rows
+        return nodes, output, stripped
 
     # ----- op handlers -----
     def op_Identity(self, node) -> None:
         self.alias[node.output[0]] = self.name_of(node.input[0])
 
     op_Dropout = op_Identity  # inference: identity (its mask output is never consumed by classifiers)
+
+    def op_Sum(self, node) -> None:
+        names = [self.name_of(n) for n in node.input if n]
+        computed = [n for n in names if n not in self.consts]
+        consts = [self.consts[n] for n in names if n in self.consts]
+        if len(computed) == 1 and not consts:
+            self.alias[node.output[0]] = computed[0]
+            return
+        # constant operands summed into one ConstBinary Add: bounds need every Sum operand to carry a batch dim
+        const = sum(c.astype(np.float32) for c in consts) if consts else None
+        if len(computed) == 1:
+            self.emit(node, "Add", ConstBinary("Add", _tensor(const)), computed)
+            return
+        if const is None:
+            self.emit(node, "Sum", Sum(), computed)
+            return
+        partial = f"{node.output[0]}::sum"
+        self.nodes.append(Node(partial, "Sum", Sum(), tuple(computed), partial))
+        self.produced.add(partial)
+        self.emit(node, "Add", ConstBinary("Add", _tensor(const)), [partial])
+
+    def op_LRN(self, node) -> None:
+        a = self.attrs(node)
+        self.emit(node, "LRN", LRN(a["size"], a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0)),
+                  [node.input[0]])
+
+    def op_Softmax(self, node) -> None:
+        # before opset 13: axis 1 by default, over the input coerced to 2-D; from 13: axis -1, that axis only
+        coerce = self.opset < 13
+        axis = self.attrs(node).get("axis", 1 if coerce else -1)
+        self.emit(node, node.op_type, Softmax(axis, coerce, log=node.op_type == "LogSoftmax"), [node.input[0]])
+
+    op_LogSoftmax = op_Softmax
 
     def op_Conv(self, node) -> None:
         a = self.attrs(node)
@@ -274,9 +385,11 @@ class _Loader:
         self.emit(node, "Flatten", Flatten(self.attrs(node).get("axis", 1)), [node.input[0]])
 
     def op_Reshape(self, node) -> None:
-        shape = self.const(node, 1, "shape")
-        self.emit(node, "Reshape", Reshape(shape.tolist(), bool(self.attrs(node).get("allowzero", 0))),
-                  [node.input[0]])
+        a = self.attrs(node)
+        shape = list(a["shape"]) if self.opset < 5 and "shape" in a else self.const(node, 1, "shape").tolist()
+        # a fixed-batch export writes its batch size as the target's first dim: keep the input's batch instead
+        keep_batch = self.fixed_batch is not None and len(shape) > 0 and shape[0] == self.fixed_batch
+        self.emit(node, "Reshape", Reshape(shape, bool(a.get("allowzero", 0)), keep_batch), [node.input[0]])
 
     def op_Transpose(self, node) -> None:
         perm = self.attrs(node).get("perm")
@@ -289,8 +402,8 @@ class _Loader:
         mode = a.get("mode", b"constant")
         if mode not in (b"constant", "constant"):
             raise UnsupportedOpError(f"Pad mode {mode!r}", node.name, self.path)
-        if self.opset < 11:
-            pads, value = list(a["pads"]), float(a.get("value", 0.0))
+        if self.opset < 11:  # attributes; opset 1 calls them paddings
+            pads, value = list(a.get("pads", a.get("paddings", []))), float(a.get("value", 0.0))
         else:
             pads = self.const(node, 1, "pads").tolist()
             v = self.opt_const(node, 2)
@@ -304,7 +417,7 @@ class _Loader:
         self.emit(node, "Pad", Pad(torch_pads, value), [node.input[0]])
 
     def op_Concat(self, node) -> None:
-        self.emit(node, "Concat", Concat(self.attrs(node)["axis"]), list(node.input))
+        self.emit(node, "Concat", Concat(self.attrs(node).get("axis", 1)), list(node.input))  # axis 1 before opset 4
 
     def _qparams(self, node) -> tuple[torch.Tensor, np.ndarray, int | None]:
         scale = self.const(node, 1, "scale").astype(np.float32)
@@ -330,6 +443,40 @@ class _Loader:
                   [node.input[0]])
 
 
+def _dims(value_info) -> list[int | None] | None:
+    """A graph value's declared dims (None where symbolic), or None when it declares no shape."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def _output_dims(proto, name: str) -> list[int | None] | None:
+    """The output's dims as declared, else as ONNX's shape inference finds them, else None."""
+    declared = next((_dims(v) for v in proto.graph.output if v.name == name), None)
+    if declared is not None:
+        return declared
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # inference is a nicety here: without it nothing is stripped or flattened
+        return None
+    return next((_dims(v) for v in [*inferred.output, *inferred.value_info] if v.name == name), None)
+
+
+def _over_classes(softmax: Softmax, dims: list[int | None] | None) -> bool:
+    """Whether a Softmax on the model's output normalises each row over all its classes (axis 1 of N x K, or of
+    N x K x 1 x 1, or any rank before opset 13, where the input is coerced to 2-D at the axis). Over any other
+    axis it is no monotone map of the logits (over a size-1 axis it is constant 1), so it stays."""
+    if dims is not None and len(dims) < 2:
+        return False
+    axis = softmax.axis % len(dims) if dims is not None else softmax.axis
+    if axis != 1:
+        return False
+    return softmax.coerce or (dims is not None and all(d == 1 for d in dims[2:]))
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     a = np.asarray(a)
     if a.dtype == np.float64:
@@ -341,7 +488,9 @@ def load_onnx(path: Path) -> OnnxModule:
     """Load an ONNX classifier (one float input, logits first output) as a torch module.
 
     Its forward computes what onnxruntime computes (float tolerance; QuantizeLinear rounds half to even, with a
-    straight-through gradient). All constants are buffers. An op outside ``SUPPORTED_OPS`` raises
-    :class:`UnsupportedOpError` naming the op and the node; an unreadable file raises :class:`HydraPipeError`.
+    straight-through gradient), up to the logits form of the module's docstring (a final Softmax stripped, an
+    N x K x 1 x 1 output flattened). All constants are buffers. Ops outside ``SUPPORTED_OPS`` raise
+    :class:`UnsupportedOpsError` naming every such op and its first node; an unreadable file raises
+    :class:`HydraPipeError`.
     """
     return _Loader(read_proto(Path(path)), str(path)).load()

@@ -1,7 +1,10 @@
 """Stage 6: the deployable model: the audited int8 graph, stored compactly (pruned weights cost nothing on disk,
-pipeline.compression), with its provenance and audit in the ONNX metadata, checked with onnx's checker, for
-identical logits with the audited file and for parity with the PyTorch model; an xz archive and a model card
-beside it."""
+pipeline.compression), checked with onnx's checker, for identical logits with the audited file and for parity with
+the PyTorch model; an xz archive and a model card beside it.
+
+A shipped model says about itself what a user needs to trust and use it, in its ONNX metadata and its card: how to
+turn a raw image into its input, what its outputs mean (the labels), the threat model, every audited figure with the
+method that produced it (each stored once), and its provenance (producer, params and data hashes)."""
 
 from __future__ import annotations
 
@@ -11,46 +14,127 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pipeline import __version__
 from pipeline.audit_report import AuditReport
+from pipeline.channels import channel_report
 from pipeline.checkpoint import load_checkpoint
 from pipeline.compression import archive, compact_file
 from pipeline.config import params_hash
-from pipeline.data import as_arrays
+from pipeline.data import DatasetInfo, Preprocessing, as_arrays, preprocessing
 from pipeline.errors import HydraPipeError
 from pipeline.masking import sparsity_report
-from pipeline.onnx_io import ort_logits, ort_session, read_metadata, set_metadata, torch_logits
-from pipeline.reporting import atomic_write_bytes, metrics_table, show, write_json
-from pipeline.channels import channel_report
-from stages.common import AUDIT_REPORT, FINETUNED, INT8_ONNX, METRICS, MODEL_CARD, SHIPPED, setup
+from pipeline.onnx_io import (INPUT_NAME, OUTPUT_NAME, ort_logits, ort_session, read_metadata, read_proto,
+                              set_metadata, torch_logits, used_opsets_only)
+from pipeline.reporting import atomic_write_bytes
+from pipeline.threat import ThreatModel
+from stages.common import AUDIT_REPORT, FINETUNED, INT8_ONNX, MODEL_CARD, SHIPPED, setup, write_figures
 
 ARCHIVE = SHIPPED.with_name(SHIPPED.name + ".xz")
 ENCODING = "delta"
+PRODUCER = "hydra-pipe"
+LABELS_SHOWN = 20  # the card lists this many labels; the metadata has them all
 
 
-def model_card(meta: dict[str, str], audit: AuditReport, export_metrics: dict) -> str:
-    square = audit.square
-    square_warning = (f" (it broke {square.broken_beyond_pgd} images PGD did not: the gradients of this model may be "
-                      "masked, so trust the verified figures below more)") if square and square.gradient_masking_suspected else ""
+def _pct(v: float | None) -> str:
+    return "not measured" if v is None else f"{100 * v:.1f}%"
 
-    def pct(v) -> str:
-        return "not measured" if v is None else f"{100 * v:.1f}%"
 
-    layers = json.loads(meta["sparsity_per_layer"])
-    channels = json.loads(meta.get("channels_per_layer", "{}"))
-    rows = "\n".join(f"| {n} | {100 * s:.1f}% | {channels.get(n, '')} |" for n, s in layers.items())
-    mb = export_metrics["bytes"] / 1e6
+def _what_it_is(meta: dict[str, str]) -> str:
     if meta.get("granularity") == "filter":
         what = (f"whole filters removed ({meta['prune_method']}, filter granularity): the pruned channels are gone "
                 f"from the graph, so the network is narrower and faster, not just sparse")
     else:
         what = (f"individual weights removed ({meta['prune_method']}): the graph keeps its shape, pruned weights "
                 f"are exact zeros that cost no bytes in the file but no time either")
+    return f"""**What it is.** A {meta['arch']} classifier for {meta['dataset']}, pruned to {100 * float(meta['sparsity']):.1f}%
+sparsity with {what}; quantized to {meta['bits']}-bit integers (onnxruntime static QDQ, int8 weights per channel,
+uint8 activations)."""
+
+
+def _input_output(meta: dict[str, str]) -> str:
+    """The input contract and the labels: what a caller must get right for the figures below to mean anything."""
+    lo, hi = json.loads(meta["input_range"])
+    labels = json.loads(meta["labels"])
+    shown = ", ".join(f"{i} `{name}`" for i, name in enumerate(labels[:LABELS_SHOWN]))
+    more = f", ... ({len(labels)} in all, in the metadata key `labels`)" if len(labels) > LABELS_SHOWN else ""
+    return f"""**Input.** `input`: float32, N x C x H x W = batch x {meta['input_shape'].replace('x', ' x ')}, values in
+[{lo:g}, {hi:g}]. Preprocessing: {meta['preprocessing']}.
+
+**Output.** `logits`: batch x {meta['classes']}; the predicted class is the argmax. Labels (index `name`): {shown}{more}."""
+
+
+def _how_to_run(prep: Preprocessing) -> str:
+    return f"""**How to run it** (numpy and onnxruntime; the labels are read from the model's metadata):
+
+```python
+import json
+
+import numpy as np
+import onnxruntime as ort
+
+{prep.code}
+session = ort.InferenceSession("{SHIPPED.name}")
+labels = json.loads(session.get_modelmeta().custom_metadata_map["labels"])
+logits = session.run(["{OUTPUT_NAME}"], {{"{INPUT_NAME}": x}})[0]
+print(labels[int(logits.argmax(1)[0])])
+```"""
+
+
+def _threat_model(meta: dict[str, str], audit: AuditReport) -> str:
+    lo, hi = json.loads(meta["input_range"])
+    norm = "L-inf" if audit.norm == "linf" else "L2"
+    return f"""**Threat model.** An adversary may replace an input x by any x' with ||x' - x|| <= eps in the {norm}
+norm, eps = {audit.eps:g}, that stays in the input range [{lo:g}, {hi:g}] (the scale the preprocessing above
+produces)."""
+
+
+def _figures(audit: AuditReport) -> str:
+    """Every figure of the audit with the method that produced it: attacks give upper bounds, verifiers lower."""
+    square = audit.square
+    rows = [("clean accuracy", audit.clean_accuracy, "onnxruntime on this int8 graph"),
+            ("robust accuracy, PGD", audit.pgd_robust_accuracy,
+             f"PGD, {audit.steps} steps x {audit.restarts} random restarts, {audit.loss} loss, worst case per image"),
+            ("robust accuracy, all attacks", audit.robust_accuracy,
+             f"PGD, then the gradient-free Square attack ({square.queries} queries)" if square else "PGD"),
+            ("verified, IBP", audit.ibp_verified_accuracy, "interval bound propagation"),
+            ("verified, CROWN", audit.crown_verified_accuracy, "CROWN (backward linear bounds)"),
+            ("verified, alpha-CROWN", audit.alpha_crown_verified_accuracy,
+             "alpha-CROWN (optimised ReLU slopes), with what the methods before it proved"),
+            ("Verified robust accuracy", audit.verified_accuracy, f"`{audit.verified_method}`: proven by any of them")]
+    sm = audit.smoothing
+    if sm:
+        rows += [(f"certified, smoothed model, L2 radius {r}", v,
+                  f"randomized smoothing (Cohen et al.'s CERTIFY), sigma {sm.sigma:g}, n {sm.n}, alpha {sm.alpha:g}")
+                 for r, v in sm.certified_accuracy.items()]
+    table = "\n".join(f"| {name} | {_pct(v)} | {how} |" for name, v, how in rows)
+    warning = (f" Square broke {square.broken_beyond_pgd} images PGD did not: the gradients of this model may be "
+               "masked, so trust the verified figures more.") if square and square.gradient_masking_suspected else ""
+    return f"""**How robust it is, as deployed** (audit of these exact int8 numerics on {audit.n} test images, under the
+threat model above). Attacks give upper bounds on true robustness (a stronger attack could lower them); verified
+figures are lower bounds that no attack can overturn.{warning}
+
+| figure | value | method |
+|---|---|---|
+{table}"""
+
+
+def model_card(meta: dict[str, str], audit: AuditReport, export_metrics: dict, prep: Preprocessing) -> str:
+    """The card, from the shipped file's own metadata (so the two cannot disagree) and the audit report."""
+    layers = json.loads(meta["sparsity_per_layer"])
+    channels = json.loads(meta.get("channels_per_layer", "{}"))
+    rows = "\n".join(f"| {n} | {100 * s:.1f}% | {channels.get(n, '')} |" for n, s in layers.items())
+    mb = export_metrics["bytes"] / 1e6
     return f"""# Model card: {meta['arch']} on {meta['dataset']}
 
-**What it is.** A {meta['arch']} classifier for {meta['dataset']}, pruned to {100 * float(meta['sparsity']):.1f}%
-sparsity with {what}; quantized to {meta['bits']}-bit integers (onnxruntime static QDQ, int8 weights per channel,
-uint8 activations). Input `input`: float32, batch x {meta['input_shape']}, pixel values in [0, 1] (normalisation is
-inside the graph). Output `logits`: batch x {meta['classes']}.
+{_what_it_is(meta)}
+
+{_input_output(meta)}
+
+{_how_to_run(prep)}
+
+{_threat_model(meta, audit)}
+
+{_figures(audit)}
 
 **Files.** `{SHIPPED.name}`: {mb:.2f} MB, {export_metrics['size_ratio_vs_dense_fp32']:.0f}x smaller than the
 same network's weights in dense float32 ({export_metrics['dense_fp32_weight_bytes'] / 1e6:.2f} MB). Pruned weights are
@@ -60,22 +144,12 @@ passes `onnx.checker`, and runs at the speed and with exactly the outputs of the
 audited. `{ARCHIVE.name}` ({export_metrics['archive_bytes'] / 1e6:.2f} MB, xz) is the same file compressed for
 distribution (`xz -d`).
 
-**How robust it is, as deployed** (audit of these exact int8 numerics on {audit.n} test images,
-L-{audit.norm.replace('l', '')} radius eps = {audit.eps}, pixel scale [0, 1]):
-- Clean accuracy: {pct(audit.clean_accuracy)}.
-- Robust accuracy under PGD ({audit.steps} steps x {audit.restarts} random restarts, worst case per image):
-  {pct(audit.pgd_robust_accuracy)} ({audit.loss} loss); {pct(audit.robust_accuracy)} after the
-  gradient-free Square attack too{square_warning}. This is an upper bound on true robustness: a stronger attack could
-  lower it.
-- Verified robust accuracy (no attack within eps can change these predictions): {pct(audit.verified_accuracy)}, by
-  `{audit.verified_method}` (IBP {pct(audit.ibp_verified_accuracy)}, CROWN {pct(audit.crown_verified_accuracy)},
-  alpha-CROWN {pct(audit.alpha_crown_verified_accuracy)}). This is a lower bound that no attack can overturn.
+**Provenance.** produced by {PRODUCER} {__version__}; params hash `{meta['params_hash']}`; data split hash
+`{meta['data_hash']}`; training objectives: pretrain `{meta['pretrain_objective']}`, prune `{meta['prune_objective']}`,
+finetune `{meta['finetune_objective']}`. The same facts and figures are in the ONNX metadata
+(`hydra-pipe info {SHIPPED}` or `onnx.load(...).metadata_props`).
 
-**Provenance.** params hash `{meta['params_hash']}`; data split hash `{meta['data_hash']}`; training objectives:
-pretrain `{meta['pretrain_objective']}`, prune `{meta['prune_objective']}`, finetune `{meta['finetune_objective']}`.
-The same figures are in the ONNX metadata (`hydra-pipe info {SHIPPED}` or `onnx.load(...).metadata_props`).
-
-Predictions agree with the fp32 PyTorch model on {pct(export_metrics['agreement_with_pytorch'])} of the test split.
+Predictions agree with the fp32 PyTorch model on {_pct(export_metrics['agreement_with_pytorch'])} of the test split.
 
 | layer | weights pruned | channels kept |
 |---|---|---|
@@ -83,11 +157,29 @@ Predictions agree with the fp32 PyTorch model on {pct(export_metrics['agreement_
 """
 
 
+def _dataset_metadata(info: DatasetInfo, prep: Preprocessing, audit: AuditReport) -> dict[str, str]:
+    """What a caller needs to feed the model and read its answer: labels, preprocessing and the input range the
+    audit's threat model is defined on (its eps and norm are in ``audit``, stored once)."""
+    threat = ThreatModel(audit.eps, audit.norm)
+    labels = list(info.labels) or [str(i) for i in range(info.classes)]
+    return {"labels": json.dumps(labels), "input_range": json.dumps([threat.lo, threat.hi]),
+            "preprocessing": f"{prep.text}; fed as float32 N x C x H x W, normalisation is inside the graph"}
+
+
+def _stamp(path: Path) -> None:
+    """Name the producer and import only the opset domains the nodes use (the quantizer imports several unused)."""
+    proto = read_proto(path)
+    proto.producer_name, proto.producer_version = PRODUCER, __version__
+    used_opsets_only(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+
+
 def run(params_path: Path) -> dict:
     params, data, _ = setup(params_path)
     audit = AuditReport.read(AUDIT_REPORT)
     model, ckpt_meta = load_checkpoint(FINETUNED)
     info = data.info
+    prep = preprocessing(params.data.name, info)
     layers = {n: round(r["sparsity"], 6) for n, r in sparsity_report(model).items()}
     channels = {n: f"{r['kept']}/{r['channels']}" for n, r in channel_report(model).items()}
     dense_fp32 = 4 * sum(int(t.numel()) for n, t in model.state_dict().items()
@@ -95,6 +187,7 @@ def run(params_path: Path) -> dict:
     meta = {
         "arch": params.model.arch, "dataset": params.data.name, "classes": str(info.classes),
         "input_shape": f"{info.channels}x{info.size}x{info.size}", "bits": "8",
+        **_dataset_metadata(info, prep, audit),
         "sparsity": f"{ckpt_meta['sparsity']:.6f}", "sparsity_per_layer": json.dumps(layers),
         "granularity": params.prune.granularity, "channels_per_layer": json.dumps(channels),
         "encoding": ENCODING, "verified_method": audit.verified_method,
@@ -103,12 +196,15 @@ def run(params_path: Path) -> dict:
         "params_hash": params_hash(params), "data_hash": params_hash(params, "data"),
         "audit": json.dumps(audit.headline()),
     }
+    if audit.smoothing is not None:  # certificates of the smoothed model: not in the headline
+        meta["smoothing"] = audit.smoothing.model_dump_json()
     graph = onnx.load(str(INT8_ONNX))
     onnx.checker.check_model(graph, full_check=True)
     tmp = SHIPPED.with_name(f".{SHIPPED.name}.staged")
     atomic_write_bytes(tmp, INT8_ONNX.read_bytes())
     set_metadata(tmp, meta)
     compact_file(tmp, tmp, ENCODING)  # the check below proves the compact file computes what was audited
+    _stamp(tmp)
     onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
     x, y = as_arrays(data.test)
     shipped = ort_logits(ort_session(tmp), x)
@@ -124,7 +220,5 @@ def run(params_path: Path) -> dict:
                "max_abs_logit_diff_vs_pytorch": float(np.abs(shipped - reference).max())}
     tmp.replace(SHIPPED)
     metrics["archive_bytes"] = archive(SHIPPED, ARCHIVE)
-    atomic_write_bytes(MODEL_CARD, model_card(read_metadata(SHIPPED), audit, metrics).encode())
-    write_json(METRICS / "export.json", metrics)
-    show(metrics_table("export", metrics))
-    return metrics
+    atomic_write_bytes(MODEL_CARD, model_card(read_metadata(SHIPPED), audit, metrics, prep).encode())
+    return write_figures("export", metrics)

@@ -282,3 +282,76 @@ def test_bounds_contain_onnxruntime_outputs_of_the_int8_model(tmp_path):
             assert inside(out, lo, hi, tol=1e-6)
         if eps > 0:  # the linear relaxation of rounding pays off: CROWN is tighter than IBP on the int8 graph
             assert (boxes[1][1] - boxes[1][0]).sum() < 0.99 * (boxes[0][1] - boxes[0][0]).sum()
+
+
+# ---------------------------------------------------------------- what people export (issue 16)
+
+def test_sum_of_three_bounds_contain_onnxruntime_outputs(tmp_path):
+    from tests.test_onnx_io import sum3_onnx
+
+    path = sum3_onnx(tmp_path / "sum.onnx")
+    model, session = load_onnx(path), ort_session(path, threads=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 4, 4, generator=g)
+    x_lo, x_hi = (x - 0.1).clamp(0, 1), (x + 0.1).clamp(0, 1)
+    with torch.no_grad():
+        boxes = [interval_bounds(model, x_lo, x_hi), crown_bounds(model, x_lo, x_hi)]
+    boxes.append(alpha_crown_bounds(model, x_lo, x_hi, iterations=5))
+    u = torch.rand(64, *x.shape, generator=g)
+    for pts in (x_lo + u * (x_hi - x_lo), torch.where(u < 0.5, x_lo, x_hi)):
+        out = torch.from_numpy(ort_logits(session, pts.reshape(-1, 1, 4, 4).numpy())).reshape(64, 4, 3)
+        for lo, hi in boxes:
+            assert inside(out, lo, hi, tol=1e-5)
+    # CROWN pulls the Sum back exactly: tighter than IBP here
+    assert (boxes[1][1] - boxes[1][0]).sum() < (boxes[0][1] - boxes[0][0]).sum()
+
+
+def test_torch_resnet18_with_identity_shortcuts_is_bounded():
+    from pipeline.data import DatasetInfo
+    from pipeline.graph import as_graph
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", DatasetInfo(3, 32, 10, (0.5,) * 3, (0.25,) * 3)).eval()
+    graph = as_graph(net)
+    assert "Identity" not in {n.op for n in graph.nodes}  # BasicBlock's nn.Identity shortcut: an alias
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    x_lo, x_hi = (x - 0.001).clamp(0, 1), (x + 0.001).clamp(0, 1)
+    with torch.no_grad():
+        lo, hi = interval_bounds(graph, x_lo, x_hi)
+        u = torch.rand(4, *x.shape, generator=g)
+        pts = torch.cat([x_lo + u * (x_hi - x_lo), torch.where(u < 0.5, x_lo, x_hi)])
+        out = net(pts.reshape(-1, 3, 32, 32)).reshape(8, 2, 10)
+        assert torch.allclose(graph(x), net(x), atol=1e-5)
+    assert inside(out, lo, hi, tol=1e-4)
+
+
+def test_ops_without_a_bound_rule_are_named_as_blockers(tmp_path):
+    from pipeline.bounds.ops import bound_support, verification_blockers
+    from pipeline.graph import ConstBinary, Softmax
+    from tests.test_onnx_io import lrn_onnx
+
+    lrn = load_onnx(lrn_onnx(tmp_path / "lrn.onnx", 3))
+    assert verification_blockers(lrn.nodes) == ["LRN"]
+    with pytest.raises(UnsupportedOpError, match="LRN"):
+        interval_bounds(lrn, torch.zeros(1, 1, 6, 6), torch.ones(1, 1, 6, 6))
+    nodes = [Node("fc", "Gemm", nn.Linear(4, 4), ("input",), "h"),
+             Node("sm", "Softmax", Softmax(1, coerce=False), ("h",), "p"),
+             Node("inv", "Div", ConstBinary("Div", torch.ones(1), const_first=True), ("p",), "q"),
+             Node("sm2", "Softmax", Softmax(1, coerce=False), ("q",), "out")]
+    assert verification_blockers(nodes) == ["Softmax", "Div"]
+    assert [bound_support(n) for n in nodes] == [(True, "linear"), (False, None), (False, None), (False, None)]
+    assert verification_blockers(load_onnx(DATA / "cnn.onnx").nodes) == []
+
+
+def test_alpha_crown_with_every_relu_behind_a_cut_is_crown():
+    """Conv, ReLU, MaxPool, head: CROWN's backward pass stops at the MaxPool, so no slope reaches the bound."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4))
+    x = torch.rand(3, 1, 4, 4)
+    x_lo, x_hi = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    with torch.no_grad():
+        crown = crown_bounds(net, x_lo, x_hi)
+    alpha = alpha_crown_bounds(net, x_lo, x_hi, iterations=5)
+    torch.testing.assert_close(alpha, crown)

@@ -9,12 +9,13 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.masking import MaskedConv2d, MaskedLinear
 from pipeline.models import Normalize
-from pipeline.graph import as_graph
+from pipeline.graph import LRN, as_graph
 from pipeline.onnx_io import export_onnx, ort_logits, ort_session, read_metadata, set_metadata
 from pipeline.onnx_load import load_onnx
 
@@ -171,12 +172,13 @@ def test_converter_on_onnx_helper_mlp(tmp_path):
 
 
 def test_unsupported_op_names_op_and_node(tmp_path):
+    # (a final Softmax is supported now: stripped, see test_final_softmax_is_stripped_and_argmax_agrees)
     path = tmp_path / "bad.onnx"
-    _helper_mlp(path, helper.make_node("Softmax", ["out"], ["prob"], name="the_softmax", axis=1))
+    _helper_mlp(path, helper.make_node("Tanh", ["out"], ["prob"], name="the_tanh"))
     with pytest.raises(UnsupportedOpError) as err:
         load_onnx(path)
-    assert err.value.op_type == "Softmax" and err.value.node_name == "the_softmax"
-    assert "Softmax" in str(err.value) and "the_softmax" in str(err.value) and str(path) in str(err.value)
+    assert err.value.op_type == "Tanh" and err.value.node_name == "the_tanh"
+    assert "Tanh" in str(err.value) and "the_tanh" in str(err.value) and str(path) in str(err.value)
 
 
 def test_unreadable_file_names_the_file(tmp_path):
@@ -186,3 +188,278 @@ def test_unreadable_file_names_the_file(tmp_path):
             load_onnx(path)
     with pytest.raises(HydraPipeError, match="missing.onnx"):
         load_onnx(tmp_path / "missing.onnx")
+
+
+# ---------------------------------------------------------------- what people export (issue 16)
+
+def export_plain(model: nn.Module, path: Path, shape: tuple[int, ...], dynamic: bool = True, opset: int = 17) -> Path:
+    """``torch.onnx.export`` as a user calls it: no masks, no metadata; ``dynamic=False`` fixes the batch at 1."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, *shape),), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["out"],
+                          dynamic_axes={"input": {0: "n"}, "out": {0: "n"}} if dynamic else None)
+    return path
+
+
+def softmax_cnn(final: type[nn.Module] = nn.Softmax, seed: int = 0) -> nn.Sequential:
+    """A CNN on 1 x 8 x 8 inputs whose last op turns its 5 logits into (log-)probabilities."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5),
+                         final(dim=1)).eval()
+
+
+def _onnx_model(path: Path, nodes, inits, in_shape, out_name: str, out_shape, opset: int = 17) -> Path:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def conv_head_onnx(path: Path, final: str | None = "Softmax", opset: int = 12, axis: int = 1) -> Path:
+    """A SqueezeNet-style head: Conv to 6 class maps, GlobalAveragePool, optionally Softmax: N x 6 x 1 x 1 out."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["logits"])]
+    if final:
+        nodes.append(helper.make_node(final, ["logits"], ["prob"], axis=axis))
+    inits = {"w": rng.normal(0, 0.5, (6, 1, 3, 3)), "b": rng.normal(0, 0.1, 6)}
+    return _onnx_model(path, nodes, inits, ["N", 1, 8, 8], "prob" if final else "logits", ["N", 6, 1, 1], opset)
+
+
+def test_final_softmax_is_stripped_and_argmax_agrees(tmp_path):
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    for final, opset in ((nn.Softmax, 17), (nn.LogSoftmax, 17), (nn.Softmax, 11)):
+        net = softmax_cnn(final)
+        path = export_plain(net, tmp_path / f"{final.__name__}{opset}.onnx", (1, 8, 8), opset=opset)
+        assert onnx.load(str(path)).graph.node[-1].op_type == final.__name__
+        module = load_onnx(path)
+        assert module.stripped_output_ops == [final.__name__]
+        assert final.__name__ not in {n.op for n in module.nodes}
+        # the graph form gives the logits, onnxruntime the (log-)probabilities of the whole file: same argmax
+        ours = module(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(ours, net[:-1](torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+        ort = ort_logits(ort_session(path, 1), x)
+        assert np.array_equal(ours.argmax(1), ort.argmax(1))
+        np.testing.assert_allclose(torch.from_numpy(ours).softmax(1).numpy(), np.exp(ort) if final is nn.LogSoftmax
+                                   else ort, rtol=1e-4, atol=1e-6)
+
+
+def test_n_k_1_1_output_is_flattened_in_both_numerics(tmp_path):
+    x = np.random.default_rng(1).random((7, 1, 8, 8), dtype=np.float32)
+    plain = conv_head_onnx(tmp_path / "plain.onnx", final=None)
+    module = load_onnx(plain)
+    ort = ort_logits(ort_session(plain, 1), x)
+    assert ort.shape == (7, 6) and module.stripped_output_ops == []
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), ort, rtol=1e-5, atol=1e-6)
+    # SqueezeNet from the ONNX zoo: Softmax (opset < 13: over the input coerced to N x 6) then N x 6 x 1 x 1
+    squeeze = load_onnx(conv_head_onnx(tmp_path / "squeeze.onnx"))
+    assert squeeze.stripped_output_ops == ["Softmax"]
+    np.testing.assert_allclose(squeeze(torch.from_numpy(x)).detach().numpy(), ort, rtol=1e-5, atol=1e-6)
+    # from opset 13 a Softmax along axis -1 of N x 6 x 1 x 1 normalises a size-1 axis: no monotone map of the
+    # logits (the output is 1 everywhere), so it stays, run as it is
+    odd = conv_head_onnx(tmp_path / "odd.onnx", opset=13, axis=-1)
+    kept = load_onnx(odd)
+    assert kept.stripped_output_ops == [] and "Softmax" in {n.op for n in kept.nodes}
+    np.testing.assert_allclose(kept(torch.from_numpy(x)).detach().numpy(), ort_logits(ort_session(odd, 1), x))
+
+
+class _ViewNet(nn.Module):
+    """Flattens with ``x.view(x.size(0), -1)``: exported with a fixed batch, that is Reshape to [1, 64]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_fixed_batch_export_runs_any_batch(tmp_path):
+    net = _ViewNet().eval()
+    path = export_plain(net, tmp_path / "fixed.onnx", (1, 8, 8), dynamic=False)
+    session = ort_session(path, 1)
+    assert session.get_inputs()[0].shape[0] == 1
+    module = load_onnx(path)
+    assert module.fixed_batch == 1
+    reshape = next(n.module for n in module.nodes if n.op == "Reshape")
+    assert reshape.shape[0] == 1 and reshape.keep_batch  # the exporter baked the batch in
+    x = np.random.default_rng(2).random((5, 1, 8, 8), dtype=np.float32)
+    ref = net(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ort_logits(session, x), ref, rtol=1e-5, atol=1e-5)  # 5 slices of 1
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert ort_logits(session, x[:0]).shape == (0, 3)
+
+
+def lrn_onnx(path: Path, size: int = 4) -> Path:
+    """AlexNet's Conv -> Relu -> LRN -> MaxPool, then a Gemm to 4 classes, on 1 x 6 x 6 inputs."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("LRN", ["r"], ["n"], size=size, alpha=0.5, beta=0.75, bias=2.0),
+             helper.make_node("MaxPool", ["n"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    inits = {"w": rng.normal(0, 1.0, (5, 1, 3, 3)), "fc": rng.normal(0, 0.5, (4, 45))}
+    return _onnx_model(path, nodes, inits, ["N", 1, 6, 6], "logits", ["N", 4])
+
+
+def _lrn_spec(x: np.ndarray, size: int, alpha: float, beta: float, bias: float) -> np.ndarray:
+    """ONNX's LRN formula, channel by channel (onnx.reference's own LRN loops over the batch instead)."""
+    lo, hi = (size - 1) // 2, -(-(size - 1) // 2)
+    sq = np.stack([(x[:, max(0, c - lo):c + hi + 1] ** 2).sum(1) for c in range(x.shape[1])], 1)
+    return x / (bias + alpha / size * sq) ** beta
+
+
+def test_lrn_matches_onnxruntime_and_the_onnx_formula(tmp_path):
+    x = np.random.default_rng(4).random((6, 1, 6, 6), dtype=np.float32)
+    path = lrn_onnx(tmp_path / "lrn.onnx", 3)
+    module = load_onnx(path)
+    ours = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ours, ort_logits(ort_session(path, 1), x), rtol=1e-5, atol=1e-5)
+    # onnxruntime refuses even windows, which ONNX centres one channel later than torch's nn.LocalResponseNorm
+    h = np.random.default_rng(5).normal(size=(3, 7, 2, 2)).astype(np.float32)
+    for size in (1, 2, 3, 4, 5, 8):
+        got = LRN(size, 0.5, 0.75, 2.0)(torch.from_numpy(h)).numpy()
+        np.testing.assert_allclose(got, _lrn_spec(h, size, 0.5, 0.75, 2.0), rtol=1e-5, atol=1e-6)
+
+
+def sum3_onnx(path: Path) -> Path:
+    """Three branches of a Gemm joined by one Sum, plus a constant operand (Caffe2-era residual join)."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Flatten", ["input"], ["f"]),
+             helper.make_node("Gemm", ["f", "w1"], ["a"], transB=1),
+             helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Gemm", ["f", "w2"], ["b"], transB=1),
+             helper.make_node("Gemm", ["ra", "w3"], ["c"], transB=1),
+             helper.make_node("Sum", ["ra", "b", "c", "k"], ["s"]),
+             helper.make_node("Relu", ["s"], ["rs"]),
+             helper.make_node("Gemm", ["rs", "w4"], ["logits"], transB=1)]
+    inits = {"w1": rng.normal(0, 0.5, (8, 16)), "w2": rng.normal(0, 0.5, (8, 16)), "w3": rng.normal(0, 0.5, (8, 8)),
+             "k": rng.normal(0, 0.2, 8), "w4": rng.normal(0, 0.5, (3, 8))}
+    return _onnx_model(path, nodes, inits, ["N", 1, 4, 4], "logits", ["N", 3])
+
+
+def test_sum_of_three_matches_onnxruntime(tmp_path):
+    path = sum3_onnx(tmp_path / "sum.onnx")
+    module = load_onnx(path)
+    assert "Sum" in {n.op for n in module.nodes}
+    x = np.random.default_rng(6).random((9, 1, 4, 4), dtype=np.float32)
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), ort_logits(ort_session(path, 1), x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_every_unsupported_op_is_named_in_one_line(tmp_path):
+    nodes = [helper.make_node("Flatten", ["input"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w"], ["h"], name="fc", transB=1),
+             helper.make_node("Tanh", ["h"], ["t"], name="first_tanh"),
+             helper.make_node("Erf", ["t"], ["e"], name="the_erf"),  # downstream of the Tanh: still named
+             helper.make_node("Tanh", ["e"], ["t2"], name="second_tanh"),  # a repeat: named once
+             helper.make_node("Gemm", ["t2", "w2"], ["logits"], name="head", transA=1)]  # its input is refused
+    inits = {"w": np.ones((4, 16)), "w2": np.ones((4, 4))}
+    path = _onnx_model(tmp_path / "two.onnx", nodes, inits, ["N", 1, 4, 4], "logits", ["N", 4])
+    with pytest.raises(UnsupportedOpError) as err:
+        load_onnx(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg
+    assert "'Tanh' (node 'first_tanh')" in msg and "'Erf' (node 'the_erf')" in msg
+    assert "second_tanh" not in msg and "transA" not in msg
+    assert err.value.found == [("Tanh", "first_tanh"), ("Erf", "the_erf")]
+    assert err.value.op_type == "Tanh" and err.value.node_name == "first_tanh"
+    # a refused form of a supported op counts as well
+    nodes[-1] = helper.make_node("Gemm", ["f", "w"], ["logits"], name="head", transA=1)
+    nodes = [nodes[0], nodes[1], nodes[2], nodes[-1]]
+    path = _onnx_model(tmp_path / "form.onnx", nodes, inits, ["N", 1, 4, 4], "logits", ["N", 4])
+    with pytest.raises(UnsupportedOpError, match=r"2 unsupported ONNX ops: 'Tanh' .*'Gemm with transA'"):
+        load_onnx(path)
+
+
+# ---------------------------------------------------------------- hostile files (issue 15)
+
+def _with_external_weights(path: Path, location: str, folder: Path | None = None) -> None:
+    """``_helper_mlp`` with its weights saved as external data at ``location`` (relative to the model's folder)."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    _helper_mlp(path)
+    model = onnx.load(str(path))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+    onnx.save(model, str(path))  # writes weights.bin beside it
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(path))
+
+
+def test_external_data_in_the_models_folder_loads(tmp_path):
+    path = tmp_path / "ext.onnx"
+    _with_external_weights(path, "weights.bin")
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(load_onnx(path)(torch.from_numpy(x)).detach().numpy(),
+                               ort_logits(ort_session(path, 1), x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["outside", "absolute", "symlink", "missing"])
+def test_external_data_outside_the_models_folder_is_refused_in_one_line(tmp_path, where):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = folder / "ext.onnx"
+    _with_external_weights(path, "weights.bin")
+    secret = tmp_path / "secret.bin"
+    (folder / "weights.bin").rename(secret)
+    location = {"outside": "../secret.bin", "absolute": str(secret), "symlink": "link.bin", "missing": "nowhere.bin"}
+    if where == "symlink":
+        (folder / "link.bin").symlink_to(secret)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location[where]
+    onnx.save(model, str(path))
+    with pytest.raises(HydraPipeError, match="external data") as err:
+        load_onnx(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_size_and_node_limits_are_checked_before_the_model_is_parsed(tmp_path, monkeypatch):
+    import pipeline.onnx_io as onnx_io
+    from pipeline.onnx_io import read_proto
+
+    path = tmp_path / "mlp.onnx"
+    _helper_mlp(path)
+    size = path.stat().st_size
+    monkeypatch.setattr(onnx_io, "MAX_MODEL_BYTES", size - 1)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the file was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(onnx, "load", never)
+        with pytest.raises(HydraPipeError, match="over the") as err:
+            read_proto(path)
+    assert f"{size:,} bytes" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(onnx_io, "MAX_MODEL_BYTES", size)
+    read_proto(path)
+    # external data counts too
+    ext = tmp_path / "ext" / "ext.onnx"
+    ext.parent.mkdir()
+    _with_external_weights(ext, "weights.bin")
+    monkeypatch.setattr(onnx_io, "MAX_MODEL_BYTES", ext.stat().st_size + 100)
+    with pytest.raises(HydraPipeError, match="with its external data"):
+        read_proto(ext)
+    monkeypatch.setattr(onnx_io, "MAX_MODEL_BYTES", 2 << 30)
+    monkeypatch.setattr(onnx_io, "MAX_GRAPH_NODES", 11)  # _helper_mlp has 12 nodes
+    with pytest.raises(HydraPipeError, match="12 nodes, over the limit of 11"):
+        read_proto(path)
+    for odd in (tmp_path, Path("/dev/zero")):  # never read to its end
+        with pytest.raises(HydraPipeError, match="not a regular file"):
+            read_proto(odd)

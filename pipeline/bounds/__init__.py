@@ -18,7 +18,7 @@ or CROWN margins send gradients to the weights and, through ``effective_weight``
 verdicts of :func:`certify` are computed without gradients.
 
 Op vocabulary (the graph form's ops): Conv, Gemm/Linear, BatchNormalization (running statistics), Normalize,
-Add/Sub/Mul/Div with a constant, Add/Sub of two tensors, AveragePool, GlobalAveragePool, Flatten, Reshape and
+Add/Sub/Mul/Div with a constant, Add/Sub of two tensors, Sum, AveragePool, GlobalAveragePool, Flatten, Reshape and
 Transpose that keep the batch dimension, Pad, Concat, Relu, LeakyRelu, Clip, MaxPool, QuantizeLinear,
 DequantizeLinear, Constant. Anything else raises :class:`UnsupportedOpError` naming the op and the node.
 

@@ -54,6 +54,8 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
         for step in range(1, iterations + 1):
             with torch.enable_grad():
                 bound = _backward(graph, graph.output_name, rows, boxes, alphas=alphas)
+                if not bound.requires_grad:  # no slope reaches the bound (every ReLU behind a cut, e.g. a
+                    break  # MaxPool before the head): it is CROWN's, nothing to optimise
                 # a slope can be unused (e.g. a ReLU whose output the backward pass never reaches)
                 grads = torch.autograd.grad(-bound.sum(), params, allow_unused=True)
             with torch.no_grad():

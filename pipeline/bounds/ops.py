@@ -46,6 +46,10 @@ class OpRule:
     def is_linear(self, node: Node) -> bool:
         return self.linear
 
+    def has_ibp(self, node: Node) -> bool:
+        """Whether :meth:`ibp` bounds this node (a rule may cover some forms of its op only, e.g. ``x / c``)."""
+        return True
+
     def ibp_exactness(self, node: Node) -> Exactness:
         return self.exactness
 
@@ -91,6 +95,24 @@ def rule_for(node: Node) -> OpRule:
     if rule is None:
         raise UnsupportedOpError(kind, node.name)
     return rule
+
+
+def bound_support(node: Node) -> tuple[bool, Literal["linear", "relaxed", "cut"] | None]:
+    """What the bounds can do with ``node``: whether IBP bounds it, and how CROWN's backward pass crosses it
+    (``linear``: exactly; ``relaxed``: a linear relaxation; ``cut``: bounded by its interval box; None: not at
+    all). The README's table of supported ops and :func:`verification_blockers` read it."""
+    rule = _RULES.get(_kind(node))
+    if rule is None or not rule.has_ibp(node):
+        return False, None
+    if rule.is_linear(node):
+        return True, "linear"
+    return True, "relaxed" if rule.relaxed else "cut"
+
+
+def verification_blockers(nodes: list[Node]) -> list[str]:
+    """The distinct op types among ``nodes`` that no bound rule covers (IBP needs every node, so one of them
+    blocks all verification), in graph order; empty when the graph can be verified."""
+    return list(dict.fromkeys(n.op for n in nodes if not bound_support(n)[0]))
 
 
 def _in_shape(node: Node, boxes: dict[str, Box]) -> torch.Size:
@@ -224,6 +246,8 @@ class ConstBinaryRule(OpRule):
     def is_linear(self, node: Node) -> bool:
         return not (node.module.op == "Div" and node.module.const_first)
 
+    has_ibp = is_linear  # ``c / x`` has neither rule
+
     def ibp_exactness(self, node: Node) -> Exactness:
         return "diagonal" if self.is_linear(node) else None
 
@@ -271,6 +295,9 @@ class BinaryRule(OpRule):
     def is_linear(self, node: Node) -> bool:
         return node.module.op in ("Add", "Sub")
 
+    def has_ibp(self, node: Node) -> bool:
+        return node.module.op in ("Add", "Sub", "Mul")
+
     def ibp(self, node: Node, boxes: list[Box]) -> Box:
         m = node.module
         a, b = boxes
@@ -286,6 +313,22 @@ class BinaryRule(OpRule):
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         sa, sb = boxes[node.inputs[0]].shape, boxes[node.inputs[1]].shape
         return [_unbroadcast(a, sa), _unbroadcast(-a if node.module.op == "Sub" else a, sb)], 0.0
+
+
+@_rule("Sum")
+class SumRule(OpRule):
+    """ONNX Sum of computed tensors (the loader folds constant operands into one ConstBinary Add): linear."""
+
+    linear = True
+
+    def ibp(self, node: Node, boxes: list[Box]) -> Box:
+        c, r = boxes[0].c, boxes[0].r
+        for b in boxes[1:]:
+            c, r = c + b.c, r + b.r
+        return Box.cr(c, r if r.shape == c.shape else r.expand_as(c))
+
+    def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
+        return [_unbroadcast(a, boxes[i].shape) for i in node.inputs], 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
