@@ -3,12 +3,19 @@
 A checkpoint stores the *folded* dense weights (``weight * mask``: zeros exactly where pruned), so standard
 ``Conv2d`` / ``Linear`` layers load it, and the masks under ``mask/<layer>`` so finetuning keeps them frozen.
 The sidecar records the architecture, the dataset facts needed to rebuild the model, the params hash, the parent
-checkpoint and the sparsity.
+checkpoint, the sparsity and the SHA-256 of the safetensors bytes: the two files are renamed into place one after
+the other, so a writer killed between the renames (or a hand-copied pair) leaves weights that the sidecar does not
+describe, and the hash is how a reader notices. Sidecars written before the hash have none and still load.
+
+Training's resume states (:func:`write_state`, :func:`read_state`) are one safetensors file each, their JSON in the
+file's own header, so one rename replaces all of a state at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,9 @@ def save_checkpoint(model: nn.Module, path: Path, arch: str, info: DatasetInfo, 
             tensors[MASK_PREFIX + name] = layer.mask().detach().to(torch.uint8).cpu().contiguous()
     meta = {"arch": arch, "dataset": asdict(info), "params_hash": params_hash, "parent": parent,
             "sparsity": global_sparsity(model), **(extra or {})}
-    atomic_write_bytes(Path(path), st_save(tensors, metadata={"arch": arch}))
+    blob = st_save(tensors, metadata={"arch": arch})
+    meta["sha256"] = hashlib.sha256(blob).hexdigest()
+    atomic_write_bytes(Path(path), blob)
     write_json(sidecar_path(path), meta)
 
 
@@ -69,12 +78,12 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     except TypeError as e:
         raise HydraPipeError(f"{sidecar_path(path)}: field 'dataset' is malformed ({e})") from None
     model = build_model(meta["arch"], info)
-    try:
-        tensors = st_load(path.read_bytes())
-    except FileNotFoundError:
-        raise HydraPipeError(f"{path}: checkpoint not found") from None
-    except (SafetensorError, ValueError) as e:
-        raise HydraPipeError(f"{path}: not a safetensors checkpoint ({e})") from None
+    blob = _read_bytes(path, "checkpoint")
+    tensors = _parse(blob, path, "checkpoint")
+    recorded = meta.get("sha256")  # absent in sidecars written before it: accepted
+    if recorded is not None and recorded != (actual := hashlib.sha256(blob).hexdigest()):
+        raise HydraPipeError(f"{path}: does not match its sidecar {sidecar_path(path)} (SHA-256 {actual[:12]}..., "
+                             f"the sidecar records {str(recorded)[:12]}...); were they written by different runs?")
     masks = {k[len(MASK_PREFIX):]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     try:
@@ -92,3 +101,58 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             raise HydraPipeError(f"{path}: mask {name!r} does not match a layer of {meta['arch']!r}")
         layers[name].fix_mask(m.to(layers[name].weight_mask.dtype))
     return model, meta
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise HydraPipeError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise HydraPipeError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
+def _parse(blob: bytes, path: Path, what: str) -> dict[str, torch.Tensor]:
+    """safetensors only: its parser reads a JSON header and raw tensor bytes and never runs code, so a pickle (or
+    anything else) planted where a checkpoint is expected is refused, not executed."""
+    try:
+        return st_load(blob)
+    except (SafetensorError, ValueError) as e:
+        raise HydraPipeError(f"{path}: not a safetensors {what} ({e})") from None
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and raw bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+STATE_KEY = "hydra_pipe_state"
+
+
+def write_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """One atomic file holding ``tensors`` and the JSON ``meta`` (in the safetensors header, next to a digest of
+    the tensors): what training needs to resume, without pickle."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    meta = {**meta, "tensors_sha256": tensor_digest(tensors)}
+    atomic_write_bytes(Path(path), st_save(tensors, metadata={STATE_KEY: json.dumps(meta)}))
+
+
+def read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and JSON of a :func:`write_state` file, refused with one line if the file is anything else
+    (not safetensors, no state JSON, tensors that do not match their digest)."""
+    blob = _read_bytes(path, "resume state")
+    tensors = _parse(blob, path, "resume state")
+    try:  # st_load has validated the header: 8 bytes of length, then that much JSON
+        (n,) = struct.unpack("<Q", blob[:8])
+        meta = json.loads(json.loads(blob[8:8 + n])["__metadata__"][STATE_KEY])
+        recorded = meta["tensors_sha256"]
+    except (KeyError, TypeError, ValueError):
+        raise HydraPipeError(f"{path}: not a resume state (no state record in its header)") from None
+    if recorded != tensor_digest(tensors):
+        raise HydraPipeError(f"{path}: resume state is corrupt (its tensors do not match the digest in its header)")
+    return tensors, meta

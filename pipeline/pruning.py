@@ -17,6 +17,7 @@ the paper's text freezes all weights, which is what we do.) The training attack 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,33 +29,40 @@ from pipeline.masking import (MaskedLayer, apply_fixed_masks, freeze_masks, prun
                               start_score_pruning, topk_masks)
 from pipeline.registry import Registry
 from pipeline.structured import prune_filters
-from pipeline.training import train
+from pipeline.training import resume_label, train
 
 
-PruneMethod = Callable[[nn.Module, list[tuple[str, MaskedLayer]], Dataset, PruneParams], list[dict[str, float]]]
+# (model, layers, data, params, *, resume_dir, resume_key) -> HYDRA's per-epoch history
+PruneMethod = Callable[..., list[dict[str, float]]]
 PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method", "prune.method")
 
 
-def prune(model: nn.Module, data: Dataset, p: PruneParams) -> list[dict[str, float]]:
+def prune(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: Path | None = None,
+          resume_key: str = "") -> list[dict[str, float]]:
     """Prune ``model`` in place to ``p.keep_ratio`` with ``p.method``; returns HYDRA's per-epoch history.
 
     ``p.granularity: filter`` prunes whole output channels instead (:func:`pipeline.structured.prune_filters`).
+    ``resume_dir``: each score training of the schedule keeps its resume state in its own subfolder
+    (:func:`pipeline.training.train`).
     """
     if p.granularity == "filter":  # whole output channels, removable from the deployed graph
-        return prune_filters(model, data, p)
+        return prune_filters(model, data, p, resume_dir=resume_dir, resume_key=resume_key)
     method = PRUNE_METHODS.get(p.method)
-    return method(model, prunable_layers(model, p.skip_first, p.skip_last), data, p)
+    return method(model, prunable_layers(model, p.skip_first, p.skip_last), data, p, resume_dir=resume_dir,
+                  resume_key=resume_key)
 
 
 @PRUNE_METHODS.register("lwm")
-def lwm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams) -> list:
+def lwm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams,
+        **_resume: object) -> list:
     """Least weight magnitude, one shot: keep the largest ``|w|`` (Han et al. 2015; the paper's baseline)."""
     apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.scope)
     return []
 
 
 @PRUNE_METHODS.register("random")
-def random_mask(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams) -> list:
+def random_mask(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams,
+                **_resume: object) -> list:
     """A seeded random mask with the same per-layer (or global) counts."""
     g = torch.Generator().manual_seed(p.seed)
     apply_fixed_masks(layers, [torch.rand(layer.weight.shape, generator=g) for _, layer in layers],
@@ -63,8 +71,8 @@ def random_mask(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: D
 
 
 @PRUNE_METHODS.register("hydra")
-def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset,
-          p: PruneParams) -> list[dict[str, float]]:
+def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams,
+          resume_dir: Path | None = None, resume_key: str = "") -> list[dict[str, float]]:
     """HYDRA (Alg. 1): scores from ``p.score_init``, trained with ``p.objective`` while the weights stay frozen.
 
     Multi-step pruning (``p.schedule_keep``) trains the scores for ``p.epochs`` at each keep ratio of the schedule
@@ -77,7 +85,10 @@ def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset
             start_score_pruning(layers, keep, p.score_init, p.scope, generator=g)
         else:
             set_score_keep(layers, keep, p.scope)
-        for row in train(model, data, p, what="scores", bn=p.bn, label=f"prune to keep {keep:g}"):
+        label = f"prune to keep {keep:g}"
+        # one resume folder per step: the step index keeps a schedule that repeats a ratio apart
+        state = resume_dir / f"{step}-{resume_label(label)}" if resume_dir is not None else None
+        for row in train(model, data, p, what="scores", bn=p.bn, label=label, resume_dir=state, resume_key=resume_key):
             history.append({**row, "keep_ratio": keep})
     freeze_masks(model)
     return history

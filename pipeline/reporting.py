@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -15,6 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from pipeline.errors import HydraPipeError
+
 console = Console(stderr=True)
 
 
@@ -25,19 +29,51 @@ def progress_bar() -> Progress:
                     disable=os.environ.get("HYDRA_PIPE_QUIET") == "1")
 
 
+def _sweep_orphans(path: Path) -> None:
+    """Remove temporary files of ``path`` left by writers that died mid-write (SIGKILL, power loss): their pid,
+    in the temp name, is no longer running. A live writer's temp file is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].partition(".")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        except OSError:  # alive but another user's (EPERM): not ours to remove
+            pass
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
+    """Write to a temporary file in the same folder, flush it to disk, then rename: readers see the old file or
+    the new one, never a partial file, whenever the writer dies. A failure (disk full, read-only folder) is one
+    line naming the file and the OS's reason, and removes the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_orphans(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            # without fsync a full disk may only show at writeback, after the rename made the file look complete
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary shared files
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise HydraPipeError(f"{path}: cannot write ({e.strerror or e})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: str | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from pipeline.channels import ChannelGroup, prunable_groups
 from pipeline.config import PruneParams
 from pipeline.errors import HydraPipeError
 from pipeline.masking import GetSubnet, Masked, keep_counts
-from pipeline.training import train
+from pipeline.training import resume_label, train
 
 def filter_norms(layer: nn.Module) -> torch.Tensor:
     """L1 norm of each output filter ``||w_o||_1`` (Li et al., 2017), one entry per output channel."""
@@ -128,12 +129,14 @@ def channel_keep(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.Ten
     return out
 
 
-def prune_filters(model: nn.Module, data: Dataset, p: PruneParams) -> list[dict[str, float]]:
+def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: Path | None = None,
+                  resume_key: str = "") -> list[dict[str, float]]:
     """Filter-prune ``model`` in place, keeping ``p.keep_ratio`` of each group's filters with ``p.method``.
 
     ``hydra``: filter scores (scaled L1 init) trained with ``p.objective`` through ``train(..., what="scores")``,
     for ``p.epochs`` at each keep ratio of ``p.schedule_keep`` and then at ``p.keep_ratio``. ``lwm``: the filters
     of largest L1 norm. ``random``: seeded random filters. Returns HYDRA's per-epoch history (empty otherwise).
+    ``resume_dir``: each score training keeps its resume state in its own subfolder (:func:`pipeline.training.train`).
     """
     groups = prunable_groups(model, p.skip_first, p.skip_last)
     _check_masked(model, groups)
@@ -152,10 +155,13 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams) -> list[dict[
         layer.use_scores(init_filter_scores(layer, p.score_init, g))
     gates = _ChannelGates(model, groups)
     try:
-        for ratio in [*p.schedule_keep, p.keep_ratio]:
+        for step, ratio in enumerate([*p.schedule_keep, p.keep_ratio]):
             for layer, k in zip(layers, keep_counts([l.scores for l in layers], ratio, p.scope)):
                 layer.set_keep(max(k, 1))
-            for row in train(model, data, p, what="scores", bn=p.bn, label=f"prune filters to keep {ratio:g}"):
+            label = f"prune filters to keep {ratio:g}"
+            state = resume_dir / f"{step}-{resume_label(label)}" if resume_dir is not None else None
+            for row in train(model, data, p, what="scores", bn=p.bn, label=label, resume_dir=state,
+                             resume_key=resume_key):
                 history.append({**row, "keep_ratio": ratio})
         keep = channel_keep(model, groups)
         fold_channel_masks(model, groups, keep)

@@ -1,25 +1,53 @@
-"""One training loop for pretrain, prune and finetune: *what* trains (weights or HYDRA scores) is a parameter."""
+"""One training loop for pretrain, prune and finetune: *what* trains (weights or HYDRA scores) is a parameter.
+
+**Resume.** With ``resume_dir`` the loop writes a resume state after every epoch
+(:func:`pipeline.checkpoint.write_state`: one atomic safetensors file, JSON in its header, never pickle) holding
+everything the rest of the run depends on: the model's state dict (weights, scores, masks, BatchNorm statistics),
+the optimizer's state, the LR scheduler's, the epoch, the step, the history so far, torch's CPU (and CUDA) RNG,
+which the objectives' random starts, noise and mixtrain draws consume, and the data loader's ``torch.Generator``,
+which its shuffles consume. A rerun that
+finds a state with the same fingerprint (the training params, what trains, the caller's key and the *starting*
+model) restores it and continues with the next epoch: the final weights are bit for bit those of an uninterrupted
+run (on CPU, same machine kind and thread count). A state with another fingerprint is someone else's and is
+ignored; an unreadable one is reported and ignored. The caller removes the folder once its outputs are written
+(:func:`clear_resume`); until then a finished run's last state lets a rerun skip the training altogether.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import re
+import shutil
 from collections.abc import Iterable
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from pipeline.attacks import pgd_perturb
+from pipeline.checkpoint import read_state, tensor_digest, write_state
 from pipeline.config import TrainParams
 from pipeline.data import loader
+from pipeline.errors import HydraPipeError
 from pipeline.masking import score_parameters, weight_parameters
 from pipeline.objectives import get_objective
-from pipeline.reporting import progress_bar
+from pipeline.reporting import console, progress_bar
 from pipeline.runtime import device_of, eval_mode, frozen, seed_everything
 from pipeline.threat import ThreatModel
 
 Trainable = Literal["weights", "scores"]
+
+RESUME_DIR = Path(".resume")
+"""Where the training stages keep their resume states, under the stage's working directory (the repo root under
+DVC): ``.resume/<stage>/[<step>/]state.safetensors``. Ignored by git and DVC; removed when the stage succeeds."""
+
+STATE_FILE = "state.safetensors"
+_STATE_FORMAT = 1  # bump when the state's layout changes: older states then no longer match and are ignored
 
 
 def trainable_parameters(model: nn.Module, what: Trainable) -> list[nn.Parameter]:
@@ -51,12 +79,100 @@ def _set_bn(model: nn.Module, mode: Literal["train", "eval"]) -> None:
             m.train(mode == "train")
 
 
+def resume_label(label: str) -> str:
+    """A folder name for a training run's label (``prune to keep 0.1`` -> ``prune-to-keep-0.1``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "train"
+
+
+def clear_resume(folder: Path) -> None:
+    """Remove a stage's resume states, once its outputs are safely written (and ``.resume`` itself once empty)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if Path(folder).parent.name == RESUME_DIR.name:
+        with contextlib.suppress(OSError):  # not empty: another stage's state
+            Path(folder).parent.rmdir()
+
+
+def _fingerprint(model: nn.Module, n_examples: int, p: TrainParams, what: str, bn: str, label: str, key: str) -> str:
+    """What a resume state must have been made from to be trusted: the params this run trains with, what trains,
+    the caller's key (the stage's data / compute params), the data's size, and the starting model bit for bit."""
+    run = {"format": _STATE_FORMAT, "params": p.model_dump(mode="json"), "what": what, "bn": bn, "label": label,
+           "key": key, "examples": n_examples}
+    start = tensor_digest(dict(model.state_dict()))
+    return hashlib.sha256(json.dumps([run, start], sort_keys=True).encode()).hexdigest()
+
+
+def _save_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler | None, batches: DataLoader, epoch: int, step: int,
+                history: list[dict[str, float]]) -> None:
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    o = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in o["state"].items():  # tensors (momentum, Adam moments and step) to safetensors, the rest JSON
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{pid}/{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    tensors["rng/cpu"] = torch.get_rng_state()
+    tensors["rng/loader"] = batches.generator.get_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = state
+    write_state(path, tensors, {
+        "fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history,
+        "optimizer": {"param_groups": o["param_groups"], "scalars": scalars},
+        "scheduler": sched.state_dict() if sched is not None else None})
+
+
+def _note(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)  # one line on stderr, never wrapped
+
+
+def _load_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler | None, batches: DataLoader, label: str) -> dict | None:
+    """Restore the state at ``path`` into the run if it is this run's; returns its JSON, or None to start afresh."""
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = read_state(path)
+    except HydraPipeError as e:
+        _note(f"{label}: ignoring the resume state ({e}); training from the start")
+        return None
+    if meta.get("fingerprint") != fingerprint:  # other params, data or starting weights: not this run's
+        return None
+    try:  # the fingerprint matched, so only a hand-made file gets here with parts missing
+        model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+        state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["optimizer"]["scalars"].items()}
+        for k, v in tensors.items():
+            if k.startswith("optimizer/"):
+                _, pid, name = k.split("/", 2)
+                state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        if sched is not None:
+            sched.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng/cpu"])
+        batches.generator.set_state(tensors["rng/loader"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HydraPipeError(f"{path}: resume state does not fit this run ({first}); delete {path.parent} "
+                             "to train from the start") from None
+    cuda = [tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return meta
+
+
 def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "weights",
-          bn: Literal["train", "eval"] = "train", label: str = "train") -> list[dict[str, float]]:
+          bn: Literal["train", "eval"] = "train", label: str = "train", resume_dir: Path | None = None,
+          resume_key: str = "") -> list[dict[str, float]]:
     """Minimise ``p.objective`` over ``data`` for ``p.epochs`` epochs; returns one row per epoch.
 
     ``what="scores"`` is HYDRA's pruning step: weights and biases are frozen and only the importance scores of
     layers in ``scores`` mode move. ``bn`` chooses whether BatchNorm statistics update during training.
+    ``resume_dir``: keep a resume state there after every epoch and continue from a matching one (module
+    docstring); ``resume_key`` names what else the run depends on (the caller's data / compute params). A loss
+    that is not finite stops training with one line naming ``label``, the epoch and the step; the last good
+    state is kept.
     """
     history: list[dict[str, float]] = []
     if p.epochs == 0:
@@ -73,30 +189,54 @@ def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "we
     if p.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     dev = device_of(model)
-    step = 0
+    step, start = 0, 0
+    state_file = fingerprint = None
+    if resume_dir is not None:
+        state_file = Path(resume_dir) / STATE_FILE
+        fingerprint = _fingerprint(model, len(data), p, what, bn, label, resume_key)
+        meta = _load_state(state_file, fingerprint, model, opt, sched, batches, label)
+        if meta is not None:
+            start, step, history = meta["epoch"], meta["step"], meta["history"]
+            if start < p.epochs:
+                _note(f"{label}: resuming after epoch {start} of {p.epochs} ({state_file})")
     with progress_bar() as bar:
-        task = bar.add_task(f"{label} ({p.objective}, {what})", total=total)
-        for epoch in range(p.epochs):
+        task = bar.add_task(f"{label} ({p.objective}, {what})", total=total, completed=step)
+        for epoch in range(start, p.epochs):
             model.train()
             if bn == "eval":
                 _set_bn(model, "eval")
             seen, loss_sum = 0, 0.0
-            for x, y in batches:
+            for i, (x, y) in enumerate(batches):
                 x, y = x.to(dev), y.to(dev)
                 loss = loss_fn(model, x, y, p, step / total)
+                value = loss.detach().item()  # one host sync per step, as before
+                if not math.isfinite(value):
+                    _diverged(label, f"the loss is {value}", epoch, i, len(batches), state_file)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
                 step += 1
-                with torch.no_grad():
-                    seen += len(y)
-                    loss_sum += float(loss) * len(y)
+                seen += len(y)
+                loss_sum += value * len(y)
                 bar.advance(task)
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": opt.param_groups[0]["lr"]})
+            # a finite loss can still be followed by a step that overflows the weights: never save those as "good"
+            if not all(bool(torch.isfinite(q).all()) for q in params):
+                _diverged(label, "the trained parameters are not finite", epoch, len(batches) - 1, len(batches),
+                          state_file)
+            if state_file is not None:
+                _save_state(state_file, fingerprint, model, opt, sched, batches, epoch + 1, step, history)
     _release(model)
     return history
+
+
+def _diverged(label: str, what: str, epoch: int, i: int, steps: int, state_file: Path | None) -> None:
+    kept = (f"the state after epoch {epoch} is kept in {state_file}" if epoch > 0 and state_file is not None
+            else "no earlier state was kept")
+    raise HydraPipeError(f"{label}: training diverged at epoch {epoch + 1}, step {i + 1} of {steps}: {what} "
+                         f"(lower the lr?); {kept}")
 
 
 @torch.no_grad()
