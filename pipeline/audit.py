@@ -4,11 +4,16 @@ One function, :func:`run_audit`, behind both ``hydra-pipe audit MODEL.onnx`` and
 
 1. clean accuracy on the deployed numerics (onnxruntime);
 2. IBP and CROWN verified accuracy (Gowal et al. 2018; Zhang et al. 2018) on the same graph loaded into torch,
-   and the logit bounds;
+   and the logit bounds; when an op of the graph has no bound rule (LRN, a Softmax inside the network, ...)
+   verification is skipped and the report names the ops (``verification_blocked_by``), the attacks still run;
 3. PGD with restarts (Madry et al. 2018, :func:`pipeline.attacks.pgd_attack`) on the examples not verified, with
    gradients straight through the graph's rounding and every adversarial example confirmed by onnxruntime;
 4. the Square attack (Andriushchenko et al. 2020) on what PGD left robust: gradient-free, so an example it
-   breaks and PGD did not is a sign of gradient masking. The report says so.
+   breaks and PGD did not is a sign of gradient masking. The report says so;
+5. optionally, the same verifiers and a smaller PGD at each radius of ``sweep_eps`` (robust accuracy vs eps).
+
+With a journal folder, each finished part's per-example verdicts are kept on disk (:class:`_Journal`), so an audit
+killed after ten minutes resumes where it stopped and reports exactly what an uninterrupted run reports.
 
 An example counts as robust only if onnxruntime classifies it correctly and no attack found a point of the ball
 that onnxruntime misclassifies; a verified example is robust (the bounds are sound), so it is not attacked.
@@ -16,7 +21,10 @@ that onnxruntime misclassifies; a verified example is robust (the bounds are sou
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,18 +33,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.attacks import pgd_attack, square_attack
-from pipeline.audit_report import AuditReport, SmoothingSummary, SquareSummary
+from pipeline.attacks import pgd_attack, robustness_curves, square_attack
+from pipeline.audit_report import AuditReport, EpsPoint, SmoothingSummary, SquareSummary
 from pipeline.bounds import certify
+from pipeline.bounds.ops import verification_blockers
 from pipeline.config import AuditParams
-from pipeline.errors import HydraPipeError
+from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.onnx_io import ort_logits, ort_session
 from pipeline.onnx_load import load_onnx
 from pipeline.reporting import atomic_write_bytes, progress_bar
 from pipeline.runtime import default_device, num_threads
 from pipeline.smoothing import certify_report
 
-BOUNDS_BATCH = 256  # examples per bounds call: CROWN's memory grows with it
+BOUNDS_BATCH = 256  # examples per bounds call at most: CROWN's memory grows with it
+BOUNDS_WORK = 1 << 38
+"""Work per bounds call, in examples x activation elements x weights: CROWN tightens up to every activation and
+each of its backward passes crosses up to every weight, so their product is a rough (deterministic) proxy of its
+cost. A deep network gets calls of one image (a torchvision ResNet-18 at 32x32: 1.3e12 per image, about 25 s of
+CROWN), so the progress bar moves per image; the pipeline's digits network (5e7) keeps ``BOUNDS_BATCH``."""
+PGD_CHUNK_BATCHES = 4
+"""PGD attacks the undecided examples in chunks of this many attack batches' worth of rows (``4 * batch_size //
+restarts`` examples, at least one) and journals each chunk's verdicts. The chunks are the same with or without a
+journal, so a resumed audit equals an uninterrupted one bit for bit. Each chunk ends on a draining batch (its
+slowest rows alone), so much smaller chunks would cost speed; the pipeline's digits audit (90 undecided examples,
+163 per chunk) is one chunk."""
+JOURNAL_FORMAT = 1
+"""Bump when what a journal entry holds, or how a part is computed, changes: older entries then no longer match."""
 
 
 def _validate(x: object, y: object, source: str = "data") -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +116,84 @@ class _Progress:
         return lambda done, total_: self.bar.update(task, completed=done, total=total_)
 
 
+class _Journal:
+    """The audit's finished parts on disk, so a killed audit resumes where it stopped (see :func:`run_audit`).
+
+    One file per finished part (a verifier, a chunk of PGD, Square, a swept eps, smoothing):
+    ``<folder>/audit-<key>-<part>.npz``, its per-example verdicts as arrays and its figures as JSON (``__meta__``),
+    written to a temporary file, flushed and renamed, so an entry is whole or absent whenever the process dies.
+    ``key`` hashes everything a verdict depends on (:func:`_journal_key`): entries of another model, data set or
+    params in the same folder (a stale journal) are never read. Without a folder it keeps nothing.
+    """
+
+    def __init__(self, folder: Path | None, key: str = "") -> None:
+        self.folder, self.key = (Path(folder) if folder is not None else None), key
+
+    def _path(self, part: str) -> Path:
+        return self.folder / f"audit-{self.key}-{part}.npz"
+
+    def get(self, part: str, shapes: dict[str, tuple[int, ...]], keys: tuple[str, ...]
+            ) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The entry of ``part`` if it is whole and holds the arrays (of these shapes) and figures expected."""
+        if self.folder is None:
+            return None
+        try:
+            with np.load(self._path(part), allow_pickle=False) as f:  # zip CRCs catch flipped bits
+                arrays = {k: f[k] for k in f.files}
+            meta = json.loads(str(arrays.pop("__meta__")))
+        except Exception:  # missing, or damaged (disk fault, a hand edit): recomputed, never trusted or fatal
+            return None
+        if not isinstance(meta, dict) or any(k not in meta for k in keys) or \
+                any(k not in arrays or arrays[k].shape != shape for k, shape in shapes.items()):
+            return None
+        return arrays, meta
+
+    def run(self, part: str, compute: Callable[[], tuple[dict[str, np.ndarray], dict]],
+            shapes: dict[str, tuple[int, ...]], keys: tuple[str, ...] = ("seconds",)
+            ) -> tuple[dict[str, np.ndarray], dict]:
+        """The part's ``(arrays, meta)`` from its entry, else from ``compute()``, then journaled; ``shapes`` and
+        ``keys`` are what a usable entry holds."""
+        got = self.get(part, shapes, keys)
+        if got is None:
+            got = compute()
+            if self.folder is not None:
+                _savez_atomic(self._path(part), {**got[0], "__meta__": np.array(json.dumps(got[1]))})
+        return got
+
+
+def _journal_key(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, want_bounds: bool) -> str:
+    """What every verdict depends on, hashed: the model file's bytes, the data, every audit param, whether bounds
+    are kept, and the numerics (device, torch's thread count, library versions: another float summation order can
+    flip a borderline verdict). A model's external data files are not hashed: replace them, and discard the journal.
+    """
+    import onnxruntime
+
+    h = hashlib.sha256()
+    with open(model_path, "rb") as f:  # read_proto has checked its size; read in blocks all the same
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    for a in (x, y):
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)
+    h.update(json.dumps({"format": JOURNAL_FORMAT, "params": params.model_dump(mode="json"), "bounds": want_bounds,
+                         "device": str(default_device()), "threads": torch.get_num_threads(),
+                         "versions": [np.__version__, torch.__version__, onnxruntime.__version__]},
+                        sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def discard_journal(folder: Path) -> None:
+    """Remove the audit journal entries in ``folder`` (of any key, and temporary files of killed writers), then the
+    folder once empty. Call it when the report is safely written: the journal has served its purpose."""
+    folder = Path(folder)
+    for pattern in ("audit-*.npz", ".audit-*.npz.*.tmp"):
+        for entry in folder.glob(pattern):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    with contextlib.suppress(OSError):  # not empty: someone else's files, left alone
+        folder.rmdir()
+
+
 @dataclass
 class _Deployed:
     """The model as onnxruntime runs it, its torch twin (the graph form, for gradients and bounds) and its verdict
@@ -125,7 +225,23 @@ def _load(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int | None, s
                              f"{type(exc).__name__}") from None
     if logits.ndim != 2:
         raise HydraPipeError(f"{model_path}: expected logits N x classes, got shape {logits.shape}")
+    bad = int(np.isnan(logits).any(1).sum())
+    if bad:  # argmax of NaN picks a class at random-looking; no verdict means anything (-inf is fine: LogSoftmax)
+        raise HydraPipeError(f"{model_path}: onnxruntime gives NaN logits on {bad} of the {len(x)} examples "
+                             "(e.g. a 0 / 0 in the graph)")
     classes = logits.shape[1]
+    # The graph form must give what onnxruntime gives, in shape at least (its values: the parity tests), on a
+    # batch of two: attacks and bounds run many examples at once even where onnxruntime runs one at a time (a
+    # fixed-batch model), and a graph that mixes the examples of a batch (Flatten over axis 0) fails only there.
+    try:
+        with torch.no_grad():
+            shape = tuple(graph(torch.as_tensor(np.concatenate([x[:1], x[:1]]), device=default_device())).shape)
+    except Exception as exc:
+        raise HydraPipeError(f"{model_path}: the torch form of the model cannot run on a batch of x of shape "
+                             f"{x.shape[1:]} ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+    if shape != (2, classes):
+        raise HydraPipeError(f"{model_path}: the torch form gives shape {shape} for 2 examples, onnxruntime "
+                             f"(2, {classes}): the model does not keep the examples of a batch apart")
     if y.min() < 0 or y.max() >= classes:
         raise HydraPipeError(f"{source}: labels must lie in [0, {classes - 1}] for this model, found [{y.min()}, {y.max()}]")
     clean_correct = torch.as_tensor(logits.argmax(1) == y, device=default_device())
@@ -134,10 +250,15 @@ def _load(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int | None, s
 
 
 def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
-              progress: bool = True, source: str = "data") -> AuditReport:
+              progress: bool = True, source: str = "data", journal: Path | None = None) -> AuditReport:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
     ``params.eps`` (intersected with [0, 1]). Returns the typed report; writes the IBP / CROWN logit bounds to
     ``bounds_out`` (.npz) if given. Bad input raises :class:`HydraPipeError`, before anything is written.
+
+    ``journal``: a folder for the finished parts' verdicts (:class:`_Journal`). Started again after a kill with the
+    same model, data and params, the audit reuses them and computes only the rest; the report is then exactly an
+    uninterrupted run's, but ``seconds`` (a reused part keeps the time it took when it ran). The caller removes
+    the journal once the report is written (:func:`discard_journal`).
     """
     t_total = time.perf_counter()
     x, y = _validate(x, y, source)
@@ -148,18 +269,28 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
         xt, yt = torch.as_tensor(x, device=default_device()), torch.as_tensor(y, device=default_device())
         fields: dict = {}
         arrays: dict[str, np.ndarray] = {}
+        fields["stripped_output_ops"] = list(getattr(deployed.graph, "stripped_output_ops", []))
+        want_bounds = bounds_out is not None
+        book = _Journal(journal, _journal_key(Path(model_path), x, y, params, want_bounds) if journal else "")
         with _Progress(progress) as bars:
-            verified = _verify(deployed, xt, yt, params, bars, fields, arrays, seconds)
+            verified = _verify(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, book)
             if params.steps > 0:
-                _attack(deployed, xt, yt, params, verified, bars, fields, seconds)
+                _attack(deployed, xt, yt, params, verified, bars, fields, seconds, book)
+            if params.sweep_eps:
+                fields["eps_sweep"] = _sweep(deployed, xt, yt, params, bars, seconds, book)
         if params.smoothing_sigma is not None:
             # randomized-smoothing certificate: CERTIFY on the deployed numerics, see pipeline/smoothing.py
-            t = time.perf_counter()
-            fields["smoothing"] = SmoothingSummary(**certify_report(
-                lambda b: torch.as_tensor(deployed.logits(b.cpu().numpy())), torch.as_tensor(x), y,
-                params.smoothing_sigma, params.smoothing_radii, n0=params.smoothing_n0, n=params.smoothing_n,
-                alpha=params.smoothing_alpha, seed=params.seed))
-            seconds["smoothing"] = time.perf_counter() - t
+            def smoothing() -> tuple[dict, dict]:
+                t = time.perf_counter()
+                summary = certify_report(
+                    lambda b: torch.as_tensor(deployed.logits(b.cpu().numpy())), torch.as_tensor(x), y,
+                    params.smoothing_sigma, params.smoothing_radii, n0=params.smoothing_n0, n=params.smoothing_n,
+                    alpha=params.smoothing_alpha, seed=params.seed)
+                return {}, {"summary": summary, "seconds": time.perf_counter() - t}
+
+            _, meta = book.run("smoothing", smoothing, {}, ("summary", "seconds"))
+            fields["smoothing"] = SmoothingSummary(**meta["summary"])
+            seconds["smoothing"] = meta["seconds"]
     if bounds_out is not None and arrays:
         _savez_atomic(Path(bounds_out), arrays)
     seconds["total"] = time.perf_counter() - t_total
@@ -170,65 +301,222 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
 
 
 def _verify(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
-            fields: dict, arrays: dict[str, np.ndarray], seconds: dict[str, float]) -> torch.Tensor:
-    """IBP, CROWN, then alpha-CROWN on what they left; returns the verified mask, fills the figures and bounds."""
+            fields: dict, arrays: dict[str, np.ndarray], seconds: dict[str, float], want_bounds: bool,
+            book: _Journal, part: str = "") -> torch.Tensor:
+    """IBP, CROWN, then alpha-CROWN on what they left; returns the verified mask, fills the figures and bounds.
+    Each verifier is a part of the journal ``book`` (named ``part`` + its method).
+
+    Examples onnxruntime already misclassifies can never count as verified, so they are skipped unless the
+    logit bounds are wanted (``want_bounds``: then every row needs them). On a deep network most of an
+    undefended model's examples are misclassified, and CROWN costs seconds per image there.
+    """
     n, clean_correct = len(xt), deployed.clean_correct
     verified = torch.zeros(n, dtype=torch.bool, device=xt.device)
-    for method, on in (("ibp", params.ibp), ("crown", params.crown)):
-        if not on:
-            continue
-        t = time.perf_counter()
-        cert = certify(deployed.graph, xt, yt, params.threat, method, batch_size=BOUNDS_BATCH,
-                       progress=bars.task(f"{method.upper()} bounds", n))
-        # sound bounds and onnxruntime agree; the AND guards against a disagreement
-        ver = cert.verified & clean_correct
-        verified |= ver
-        arrays[f"{method}_lower"], arrays[f"{method}_upper"] = cert.lower.cpu().numpy(), cert.upper.cpu().numpy()
-        fields[f"{method}_verified_accuracy"] = _fraction(ver)
-        seconds[method] = time.perf_counter() - t
-    if params.alpha_crown:
-        # only where CROWN did not already verify: alpha-CROWN is never looser, so the rest are verified anyway
-        t = time.perf_counter()
-        todo = (clean_correct & ~verified).nonzero().squeeze(1)
-        alpha = verified & clean_correct
-        if len(todo):
-            alpha[todo] = certify(deployed.graph, xt[todo], yt[todo], params.threat, "alpha-crown",
-                                  batch_size=BOUNDS_BATCH).verified
-        verified |= alpha
-        fields["alpha_crown_verified_accuracy"] = _fraction(alpha)
-        seconds["alpha_crown"] = time.perf_counter() - t
-    fields["verified_accuracy"] = _fraction(verified) if (arrays or params.alpha_crown) else None
+    if not (params.ibp or params.crown or params.alpha_crown):
+        return verified
+    blocked = verification_blockers(deployed.graph.nodes)
+    if blocked:
+        fields["verification_blocked_by"] = blocked
+        return verified
+    try:
+        _run_verifiers(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, verified, book, part)
+    except UnsupportedOpError as exc:  # a form of an op its rule refuses (e.g. a convolution's padding mode)
+        for key in ("ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy"):
+            fields.pop(key, None)
+        arrays.clear()
+        fields["verification_blocked_by"] = [exc.op_type]
+        return torch.zeros(n, dtype=torch.bool, device=xt.device)
+    fields["verified_accuracy"] = _fraction(verified)
     return verified
 
 
+def _bounds_batch(graph: torch.nn.Module, x1: torch.Tensor) -> int:
+    """Examples per bounds call: ``BOUNDS_WORK`` over one example's work (see there), at most ``BOUNDS_BATCH``."""
+    env, elements = {graph.input_name: x1}, 0
+    with torch.no_grad():
+        for node in graph.nodes:
+            env[node.output] = out = node.module(*[env[i] for i in node.inputs])
+            elements += out.numel()
+    weights = sum(t.numel() for t in graph.state_dict().values())
+    return max(1, min(BOUNDS_BATCH, BOUNDS_WORK // max(elements * weights, 1)))
+
+
+def _run_verifiers(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
+                   fields: dict, arrays: dict[str, np.ndarray], seconds: dict[str, float], want_bounds: bool,
+                   verified: torch.Tensor, book: _Journal, part: str) -> None:
+    """The verifiers of :func:`_verify`, each on the rows it needs; ``verified`` is updated in place."""
+    clean_correct, dev = deployed.clean_correct, xt.device
+    batch = _bounds_batch(deployed.graph, xt[:1])
+    rows = torch.arange(len(xt), device=dev) if want_bounds else clean_correct.nonzero().squeeze(1)
+    for method, on in (("ibp", params.ibp), ("crown", params.crown)):
+        if not on:
+            continue
+
+        def bound(method: str = method) -> tuple[dict[str, np.ndarray], dict]:
+            t = time.perf_counter()
+            cert = certify(deployed.graph, xt[rows], yt[rows], params.threat, method, batch_size=batch,
+                           logit_bounds=want_bounds, progress=bars.task(f"{method.upper()} bounds", len(rows)))
+            # sound bounds and onnxruntime agree; the AND guards against a disagreement
+            ver = torch.zeros_like(verified)
+            ver[rows] = cert.verified
+            ver &= clean_correct
+            out = {"verified": ver.cpu().numpy()}
+            if want_bounds:
+                out["lower"], out["upper"] = cert.lower.cpu().numpy(), cert.upper.cpu().numpy()
+            return out, {"seconds": time.perf_counter() - t}
+
+        shapes = {"verified": (len(xt),)}
+        if want_bounds:
+            shapes.update(lower=(len(xt), deployed.classes), upper=(len(xt), deployed.classes))
+        out, meta = book.run(part + method, bound, shapes)
+        ver = torch.as_tensor(out["verified"], device=dev)
+        verified |= ver
+        if want_bounds:
+            arrays[f"{method}_lower"], arrays[f"{method}_upper"] = out["lower"], out["upper"]
+        fields[f"{method}_verified_accuracy"] = _fraction(ver)
+        seconds[method] = meta["seconds"]
+    if params.alpha_crown:
+
+        def alpha_crown() -> tuple[dict[str, np.ndarray], dict]:
+            # only where CROWN did not already verify: alpha-CROWN is never looser, so the rest are verified anyway
+            t = time.perf_counter()
+            todo = (clean_correct & ~verified).nonzero().squeeze(1)
+            alpha = verified & clean_correct
+            if len(todo):
+                alpha[todo] = certify(deployed.graph, xt[todo], yt[todo], params.threat, "alpha-crown",
+                                      batch_size=batch, progress=bars.task("alpha-CROWN bounds", len(todo))).verified
+            return {"verified": alpha.cpu().numpy()}, {"seconds": time.perf_counter() - t}
+
+        out, meta = book.run(part + "alpha_crown", alpha_crown, {"verified": (len(xt),)})
+        alpha = torch.as_tensor(out["verified"], device=dev)
+        verified |= alpha
+        fields["alpha_crown_verified_accuracy"] = _fraction(alpha)
+        seconds["alpha_crown"] = meta["seconds"]
+
+
+@dataclass
+class _PGDVerdicts:
+    """PGD's per-example verdicts over all N examples, merged from its chunks (``AttackResult``'s fields)."""
+
+    robust: torch.Tensor  # bool [N]: clean-correct and never broken (verified examples included)
+    break_step: torch.Tensor  # long [N]: -1 never; 0 for clean mistakes
+    break_restart: torch.Tensor  # long [N]
+    settled: dict[str, int]
+    rejected: int
+    rejected_examples: int
+    row_steps: int
+    seconds: float
+
+
+def _pgd(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
+         book: _Journal, part: str, progress: Callable[[int, int], None]) -> _PGDVerdicts:
+    """PGD (``params.steps`` x ``params.restarts``) on the clean-correct, unverified examples, in chunks of
+    ``PGD_CHUNK_BATCHES`` attack batches, each chunk a part of the journal.
+
+    Every example's verdict is independent of the others': its random starts are seeded by its index in the whole
+    set (``index=``), which chunking keeps, so the merged verdicts and the curves (counts over examples) are the
+    same however the chunks were split between runs.
+    """
+    n, dev, clean_correct = len(xt), xt.device, deployed.clean_correct
+    todo = (clean_correct & ~verified).nonzero().squeeze(1)
+    chunk = max(1, PGD_CHUNK_BATCHES * params.batch_size // params.restarts)
+    break_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+    break_step[~clean_correct] = 0  # the clean input is in the ball: a clean mistake breaks at step 0, restart 0
+    break_restart = break_step.clone()
+    settled = dict(verification=int(verified.sum()), clean_wrong=int((~clean_correct).sum()), broken=0,
+                   convergence=0, full_budget=0)
+    totals = dict(rejected=0, rejected_examples=0, row_steps=0, seconds=0.0)
+    done = n - len(todo)
+    progress(done, n)
+    for c, start in enumerate(range(0, len(todo), chunk)):
+        ids = todo[start:start + chunk]
+
+        def attack(ids: torch.Tensor = ids, base: int = done) -> tuple[dict[str, np.ndarray], dict]:
+            t = time.perf_counter()
+            res = pgd_attack(deployed.graph, xt[ids], yt[ids], params.threat.eps, norm=params.norm,
+                             steps=params.steps, restarts=params.restarts, step_size=params.step_size,
+                             loss=params.loss, batch_size=params.batch_size, seed=params.seed,
+                             confirm=deployed.logits, threads=params.threads, index=ids,
+                             progress=lambda d, _: progress(base + d, n))
+            return ({"break_step": res.break_step.cpu().numpy(), "break_restart": res.break_restart.cpu().numpy()},
+                    {"settled": res.settled, "rejected": res.rejected, "rejected_examples": res.rejected_examples,
+                     "row_steps": res.row_steps, "seconds": time.perf_counter() - t})
+
+        out, meta = book.run(f"{part}-{c}", attack, {"break_step": (len(ids),), "break_restart": (len(ids),)},
+                             ("settled", "rejected", "rejected_examples", "row_steps", "seconds"))
+        break_step[ids] = torch.as_tensor(out["break_step"], device=dev)
+        break_restart[ids] = torch.as_tensor(out["break_restart"], device=dev)
+        # the chunk's own clean check (onnxruntime on the chunk) normally finds no mistake: todo is clean-correct
+        for key in ("clean_wrong", "broken", "convergence", "full_budget"):
+            settled[key] += meta["settled"][key]
+        for key in totals:
+            totals[key] += meta[key]
+        done += len(ids)
+        progress(done, n)
+    robust = clean_correct & (break_restart < 0)
+    return _PGDVerdicts(robust, break_step, break_restart, settled, **totals)
+
+
 def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
-            bars: _Progress, fields: dict, seconds: dict[str, float]) -> None:
+            bars: _Progress, fields: dict, seconds: dict[str, float], book: _Journal) -> None:
     """PGD on what is not verified, then Square on what PGD left robust; every break confirmed by onnxruntime."""
-    n, clean_correct, eps = len(xt), deployed.clean_correct, params.threat.eps
-    t = time.perf_counter()
-    res = pgd_attack(deployed.graph, xt, yt, eps, norm=params.norm, steps=params.steps, restarts=params.restarts,
-                     step_size=params.step_size, loss=params.loss, batch_size=params.batch_size, seed=params.seed,
-                     verified=verified, confirm=deployed.logits, threads=params.threads,
-                     progress=bars.task("PGD (examples settled)", n))
-    seconds["pgd"] = time.perf_counter() - t
-    # the attack's clean check ran on onnxruntime too; the audit's own clean verdict is the reference
-    robust = clean_correct & res.robust
+    n, eps = len(xt), params.threat.eps
+    res = _pgd(deployed, xt, yt, params, verified, book, "pgd", bars.task("PGD (examples settled)", n))
+    seconds["pgd"] = res.seconds
+    robust = res.robust.clone()
+    by_restart, by_step = robustness_curves(robust, res.break_restart, res.break_step, params.steps, params.restarts)
     fields.update(
         pgd_robust_accuracy=_fraction(robust),
         step_size=params.step_size or params.threat.step_size(params.steps),
-        robust_accuracy_by_restart=res.robust_by_restart,
-        robust_accuracy_by_step={str(k): v for k, v in res.robust_by_step.items()},
+        robust_accuracy_by_restart=by_restart,
+        robust_accuracy_by_step={str(k): v for k, v in by_step.items()},
         settled=res.settled, rejected_candidates=res.rejected, rejected_examples=res.rejected_examples,
-        attack_work=res.row_steps / max(res.budget_row_steps, 1),
+        attack_work=res.row_steps / max(n * params.restarts * params.steps, 1),
     )
     todo = (robust & ~verified).nonzero().squeeze(1)
     if params.square_queries > 0 and params.norm == "linf" and len(todo):
-        t = time.perf_counter()
-        sq = square_attack(deployed.graph, xt[todo], yt[todo], eps, queries=params.square_queries, seed=params.seed,
-                           confirm=deployed.logits, threads=params.threads)
-        seconds["square"] = time.perf_counter() - t
-        extra = int(sq.broken.sum())
-        robust[todo[sq.broken]] = False
+
+        def square() -> tuple[dict[str, np.ndarray], dict]:
+            t = time.perf_counter()
+            sq = square_attack(deployed.graph, xt[todo], yt[todo], eps, queries=params.square_queries,
+                               seed=params.seed, confirm=deployed.logits, threads=params.threads)
+            return {"broken": sq.broken.cpu().numpy()}, {"rejected": sq.rejected, "seconds": time.perf_counter() - t}
+
+        out, meta = book.run("square", square, {"broken": (len(todo),)}, ("rejected", "seconds"))
+        seconds["square"] = meta["seconds"]
+        broken = torch.as_tensor(out["broken"], device=xt.device)
+        extra = int(broken.sum())
+        robust[todo[broken]] = False
         fields["square"] = SquareSummary(queries=params.square_queries, attacked=len(todo), broken_beyond_pgd=extra,
-                                         gradient_masking_suspected=extra > 0, rejected_candidates=sq.rejected)
+                                         gradient_masking_suspected=extra > 0, rejected_candidates=meta["rejected"])
     fields["robust_accuracy"] = _fraction(robust)
+
+
+def _sweep(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
+           seconds: dict[str, float], book: _Journal) -> list[EpsPoint]:
+    """Robust accuracy vs eps: at each radius of ``params.sweep_eps``, the verifiers that are on and PGD at the
+    sweep's smaller budget (``sweep_steps`` x ``sweep_restarts``, no Square) on the same examples. Each verifier
+    and PGD chunk of each radius is a part of the journal, as the main audit's are."""
+    tick = bars.task("eps sweep", len(params.sweep_eps))
+    quiet, points, spent = _Progress(False), [], 0.0
+    tick(0, len(params.sweep_eps))
+    for i, eps in enumerate(params.sweep_eps):
+        # the default step of each radius: a fixed audit.step_size is meant for audit.eps
+        p = params.model_copy(update={"eps": eps, "steps": params.sweep_steps, "restarts": params.sweep_restarts,
+                                      "step_size": None})
+        figures: dict = {}
+        times: dict[str, float] = {}
+        verified = _verify(deployed, xt, yt, p, quiet, figures, {}, times, False, book, f"sweep{i}-")
+        pgd_robust = None
+        if p.steps > 0:
+            res = _pgd(deployed, xt, yt, p, verified, book, f"sweep{i}-pgd", lambda done, total: None)
+            pgd_robust, times["pgd"] = _fraction(res.robust), res.seconds
+        spent += sum(times.values())
+        points.append(EpsPoint(eps=p.threat.eps, clean=_fraction(deployed.clean_correct), pgd_robust=pgd_robust,
+                               ibp_verified=figures.get("ibp_verified_accuracy"),
+                               crown_verified=figures.get("crown_verified_accuracy"),
+                               alpha_crown_verified=figures.get("alpha_crown_verified_accuracy"),
+                               steps=p.steps, restarts=p.restarts))
+        tick(i + 1, len(params.sweep_eps))
+    seconds["sweep"] = spent
+    return points

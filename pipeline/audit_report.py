@@ -41,12 +41,29 @@ class SmoothingSummary(_Model):
     seconds: float
 
 
+class EpsPoint(_Model):
+    """One radius of the eps sweep (``audit.sweep_eps``): what each verifier proves and what a smaller PGD leaves,
+    on the audit's examples; a figure is None when its part did not run."""
+
+    eps: float = Field(description="perturbation radius, inputs in [0, 1]")
+    clean: float = Field(description="clean accuracy (the same at every radius)")
+    pgd_robust: float | None = Field(description="no iterate of the sweep's PGD misclassified on onnxruntime")
+    ibp_verified: float | None
+    crown_verified: float | None
+    alpha_crown_verified: float | None = Field(description="by alpha-CROWN or a verifier before it")
+    steps: int = Field(description="the sweep's PGD steps per restart (audit.sweep_steps)")
+    restarts: int = Field(description="the sweep's PGD restarts (audit.sweep_restarts)")
+
+
 class AuditReport(_Model):
     """What ``hydra-pipe audit`` measured on one model: clean, verified (proofs) and robust (attacks) accuracy."""
 
     model: str = Field(description="the audited ONNX file")
     n: int = Field(description="audited examples")
     classes: int = Field(description="the model's output width")
+    stripped_output_ops: list[str] = Field(
+        default_factory=list, description="final ops removed so attacks and bounds run on the logits (Softmax, "
+        "LogSoftmax: monotone per row, onnxruntime's argmax unchanged)")
     eps: float = Field(description="perturbation radius, inputs in [0, 1]")
     norm: str = Field(description="linf or l2")
     steps: int = Field(description="PGD steps per restart (0: no attack)")
@@ -60,6 +77,9 @@ class AuditReport(_Model):
     alpha_crown_verified_accuracy: float | None = Field(
         None, description="proven by alpha-CROWN (optimised slopes) or by a method before it")
     verified_accuracy: float | None = Field(None, description="proven robust by any method that ran")
+    verification_blocked_by: list[str] = Field(
+        default_factory=list, description="op types without a bound rule: no verification ran (verified figures "
+        "null), the attacks did")
     pgd_robust_accuracy: float | None = Field(None, description="no PGD iterate misclassified on onnxruntime")
     robust_accuracy: float | None = Field(None, description="after every attack (PGD, then Square)")
     step_size: float | None = Field(None, description="PGD's constant step")
@@ -76,6 +96,9 @@ class AuditReport(_Model):
                                          "gradient_masking_suspected, rejected_candidates")
     smoothing: SmoothingSummary | None = Field(None, description="sigma, n0, n, alpha, certified_accuracy per L2 "
                                                "radius, abstain_rate, mean_certified_radius, seconds")
+    eps_sweep: list[EpsPoint] = Field(
+        default_factory=list, description="robust accuracy vs eps (audit.sweep_eps): per radius eps, clean, "
+        "pgd_robust (a smaller PGD: steps x restarts), ibp_verified, crown_verified, alpha_crown_verified")
     seconds: dict[str, float] = Field(default_factory=dict, description="wall time per part")
 
     @model_validator(mode="before")
@@ -135,6 +158,11 @@ def render_report(report: AuditReport):
         return f"{sec[k]:.1f} s" if k in sec else ""
 
     table.add_row("clean accuracy", _pct(report.clean_accuracy), "onnxruntime")
+    if report.stripped_output_ops:
+        table.add_row("stripped output ops", ", ".join(report.stripped_output_ops),
+                      "attacks and bounds run on the logits; onnxruntime compared by argmax")
+    if report.verification_blocked_by:
+        table.add_row("verification blocked by", ", ".join(report.verification_blocked_by), "no bound rule")
     table.add_row("IBP verified", _pct(report.ibp_verified_accuracy), s("ibp"))
     table.add_row("CROWN verified", _pct(report.crown_verified_accuracy), s("crown"))
     if report.alpha_crown_verified_accuracy is not None:
@@ -160,6 +188,12 @@ def render_report(report: AuditReport):
         table.add_row("robust accuracy (all attacks)", _pct(report.robust_accuracy), "")
     else:
         table.add_row("PGD robust", "-", "steps = 0: no attack")
+    if report.eps_sweep:
+        table.add_row("eps sweep", "PGD robust", s("sweep"))
+    for pt in report.eps_sweep:
+        verified = " / ".join(_pct(v) for v in (pt.ibp_verified, pt.crown_verified, pt.alpha_crown_verified))
+        table.add_row(f"  eps {pt.eps:g}", _pct(pt.pgd_robust),
+                      f"PGD {pt.steps} x {pt.restarts}; verified IBP / CROWN / alpha-CROWN: {verified}")
     sm = report.smoothing
     if sm:
         certified = ", ".join(f"{_pct(v)} at {r}" for r, v in sm.certified_accuracy.items())

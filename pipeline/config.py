@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,13 @@ Objective = Literal["benign", "pgd", "trades", "ibp", "crown-ibp", "mixtrain", "
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComputeParams(Strict):
+    """Where every stage runs. Results are bit-for-bit reproducible for one machine kind and one thread count:
+    the reduction order of a float sum depends on both, so the thread count is a param, not the environment."""
+
+    threads: int = Field(2, gt=0, description="CPU threads of every stage (torch intra-op)")
 
 
 class DataParams(Strict):
@@ -114,27 +121,35 @@ class QuantizeParams(Strict):
 
 
 class AuditParams(Strict):
-    eps: float = Field(0.1, ge=0.0)
+    eps: float = Field(0.1, ge=0.0, allow_inf_nan=False)
     norm: Norm = "linf"
     steps: int = Field(1000, ge=0, description="PGD steps; 0 runs no attack")
     restarts: int = Field(100, ge=1)
-    step_size: float | None = Field(None, gt=0.0, description="default 2.5 * eps / min(steps, 100)")
+    step_size: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                    description="default 2.5 * eps / min(steps, 100)")
     loss: Literal["ce", "margin"] = "margin"
     ibp: bool = True
     crown: bool = True
     alpha_crown: bool = Field(True, description="alpha-CROWN (optimised ReLU slopes) on what CROWN left unverified")
     n_examples: int | None = Field(200, gt=0, description="seeded subset of the test split; null = all")
     batch_size: int = Field(4096, gt=0, description="memory budget: examples x restarts in one attack batch")
-    seed: int = 0
+    # numpy's SeedSequence refuses negative seeds, torch's generators those past 64 bits
+    seed: int = Field(0, ge=0, lt=2 ** 64, description="seed of the random starts, of Square and of smoothing")
     square_queries: int = Field(1000, ge=0, description="Square attack queries (gradient-masking check); 0 = off")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
     # randomized smoothing certification (Cohen et al. 2019, CERTIFY) of the deployed model; null = not run
-    smoothing_sigma: float | None = Field(None, gt=0.0, description="noise std of the smoothed classifier")
+    smoothing_sigma: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                          description="noise std of the smoothed classifier")
     smoothing_n0: int = Field(100, ge=1, description="Monte Carlo draws that select the top class")
     smoothing_n: int = Field(10000, ge=1, description="Monte Carlo draws that bound its probability (paper: 100,000)")
     smoothing_alpha: float = Field(0.001, gt=0.0, lt=0.5, description="failure probability of each certificate")
     smoothing_radii: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0],
                                          description="L2 radii at which certified accuracy is reported")
+    # robust accuracy vs eps (the report's eps_sweep): every verifier that is on, and a smaller PGD, per radius
+    sweep_eps: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = Field(
+        default_factory=list, description="radii of the eps sweep (robust accuracy vs eps); [] = no sweep")
+    sweep_steps: int = Field(100, ge=0, description="PGD steps per restart at each swept eps; 0 = no attack")
+    sweep_restarts: int = Field(5, ge=1, description="PGD random restarts at each swept eps")
 
     @property
     def threat(self) -> ThreatModel:
@@ -147,6 +162,7 @@ class ExportParams(Strict):
 
 
 class Params(Strict):
+    compute: ComputeParams = ComputeParams()
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     pretrain: TrainParams = TrainParams()

@@ -63,17 +63,89 @@ def _set_props(proto, metadata: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+MAX_MODEL_BYTES = 2 << 30
+"""Largest ONNX model read, file and external data together: 2 GiB, protobuf's own limit for one message. A file
+is measured before a byte of it is read, so a wrong path (a disk image, a dataset) fails at once with one line,
+not after minutes of parsing or out of memory; a classifier this size is far beyond what the verifiers bound."""
+MAX_GRAPH_NODES = 100_000
+"""Most nodes a model may have, subgraphs and functions included (a torchvision ResNet-50 has ~120 before folding,
+an int8 one ~500): a graph beyond it is refused in one line rather than converted node by node for minutes."""
+
+
+def _count_nodes(proto) -> int:
+    """Nodes of the main graph, its subgraphs (If / Loop / Scan bodies) and its local functions."""
+    total, graphs = 0, [proto.graph, *proto.functions]
+    while graphs:
+        for node in graphs.pop().node:
+            total += 1
+            for attr in node.attribute:
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    return total
+
+
+def _external_tensors(proto) -> list:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(proto) if uses_external_data(t)]
+
+
+def _external_bytes(tensors: list, folder: Path) -> int:
+    """Bytes the model's external data will read (declared lengths, else the files' sizes past their offsets).
+    Where each file lies is onnx's loader to check (it refuses a location outside the model's folder)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    total = 0
+    for tensor in tensors:
+        info = ExternalDataInfo(tensor)
+        if info.length:
+            total += int(info.length)
+            continue
+        try:
+            total += max(0, (folder / info.location).stat().st_size - int(info.offset or 0))
+        except OSError:
+            pass  # missing: the loader says so
+    return total
+
+
 def read_proto(path: Path):
+    """The ONNX model at ``path`` with its external data, within ``MAX_MODEL_BYTES`` and ``MAX_GRAPH_NODES``;
+    every problem (unreadable, not ONNX, too large, external data outside the model's folder) is one line."""
     import onnx
 
     path = Path(path)
     try:
-        proto = onnx.load(str(path))
+        size = path.stat().st_size
+    except OSError as exc:
+        raise HydraPipeError(f"{path}: cannot read an ONNX model ({exc.strerror or exc})") from None
+    if not path.is_file():  # a folder, a FIFO, /dev/zero: nothing onnx.load should try to read to its end
+        raise HydraPipeError(f"{path}: not a regular file")
+    if size > MAX_MODEL_BYTES:
+        raise HydraPipeError(f"{path}: {size:,} bytes, over the {MAX_MODEL_BYTES:,}-byte limit of a model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
         raise HydraPipeError(f"{path}: cannot read an ONNX model ({type(exc).__name__}: {exc})") from None
     # protobuf happily parses many non-ONNX byte strings into an empty message
     if not proto.graph.node or not proto.graph.output:
         raise HydraPipeError(f"{path}: not an ONNX model (no graph nodes or outputs)")
+    nodes = _count_nodes(proto)
+    if nodes > MAX_GRAPH_NODES:
+        raise HydraPipeError(f"{path}: {nodes:,} nodes, over the limit of {MAX_GRAPH_NODES:,}")
+    tensors = _external_tensors(proto)
+    if not tensors:
+        return proto
+    external = _external_bytes(tensors, path.parent)
+    if size + external > MAX_MODEL_BYTES:
+        raise HydraPipeError(f"{path}: {size + external:,} bytes with its external data, over the "
+                             f"{MAX_MODEL_BYTES:,}-byte limit of a model")
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:  # a location outside the folder (onnx refuses it), a missing or short file
+        raise HydraPipeError(f"{path}: cannot read its external data ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())})") from None
     return proto
 
 
@@ -82,6 +154,26 @@ def set_metadata(path: Path, metadata: dict[str, str]) -> None:
     proto = read_proto(path)
     _set_props(proto, metadata)
     atomic_write_bytes(Path(path), proto.SerializeToString())
+
+
+def used_opsets_only(proto) -> list[str]:
+    """Drop the ``opset_import`` entries no node uses (in the graph, its subgraphs or local functions); returns the
+    dropped domains. Quantizers import ``com.microsoft``, ``ai.onnx.ml``, ... whether or not they emit such nodes,
+    and a consumer reads the imports as what its runtime must provide. The default domain always stays."""
+    used = {"", "ai.onnx"}
+    graphs = [proto.graph, *proto.functions]
+    while graphs:
+        for node in graphs.pop().node:
+            used.add(node.domain)
+            for attr in node.attribute:  # If / Loop / Scan bodies
+                graphs.extend([attr.g] if attr.HasField("g") else [])
+                graphs.extend(attr.graphs)
+    dropped = [imp.domain for imp in proto.opset_import if imp.domain not in used]
+    kept = [(imp.domain, imp.version) for imp in proto.opset_import if imp.domain in used]
+    del proto.opset_import[:]
+    for domain, version in kept:
+        proto.opset_import.add(domain=domain, version=version)
+    return dropped
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -107,13 +199,36 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 def ort_logits(session, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Run ``session`` on ``x`` in batches; the first output (the logits) as float32."""
-    name = session.get_inputs()[0].name
+    """Run ``session`` on ``x`` in batches; the first output (the logits) as float32, N x classes.
+
+    A model whose input declares a fixed batch (``torch.onnx.export`` without dynamic axes: often 1) runs in
+    slices of exactly that batch, the last one padded with copies of its last row (their outputs dropped). An
+    N x K x 1 x 1 output (a classifier ending in a convolution and a global pooling) comes back as N x K. A model
+    ending in Softmax gives probabilities here: the audit compares them by argmax only, which Softmax keeps
+    (see :mod:`pipeline.onnx_load`, which strips it from the graph form).
+    """
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if len(x) == 0:
-        return session.run(None, {name: x})[0].astype(np.float32)
-    out = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return np.concatenate(out).astype(np.float32, copy=False)
+    if fixed is None:
+        if len(x) == 0:
+            return _class_rows(session.run(None, {inp.name: x})[0]).astype(np.float32)
+        out = [session.run(None, {inp.name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    else:
+        out = []
+        for i in range(0, max(len(x), 1), fixed):
+            part = x[i:i + fixed]
+            filler = part[-1:] if len(part) else np.zeros((1, *x.shape[1:]), np.float32)
+            padded = np.concatenate([part, np.repeat(filler, fixed - len(part), 0)]) if len(part) < fixed else part
+            out.append(session.run(None, {inp.name: padded})[0][:len(part)])
+    return _class_rows(np.concatenate(out)).astype(np.float32, copy=False)
+
+
+def _class_rows(out: np.ndarray) -> np.ndarray:
+    """N x K x 1 x 1 -> N x K; any other shape unchanged (the audit refuses what is not N x K)."""
+    if out.ndim > 2 and all(s == 1 for s in out.shape[2:]):
+        return out.reshape(out.shape[0], -1)
+    return out
 
 
 @torch.no_grad()

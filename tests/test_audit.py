@@ -170,3 +170,245 @@ def test_the_report_round_trips_through_its_json_and_names_its_proofs(mlp, tmp_p
     path.write_text('{"n": 3}')
     with pytest.raises(HydraPipeError, match="not an audit report"):
         AuditReport.read(path)
+
+
+# ---------------------------------------------------------------- what people export (issue 16)
+
+def _labels(path, x: np.ndarray, flip: int = 1) -> np.ndarray:
+    """onnxruntime's own predictions, the first ``flip`` of them made wrong."""
+    from pipeline.onnx_io import ort_logits, ort_session
+
+    y = ort_logits(ort_session(path, 1), x).argmax(1).astype(np.int64)
+    y[:flip] = (y[:flip] + 1) % 3
+    return y
+
+
+def test_softmax_cnn_is_audited_on_its_logits(tmp_path):
+    from pipeline.onnx_io import ort_logits, ort_session
+    from pipeline.onnx_load import load_onnx
+    from tests.test_onnx_io import export_plain, softmax_cnn
+
+    path = export_plain(softmax_cnn(), tmp_path / "softmax.onnx", (1, 8, 8))
+    x = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
+    probs = ort_logits(ort_session(path, 1), x)
+    y = probs.argmax(1)
+    y[:2] = (y[:2] + 1) % 5
+    report = run_audit(path, x, y, AuditParams(eps=0.02, **FAST), progress=False)
+    assert report.stripped_output_ops == ["Softmax"] and report.verification_blocked_by == []
+    assert report.clean_accuracy == pytest.approx(10 / 12)
+    assert report.verified_accuracy is not None and report.robust_accuracy is not None
+    assert report.verified_accuracy <= report.robust_accuracy <= report.clean_accuracy
+    # the graph the attacks and bounds ran on gives logits whose argmax is onnxruntime's
+    logits = load_onnx(path)(torch.from_numpy(x)).detach()
+    assert np.array_equal(logits.argmax(1).numpy(), probs.argmax(1))
+    assert not np.allclose(logits.sum(1).numpy(), 1.0)
+    render_report(report)
+
+
+def test_n_k_1_1_output_is_audited_and_bounded_as_n_k(tmp_path):
+    from pipeline.onnx_io import ort_logits, ort_session
+    from tests.test_onnx_io import conv_head_onnx
+
+    path = conv_head_onnx(tmp_path / "head.onnx", final=None)
+    x = np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)
+    logits = ort_logits(ort_session(path, 1), x)
+    report = run_audit(path, x, logits.argmax(1), AuditParams(eps=0.01, **FAST), bounds_out=tmp_path / "b.npz",
+                       progress=False)
+    assert report.classes == 6 and report.clean_accuracy == 1.0
+    with np.load(tmp_path / "b.npz") as b:
+        assert b["crown_lower"].shape == (8, 6)
+        assert (b["crown_lower"] <= logits + 1e-5).all() and (logits <= b["crown_upper"] + 1e-5).all()
+
+
+def test_fixed_batch_export_is_audited_on_five_examples(tmp_path):
+    from tests.test_onnx_io import _ViewNet, export_plain
+
+    path = export_plain(_ViewNet().eval(), tmp_path / "fixed.onnx", (1, 8, 8), dynamic=False)
+    x = np.random.default_rng(2).random((5, 1, 8, 8), dtype=np.float32)
+    y = _labels(path, x)
+    report = run_audit(path, x, y, AuditParams(eps=0.01, **FAST), progress=False)
+    assert report.n == 5 and report.clean_accuracy == pytest.approx(4 / 5)
+    assert report.verified_accuracy is not None and report.robust_accuracy is not None
+    assert report.robust_accuracy <= report.clean_accuracy
+
+
+def test_an_op_without_bound_rule_blocks_verification_not_the_attack(tmp_path):
+    from tests.test_onnx_io import lrn_onnx
+
+    path = lrn_onnx(tmp_path / "lrn.onnx", 3)
+    x = np.random.default_rng(3).random((10, 1, 6, 6), dtype=np.float32)
+    y = _labels(path, x)
+    out = tmp_path / "b.npz"
+    report = run_audit(path, x, y, AuditParams(eps=0.1, **FAST), bounds_out=out, progress=False)
+    assert report.verification_blocked_by == ["LRN"]
+    assert report.ibp_verified_accuracy is None and report.crown_verified_accuracy is None
+    assert report.alpha_crown_verified_accuracy is None and report.verified_accuracy is None
+    assert report.verified_method == "none" and not out.exists()  # no bounds to write
+    assert report.pgd_robust_accuracy is not None and report.robust_accuracy is not None
+    assert report.settled["verification"] == 0 and sum(report.settled.values()) == 10
+    assert report.robust_accuracy < report.clean_accuracy == 0.9  # eps 0.1 breaks some: the attack did run
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render_report(report))
+    text = console.export_text()
+    assert "verification blocked by" in text and "LRN" in text
+
+
+def test_misclassified_examples_are_verified_only_when_bounds_are_asked_for(mlp, tmp_path, monkeypatch):
+    import pipeline.audit as audit
+
+    x, y = _data(mlp)  # 3 of 40 misclassified
+    rows: list[tuple[str, int, bool]] = []
+    real = audit.certify
+
+    def certify(model, xs, ys, threat, method, **kw):
+        rows.append((method, len(xs), kw.get("logit_bounds", True)))
+        return real(model, xs, ys, threat, method, **kw)
+
+    monkeypatch.setattr(audit, "certify", certify)
+    params = AuditParams(eps=0.05, steps=0)
+    with_bounds = run_audit(mlp, x, y, params, bounds_out=tmp_path / "b.npz", progress=False)
+    asked = rows[:]
+    rows.clear()
+    without = run_audit(mlp, x, y, params, progress=False)
+    assert [r[:2] for r in asked[:2]] == [("ibp", 40), ("crown", 40)] and asked[0][2]
+    assert [r[:2] for r in rows[:2]] == [("ibp", 37), ("crown", 37)] and not rows[0][2]
+    assert asked[2:] == rows[2:] and all(r[0] == "alpha-crown" for r in rows[2:])  # only ever clean-correct rows
+    for key in ("ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy",
+                "verified_accuracy"):
+        assert getattr(with_bounds, key) == getattr(without, key)
+    with np.load(tmp_path / "b.npz") as b:
+        assert b["crown_lower"].shape == (40, 4)
+
+
+def test_crown_and_alpha_crown_report_progress_per_image_on_deep_networks(mlp, monkeypatch):
+    import pipeline.audit as audit
+
+    calls: dict[str, list[tuple[int, int]]] = {}
+    task = audit._Progress.task
+
+    def recording(self, description, total):
+        bar = task(self, description, total)
+        return lambda done, total_: (calls.setdefault(description, []).append((done, total_)), bar(done, total_))
+
+    monkeypatch.setattr(audit._Progress, "task", recording)
+    monkeypatch.setattr(audit, "BOUNDS_WORK", 1)  # as if every example were a ResNet: one per bounds call
+    x, y = _data(mlp, n=8)  # 3 misclassified, 5 to verify
+    report = run_audit(mlp, x, y, AuditParams(eps=0.1, steps=0), progress=True)
+    assert calls["CROWN bounds"] == [(i, 5) for i in range(1, 6)]
+    todo = round((report.clean_accuracy - report.crown_verified_accuracy) * 8)
+    assert todo > 0 and calls["alpha-CROWN bounds"] == [(i, todo) for i in range(1, todo + 1)]
+
+
+def test_bounds_batches_are_one_image_on_deep_networks_and_full_on_small_ones(mlp):
+    from pipeline.audit import BOUNDS_BATCH, _bounds_batch
+    from pipeline.data import DatasetInfo
+    from pipeline.graph import as_graph
+    from pipeline.models import build_model
+    from pipeline.onnx_load import load_onnx
+
+    assert _bounds_batch(load_onnx(mlp), torch.rand(1, 1, 4, 4)) == BOUNDS_BATCH
+    resnet = as_graph(build_model("resnet18", DatasetInfo(3, 32, 10, (0.5,) * 3, (0.25,) * 3)).eval())
+    assert _bounds_batch(resnet, torch.rand(1, 3, 32, 32)) == 1
+
+
+# ---------------------------------------------------------------- eps sweep, chunked PGD, shapes (issue 15)
+
+def test_the_eps_sweep_reports_every_verifier_and_pgd_per_radius(mlp):
+    x, y = _data(mlp)
+    params = AuditParams(eps=0.05, **FAST, sweep_eps=[0.0, 0.02, 0.05, 0.2], sweep_steps=FAST["steps"],
+                         sweep_restarts=FAST["restarts"])
+    report = run_audit(mlp, x, y, params, progress=False)
+    points = report.eps_sweep
+    assert [p.eps for p in points] == [0.0, 0.02, 0.05, 0.2]
+    for p in points:
+        assert p.clean == report.clean_accuracy and (p.steps, p.restarts) == (FAST["steps"], FAST["restarts"])
+        assert p.ibp_verified <= p.crown_verified <= p.alpha_crown_verified <= p.pgd_robust <= p.clean
+    # interval bounds only widen with the radius; at eps 0 everything correct is proven
+    assert [p.ibp_verified for p in points] == sorted((p.ibp_verified for p in points), reverse=True)
+    assert points[0].ibp_verified == points[0].pgd_robust == report.clean_accuracy
+    # at the audit's own radius and budget the sweep is the audit
+    same = points[2]
+    assert (same.ibp_verified, same.crown_verified, same.alpha_crown_verified, same.pgd_robust) == (
+        report.ibp_verified_accuracy, report.crown_verified_accuracy, report.alpha_crown_verified_accuracy,
+        report.pgd_robust_accuracy)
+    assert "sweep" in report.seconds
+    render_report(report)
+    off = run_audit(mlp, x, y, params.model_copy(update={"sweep_steps": 0, "crown": False}), progress=False)
+    assert all(p.pgd_robust is None and p.crown_verified is None and p.ibp_verified is not None
+               for p in off.eps_sweep)
+
+
+def test_sweep_radii_are_validated():
+    from pydantic import ValidationError
+
+    for bad in ([-0.1], [float("nan")], [float("inf")]):
+        with pytest.raises(ValidationError):
+            AuditParams(sweep_eps=bad)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.3)])
+def test_pgd_in_chunks_gives_the_verdicts_of_one_pass(mlp, monkeypatch, norm, eps):
+    """Random starts are seeded by each example's index in the whole set, so chunks change nothing."""
+    import pipeline.audit as audit
+
+    x, y = _data(mlp, n=60)
+    params = AuditParams(eps=eps, norm=norm, steps=40, restarts=4, batch_size=8, square_queries=20, ibp=False)
+    chunked = run_audit(mlp, x, y, params, progress=False)  # chunks of 4 * 8 // 4 = 8 examples
+    monkeypatch.setattr(audit, "PGD_CHUNK_BATCHES", 10 ** 6)
+    whole = run_audit(mlp, x, y, params, progress=False)
+    assert chunked.model_dump(exclude={"seconds"}) == whole.model_dump(exclude={"seconds"})
+    assert chunked.settled["broken"] > 0
+
+
+def test_a_model_whose_input_does_not_fit_the_data_is_one_line(mlp):
+    x, y = _data(mlp, n=5)
+    for bad in (np.concatenate([x, x], axis=1), x[:, :, :3, :3], np.zeros((5, 1, 4, 5), np.float32)):
+        with pytest.raises(HydraPipeError, match="cannot run on x of shape") as err:
+            run_audit(mlp, bad, y, AuditParams(eps=0.1, **FAST), progress=False)
+        assert "\n" not in str(err.value)
+
+
+def test_a_model_that_mixes_the_examples_of_a_batch_is_one_line(tmp_path):
+    """Fixed batch 1 and Flatten over axis 0: onnxruntime runs it one example at a time, the graph form (which
+    attacks and bounds run on many examples at once) cannot; found by tests/test_fuzz.py (it was a traceback)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"], axis=0),
+             helper.make_node("Gemm", ["f", "w", "b"], ["logits"])]
+    inits = [numpy_helper.from_array(np.ones((2, 3), np.float32), "w"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], inits)
+    path = tmp_path / "mix.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(0).random((4, 2, 4, 4), dtype=np.float32)
+    with pytest.raises(HydraPipeError, match="batch") as err:
+        run_audit(path, x, np.zeros(4, np.int64), AuditParams(eps=0.1, **FAST), progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_nan_logits_are_one_line(tmp_path):
+    """Relu then x / x: 0 / 0 wherever the Relu is off. The fuzzer's x / x showed the audit ran on NaN logits
+    without a word (argmax of NaN, NaN gradients), reporting figures that meant nothing."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Sub", ["input", "half"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("Div", ["r", "r"], ["d"]), helper.make_node("Flatten", ["d"], ["f"]),
+             helper.make_node("Gemm", ["f", "w"], ["logits"])]
+    inits = [numpy_helper.from_array(np.float32(0.5), "half"), numpy_helper.from_array(np.ones((4, 2), np.float32), "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])], inits)
+    path = tmp_path / "nan.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.full((6, 1, 2, 2), 0.2, np.float32)  # every Relu off: 0 / 0
+    x[:2] = 0.8  # every Relu on: finite logits for these two
+    with pytest.raises(HydraPipeError, match="NaN logits on 4 of the 6 examples") as err:
+        run_audit(path, x, np.zeros(6, np.int64), AuditParams(eps=0.1, **FAST), progress=False)
+    assert "\n" not in str(err.value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.attacks.engine import CYCLE, AttackResult, Confirm, step_checkpoints
+from pipeline.attacks.engine import CYCLE, AttackResult, Confirm, robustness_curves, step_checkpoints
 from pipeline.attacks.pgd import default_step_size, pgd_attack
 from pipeline.attacks.square import SquareResult, square_attack
 from pipeline.attacks.training import pgd_perturb
@@ -22,4 +22,4 @@ ATTACKS.register("pgd")(pgd_attack)
 ATTACKS.register("square")(square_attack)
 
 __all__ = ["ATTACKS", "CYCLE", "AttackResult", "Confirm", "SquareResult", "default_step_size", "pgd_attack",
-           "pgd_perturb", "square_attack", "step_checkpoints"]
+           "pgd_perturb", "robustness_curves", "square_attack", "step_checkpoints"]

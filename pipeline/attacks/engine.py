@@ -42,6 +42,19 @@ def step_checkpoints(steps: int) -> list[int]:
     return sorted(set(marks + [steps]))
 
 
+def robustness_curves(robust: torch.Tensor, break_restart: torch.Tensor, break_step: torch.Tensor, steps: int,
+                      restarts: int) -> tuple[list[float], dict[int, float]]:
+    """Robust accuracy with restarts 1..k and at each of :func:`step_checkpoints`, from the per-example verdicts
+    (``AttackResult``'s fields): counts over examples, so verdicts attacked in separate calls merge exactly."""
+    n, broken = len(robust), break_restart >= 0
+    # fractions from counts, so reports show 0.98 rather than float32's 0.9800000190734863
+    by_restart = [int((robust | (broken & (break_restart >= k))).sum()) / n if n else float("nan")
+                  for k in range(1, restarts + 1)] if steps > 0 else []
+    by_step = {s: int((robust | (broken & (break_step > s))).sum()) / n if n else float("nan")
+               for s in step_checkpoints(steps)} if steps > 0 else {}
+    return by_restart, by_step
+
+
 @dataclass
 class AttackResult:
     """What an attack found on N examples. Fractions are over all N examples.
@@ -190,9 +203,11 @@ class Ledger:
         self.n_settled += len(ended)
 
 
-def _start_rows(rule: StepRule, x: torch.Tensor, seed: int, jobs: list[tuple[int, int, int]], ptr: int) -> Rows:
-    """Rows for the (example, first restart, count) ``jobs``, at their random starts."""
-    starts = [rule.start(x[i], seed, i, range(r0, r0 + k)) for i, r0, k in jobs]
+def _start_rows(rule: StepRule, x: torch.Tensor, seed: int, jobs: list[tuple[int, int, int]], ptr: int,
+                index: list[int]) -> Rows:
+    """Rows for the (example, first restart, count) ``jobs``, at their random starts (seeded by ``index[i]``, the
+    example's place in the whole set)."""
+    starts = [rule.start(x[i], seed, index[i], range(r0, r0 + k)) for i, r0, k in jobs]
     xs = torch.cat([s for s, _ in starts])
     dev = x.device
     # no history yet (NaN equals nothing) but x_0, in the slot that x_CYCLE will be compared with
@@ -207,7 +222,7 @@ def _start_rows(rule: StepRule, x: torch.Tensor, seed: int, jobs: list[tuple[int
 def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule, *, steps: int, restarts: int,
              loss: Loss, batch_size: int, seed: int, verified: torch.Tensor | None, confirm: Confirm | None,
              early_exit: bool, exact_curves: bool, cycle_exit: bool, threads: int | None,
-             progress: Progress | None) -> AttackResult:
+             progress: Progress | None, index: torch.Tensor | None = None) -> AttackResult:
     """Run ``rule`` for ``steps`` steps from ``restarts`` random starts per example, worst case per example, on
     the row scheduler (module doc); the arguments as in :func:`pipeline.attacks.pgd.pgd_attack`."""
     if steps < 0 or restarts < 1 or batch_size < 1:
@@ -219,6 +234,9 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
     verified = torch.zeros(n, dtype=torch.bool, device=dev) if verified is None else verified.to(dev, torch.bool)
     book = Ledger.new(x, verified, restarts)
     row_steps = 0
+    if index is not None and len(index) != n:
+        raise HydraPipeError(f"attack: index has {len(index)} entries for {n} examples")
+    ids = list(range(n)) if index is None else [int(i) for i in index]
 
     with attack_mode(model, threads):
         # the clean input is in the ball: on the deployed numerics when we have them, as the audit's clean accuracy
@@ -261,7 +279,7 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
                 jobs.append((i, r0, k))
                 room -= k
             if jobs:
-                new = _start_rows(rule, x, seed, jobs, ptr)
+                new = _start_rows(rule, x, seed, jobs, ptr, ids)
                 rows = new if rows is None else RowState.cat([rows, new])
             if rows is None or not len(rows.x):
                 continue
@@ -302,11 +320,7 @@ def _result(book: Ledger, clean_correct: torch.Tensor, x: torch.Tensor, steps: i
     n = len(x)
     broken = book.break_restart >= 0
     robust = clean_correct & ~broken
-    # fractions from counts, so reports show 0.98 rather than float32's 0.9800000190734863
-    by_restart = [int((robust | (broken & (book.break_restart >= k))).sum()) / n if n else float("nan")
-                  for k in range(1, restarts + 1)] if steps > 0 else []
-    by_step = {s: int((robust | (broken & (book.break_step > s))).sum()) / n if n else float("nan")
-               for s in step_checkpoints(steps)} if steps > 0 else {}
+    by_restart, by_step = robustness_curves(robust, book.break_restart, book.break_step, steps, restarts)
     adv_index = broken.nonzero().squeeze(1)
     return AttackResult(robust=robust, clean_correct=clean_correct, adv_index=adv_index, adv_x=book.adv_x[adv_index],
                         break_step=book.break_step, break_restart=book.break_restart, min_margin=book.min_margin,

@@ -19,7 +19,8 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
                steps: int = 1000, restarts: int = 100, step_size: float | None = None, loss: Loss = "margin",
                batch_size: int = 4096, seed: int = 0, verified: torch.Tensor | None = None,
                confirm: Confirm | None = None, early_exit: bool = True, exact_curves: bool = True,
-               cycle_exit: bool = True, threads: int | None = None, progress: Progress | None = None) -> AttackResult:
+               cycle_exit: bool = True, threads: int | None = None, progress: Progress | None = None,
+               index: torch.Tensor | None = None) -> AttackResult:
     """Projected gradient descent with random restarts (Madry et al., ICLR 2018), worst case per example.
 
     For every example and each of ``restarts`` random starts in the ball ``{x' : |x' - x|_p <= eps, 0 <= x' <= 1}``
@@ -48,6 +49,9 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
             measure them). ``exact_curves`` keeps the lower restarts of a broken example running until they break
             or finish, so ``robust_by_restart`` is exact; without it the whole example leaves at its first break.
         progress: called as ``progress(settled_examples, n)``.
+        index: long ``[N]``, each example's place in a larger set the caller attacks in parts (default
+            ``0..N-1``). It seeds the example's random starts, so a part gives exactly the verdicts the whole set
+            would (the audit attacks in chunks it can journal).
 
     Example::
 
@@ -58,4 +62,5 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     alpha = float(step_size) if step_size is not None else threat.step_size(steps)
     return run_rows(model, x, y, pgd_rule(threat, alpha), steps=steps, restarts=restarts, loss=loss,
                     batch_size=batch_size, seed=seed, verified=verified, confirm=confirm, early_exit=early_exit,
-                    exact_curves=exact_curves, cycle_exit=cycle_exit, threads=threads, progress=progress)
+                    exact_curves=exact_curves, cycle_exit=cycle_exit, threads=threads, progress=progress,
+                    index=index)
