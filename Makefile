@@ -20,7 +20,7 @@ repro: install
 	$(BIN)/python -m stages.figures
 
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadfile -p no:cacheprovider
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n 2 -p no:cacheprovider
 
 clean:
 	rm -rf models metrics plots reports deploy .dvc/tmp

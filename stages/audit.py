@@ -1,23 +1,42 @@
-"""Stage 5: audit the quantized model as deployed (onnxruntime numerics) on a seeded subset of the test split."""
+"""Stage 5: audit the quantized model as deployed (onnxruntime numerics) on a seeded subset of the test split.
+
+The audit journals its finished parts in ``.resume/audit/`` (ignored by git and DVC), so a stage killed midway
+resumes from them when rerun with the same params (:func:`pipeline.audit.run_audit`); the journal is removed once
+every output is written.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from pipeline.audit import run_audit
+from pipeline.audit import discard_journal, run_audit
 from pipeline.audit_report import AuditReport, render_report
 from pipeline.data import as_arrays
-from pipeline.reporting import show, write_csv, write_json
-from stages.common import AUDIT_BOUNDS, AUDIT_REPORT, INT8_ONNX, PLOTS, setup
+from pipeline.reporting import atomic_write_bytes, show, write_csv, write_json
+from stages.common import AUDIT_BOUNDS, AUDIT_REPORT, INT8_ONNX, PLOTS, setup, write_headline
+
+JOURNAL = Path(".resume") / "audit"  # beside the training stages' resume states (pipeline.training.RESUME_DIR)
+EPS_COLUMNS = ("eps", "clean", "pgd_robust", "ibp_verified", "crown_verified", "alpha_crown_verified")
 
 
 def run(params_path: Path) -> AuditReport:
     params, data, _ = setup(params_path)
     a = params.audit
     x, y = as_arrays(data.test, limit=a.n_examples, seed=a.seed)
-    report = run_audit(INT8_ONNX, x, y, a, bounds_out=AUDIT_BOUNDS)
+    report = run_audit(INT8_ONNX, x, y, a, bounds_out=AUDIT_BOUNDS, journal=JOURNAL)
     curve = report.robust_accuracy_by_restart
     write_csv(PLOTS / "audit_restarts.csv", [{"restarts": i + 1, "pgd_robust_accuracy": v} for i, v in enumerate(curve)])
-    write_json(AUDIT_REPORT, report.model_dump(mode="json"))
+    sweep = [{k: getattr(pt, k) for k in EPS_COLUMNS} for pt in report.eps_sweep]
+    if sweep:
+        write_csv(PLOTS / "audit_eps.csv", sweep)
+    else:  # DVC wants the declared plot even without a sweep (audit.sweep_eps: []): the header alone
+        atomic_write_bytes(PLOTS / "audit_eps.csv", (",".join(EPS_COLUMNS) + "\n").encode())
+    dump = report.model_dump(mode="json")
+    write_json(AUDIT_REPORT, dump)
+    write_headline("audit", dump)
+    discard_journal(JOURNAL)  # only now: every output is written
+    with contextlib.suppress(OSError):  # .resume itself, unless a training stage's state is still there
+        JOURNAL.parent.rmdir()
     show(render_report(report))
     return report

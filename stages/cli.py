@@ -31,19 +31,33 @@ def _one_line_errors(fn):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was written", err=True)
+            # outputs are renamed into place whole, so none is partial; a training stage resumes on its rerun,
+            # an audit (the stage, or MODEL with --journal) from its finished parts
+            typer.echo("interrupted; no output was written (a training stage resumes from its last epoch, an audit "
+                       "from its journal, when rerun)", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
 
 
-STAGE_HELP = {
-    "pretrain": "Stage 1: train the dense network with pretrain.objective (benign, pgd, trades).",
-    "prune": "Stage 2: prune with prune.method (hydra, lwm, random) and prune.objective.",
-    "finetune": "Stage 3: train the kept weights (mask frozen) with finetune.objective.",
-    "quantize": "Stage 4: fp32 ONNX export, then int8 static quantization (onnxruntime QDQ).",
-    "export": "Stage 6: ship the audited int8 ONNX with its metadata, checked, with a model card.",
-}
+def _stage_help() -> dict[str, str]:
+    from typing import get_args
+
+    from pipeline.config import Objective, PruneParams
+
+    objectives = ", ".join(get_args(Objective))
+    methods = ", ".join(get_args(PruneParams.model_fields["method"].annotation))
+    return {
+        "pretrain": f"Stage 1: train the dense network with pretrain.objective ({objectives}).",
+        "prune": f"Stage 2: prune with prune.method ({methods}) and prune.objective ({objectives}).",
+        "finetune": f"Stage 3: train the kept weights (mask frozen) with finetune.objective ({objectives}).",
+        "quantize": "Stage 4: fp32 ONNX export, then int8 static quantization (onnxruntime QDQ).",
+        "export": "Stage 6: ship the audited int8 ONNX with its metadata, checked, with a model card.",
+        "report": "Last step: reports/report.html, one self-contained page of the run's figures (inline SVG).",
+    }
+
+
+STAGE_HELP = _stage_help()
 
 
 def _stage(name: str):
@@ -81,16 +95,25 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
             if missing:
                 raise HydraPipeError(f"{path}: missing array(s) {', '.join(missing)}; expected x (N x C x H x W float32) and y (N int64)")
             return f["x"], f["y"]
-    except (OSError, ValueError) as e:
-        raise HydraPipeError(f"{path}: not a readable .npz file ({e})") from None
+    except HydraPipeError:
+        raise
+    except Exception as e:  # OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error: a file, not a bug
+        raise HydraPipeError(f"{path}: not a readable .npz file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
+# the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
+_MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "batch_size", "seed",
+               "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal")
 
 
 @app.command("audit")
 @_one_line_errors
 def audit(
+    ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(help="an ONNX classifier; omit to run the pipeline's audit stage")] = None,
-    data: Annotated[Optional[str], typer.Option(help=".npz with x (N x C x H x W, [0, 1]) and y, or 'digits'")] = None,
-    eps: Annotated[Optional[float], typer.Option(help="perturbation radius (inputs in [0, 1])")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help=".npz with x (N x C x H x W, [0, 1]) and y, or 'digits' (required with MODEL)")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="perturbation radius (inputs in [0, 1]) (required with MODEL)")] = None,
     steps: Annotated[int, typer.Option(help="PGD steps; 0 runs no attack")] = 1000,
     restarts: Annotated[int, typer.Option(help="PGD random restarts")] = 100,
     norm: Annotated[str, typer.Option(help="linf or l2")] = "linf",
@@ -102,8 +125,17 @@ def audit(
     seed: Annotated[int, typer.Option(help="seed of the random starts")] = 0,
     smoothing_sigma: Annotated[Optional[float], typer.Option(
         help="also certify the Gaussian-smoothed model (CERTIFY, L2 radii) with this noise std")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="the report (JSON)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="the report (JSON) (required with MODEL)")] = None,
     bounds_out: Annotated[Optional[Path], typer.Option(help="IBP / CROWN logit bounds (.npz)")] = None,
+    fail_under: Annotated[Optional[str], typer.Option(
+        help="release gate, e.g. robust=0.6,verified=0.4: exit code 3 when a figure of the report is below its "
+             "floor (names: clean, pgd, robust, verified, ibp, crown, alpha_crown)")] = None,
+    sweep_eps: Annotated[Optional[str], typer.Option(
+        help="robust accuracy vs eps, e.g. 0.05,0.1,0.2: the verifiers and a 100 x 5 PGD at each radius "
+             "(the report's eps_sweep)")] = None,
+    journal: Annotated[Optional[Path], typer.Option(
+        help="folder for the finished parts' verdicts: a killed audit rerun with the same model, data and "
+             "options resumes from them; emptied once the report is written")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Audit a model: clean accuracy, PGD robust accuracy (worst case per example), IBP / CROWN verified accuracy.
@@ -111,13 +143,20 @@ def audit(
     Without MODEL: the pipeline's audit stage on the quantized model, settings from params.yaml's `audit`.
     """
     if model is None:
+        # by name: typer may carry its own copy of click's ParameterSource enum
+        given = [f"--{n.replace('_', '-')}" for n in _MODEL_ONLY
+                 if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+        if given:
+            raise HydraPipeError(f"audit: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a MODEL "
+                                 "(hydra-pipe audit MODEL.onnx ...); without MODEL the audit stage runs with "
+                                 f"{params}'s audit section")
         from stages.audit import run
 
         run(params)
         return
     from pydantic import ValidationError
 
-    from pipeline.audit import run_audit
+    from pipeline.audit import discard_journal, run_audit
     from pipeline.audit_report import render_report
     from pipeline.config import AuditParams
     from pipeline.reporting import show, write_json
@@ -125,55 +164,145 @@ def audit(
     if data is None or eps is None or out is None:
         missing = [o for o, v in (("--data", data), ("--eps", eps), ("--out", out)) if v is None]
         raise HydraPipeError(f"audit {model}: missing option(s) {', '.join(missing)}")
+    floors = parse_floors(fail_under) if fail_under is not None else {}
+    sweep = parse_sweep(sweep_eps) if sweep_eps is not None else []
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
     try:
         settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown, alpha_crown=alpha_crown,
-                               batch_size=batch_size, seed=seed, n_examples=None, smoothing_sigma=smoothing_sigma)
+                               batch_size=batch_size, seed=seed, n_examples=None, smoothing_sigma=smoothing_sigma,
+                               sweep_eps=sweep)
     except ValidationError as e:
         err = e.errors()[0]
-        raise HydraPipeError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        option = str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
+        raise HydraPipeError(f"--{option}: {err['msg']}") from None
     x, y = load_audit_data(data)
-    report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data)
+    report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data, journal=journal)
     write_json(out, report.model_dump(mode="json"))
+    if journal is not None:
+        discard_journal(journal)  # only now: the report is safely written
     show(render_report(report))
+    below = [f"{name} {_figure(report, name)} < {floor}" for name, floor in floors.items()
+             if (_figure(report, name) or 0.0) < floor]
+    if below:
+        typer.echo(f"audit {model}: below the release floor: {'; '.join(below)}", err=True)
+        raise typer.Exit(GATE_EXIT_CODE)
 
 
-_stage("export")  # registered last so `hydra-pipe --help` lists the stages in pipeline order
+GATE_EXIT_CODE = 3
+"""``hydra-pipe audit --fail-under``: a figure fell below its floor (2 stays "bad input")."""
+
+_GATE_FIGURES = {"clean": "clean_accuracy", "pgd": "pgd_robust_accuracy", "robust": "robust_accuracy",
+                 "verified": "verified_accuracy", "ibp": "ibp_verified_accuracy", "crown": "crown_verified_accuracy",
+                 "alpha_crown": "alpha_crown_verified_accuracy"}
+
+
+def parse_floors(spec: str) -> dict[str, float]:
+    """``robust=0.6,verified=0.4`` -> {"robust": 0.6, "verified": 0.4}; a bad entry is one line."""
+    floors = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in _GATE_FIGURES:
+            raise HydraPipeError(f"--fail-under: {item!r}: expected NAME=FLOOR with NAME one of {', '.join(_GATE_FIGURES)}")
+        try:
+            floor = float(value)
+        except ValueError:
+            raise HydraPipeError(f"--fail-under: {item!r}: the floor must be a number in [0, 1]") from None
+        if not 0.0 <= floor <= 1.0:
+            raise HydraPipeError(f"--fail-under: {item!r}: the floor must be a number in [0, 1]")
+        floors[name.strip()] = floor
+    if not floors:
+        raise HydraPipeError("--fail-under: expected NAME=FLOOR[,NAME=FLOOR...], e.g. robust=0.6,verified=0.4")
+    return floors
+
+
+def parse_sweep(spec: str) -> list[float]:
+    """``0.05,0.1,0.2`` -> [0.05, 0.1, 0.2]; a bad entry is one line (the range is AuditParams' to check)."""
+    radii = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            radii.append(float(item))
+        except ValueError:
+            raise HydraPipeError(f"--sweep-eps: {item!r} is not a number (expected e.g. 0.05,0.1,0.2)") from None
+    if not radii:
+        raise HydraPipeError("--sweep-eps: expected radii separated by commas, e.g. 0.05,0.1,0.2")
+    return radii
+
+
+def _figure(report, name: str) -> float | None:
+    """A gated figure of the report; a part that did not run counts as 0 (a gate cannot pass on nothing)."""
+    return getattr(report, _GATE_FIGURES[name])
+
+
+_stage("export")  # registered after audit so `hydra-pipe --help` lists the stages in pipeline order
+_stage("report")
 
 
 @app.command("info")
 @_one_line_errors
 def info(model: Annotated[Path, typer.Argument(help="an ONNX model, e.g. deploy/model.onnx")]) -> None:
-    """Print what an exported model carries: sparsity, bit width, audit figures and settings, provenance."""
+    """Print what any ONNX model is (inputs, outputs, opset imports, producer), then what it carries in its
+    metadata (for ours: preprocessing, labels, sparsity, bit width, audit figures and settings, provenance)."""
     import json
 
+    from onnx import TensorProto, helper
+    from rich.markup import escape
     from rich.table import Table
 
-    from pipeline.onnx_io import read_metadata
+    from pipeline.onnx_io import read_proto
     from pipeline.reporting import show
 
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
-    meta = read_metadata(model)
-    table = Table(title=f"{model} ({model.stat().st_size:,} bytes)")
+    proto = read_proto(model)
+
+    def type_of(value) -> str:  # "float32 [batch, 1, 8, 8]"; a sequence / map / optional by its kind
+        t = value.type
+        if t.WhichOneof("value") != "tensor_type":
+            return t.WhichOneof("value") or "unknown type"
+        try:
+            dtype = str(helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type))
+        except (KeyError, ValueError, TypeError):
+            dtype = TensorProto.DataType.Name(t.tensor_type.elem_type).lower()
+        if not t.tensor_type.HasField("shape"):
+            return f"{dtype}, shape not declared"
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.tensor_type.shape.dim]
+        return f"{dtype} [{', '.join(dims)}]"
+
+    def rows(table: Table, *pairs: tuple[str, str]) -> None:  # as text: "[batch, 1, 8, 8]" is no markup
+        for key, value in pairs:
+            table.add_row(escape(key), escape(value))
+
+    graph = Table(title=escape(f"{model} ({model.stat().st_size:,} bytes)"))
+    graph.add_column("graph")
+    graph.add_column("value")
+    weights = {i.name for i in proto.graph.initializer}  # old IR versions list initializers as inputs too
+    rows(graph, *((f"input {i.name}", type_of(i)) for i in proto.graph.input if i.name not in weights),
+         *((f"output {o.name}", type_of(o)) for o in proto.graph.output),
+         ("opset imports", ", ".join(f"{imp.domain or 'ai.onnx'} {imp.version}" for imp in proto.opset_import)),
+         ("producer", f"{proto.producer_name} {proto.producer_version}".strip() or "(not named)"),
+         ("ir version", str(proto.ir_version)))
+    show(graph)
+
+    table = Table(title="metadata")
     table.add_column("key")
     table.add_column("value")
+
     def fmt(v) -> str:
+        if isinstance(v, list):
+            return ", ".join(fmt(x) for x in v)
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
+    meta = {p.key: p.value for p in proto.metadata_props}
     if not meta:
-        table.add_row("(no metadata)", "this model was not exported by hydra-pipe")
-    parsed = {}
+        rows(table, ("(no metadata)", "this model was not exported by hydra-pipe"))
     for key, raw in meta.items():
         try:
-            parsed[key] = json.loads(raw)
+            value = json.loads(raw)
         except ValueError:
-            parsed[key] = raw
-    for key, value in parsed.items():
+            value = raw
         if isinstance(value, dict):  # per-layer figures and the audit: one row each
-            for sub, v in value.items():
-                table.add_row(f"{key}.{sub}", fmt(v))
+            rows(table, *((f"{key}.{sub}", fmt(v)) for sub, v in value.items()))
         else:
-            table.add_row(key, fmt(value))
+            rows(table, (key, fmt(value)))
     show(table)

@@ -1,5 +1,6 @@
-"""The README's generated blocks: the figure table (from the committed metrics and audit report) and the audit
-report's fields (from :class:`pipeline.audit_report.AuditReport`), never typed by hand.
+"""The README's generated blocks: the figure table (from the committed metrics and audit report), the audit
+report's fields (from :class:`pipeline.audit_report.AuditReport`) and the ONNX ops the audit supports (from the
+loader's vocabulary and the bounds' rule registry), never typed by hand.
 
 ``python -m stages.figures`` rewrites each block between its markers in README.md (``make repro`` runs it after
 ``dvc repro``); ``tests/test_readme.py`` fails when the README and what it is generated from disagree.
@@ -26,7 +27,9 @@ def _pct(v: float | None) -> str:
 def table(root: Path = Path(".")) -> str:
     """The figure table (markdown) of the run whose outputs are under ``root``."""
     params = load_params(root / "params.yaml")
-    m = {s: json.loads((root / "metrics" / f"{s}.json").read_text())
+    # each stage's headline figures (metrics/, what DVC compares) and the rest (reports/)
+    m = {s: {**json.loads((root / "metrics" / f"{s}.json").read_text()),
+             **json.loads((root / "reports" / f"{s}.json").read_text())}
          for s in ("pretrain", "prune", "finetune", "quantize", "export")}
     audit = AuditReport.read(root / "reports" / "audit.json")
     pre, pr, fi, q, ex = (m[s] for s in ("pretrain", "prune", "finetune", "quantize", "export"))
@@ -70,7 +73,52 @@ def report_fields(root: Path = Path(".")) -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"figures": table, "audit-report": report_fields}
+def _op_forms(op: str) -> list[tuple[str, object]]:
+    """The graph-form nodes the loader makes of ONNX op ``op``, labelled where an op has several forms: the
+    arithmetic ops by their operands (a constant, or two computed tensors), every other op one node of its kind."""
+    import torch
+
+    from pipeline.graph import Binary, ConstBinary, Node
+    from pipeline.onnx_load import GRAPH_OP
+
+    if op in ("Add", "Sub", "Mul", "Div"):
+        sign = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/"}[op]
+        forms = [(f"x {sign} c", ConstBinary(op, torch.ones(1)), ("x",)), (f"x {sign} y", Binary(op), ("x", "y"))]
+        if op in ("Sub", "Div"):  # not commutative: the constant first is another form
+            forms.insert(1, (f"c {sign} x", ConstBinary(op, torch.ones(1), const_first=True), ("x",)))
+        return [(label, Node(op, op, m, ins, op)) for label, m, ins in forms]
+    kind = GRAPH_OP.get(op, op)
+    return [("", Node(op, kind, torch.nn.Identity(), ("x",), op))]
+
+
+def supported_ops(root: Path = Path(".")) -> str:
+    """Every ONNX op the audit reads and what reaches it: the attack (the graph form's torch forward, all of
+    them), IBP, and how CROWN's backward pass crosses it (exact, a linear relaxation, or cut: bounded by its
+    interval box)."""
+    from pipeline.bounds.ops import bound_support
+    from pipeline.onnx_load import OUTPUT_STRIPPED_OPS, PASS_THROUGH_OPS, SUPPORTED_OPS
+
+    crown_word = {"linear": "exact", "relaxed": "linear relaxation", "cut": "cut (interval box)", None: "no"}
+    lines = ["| ONNX op | attack | IBP | CROWN |", "|---|---|---|---|"]
+    for op in sorted(SUPPORTED_OPS):
+        if op in PASS_THROUGH_OPS:
+            lines.append(f"| {op} | pass-through | pass-through | pass-through |")
+            continue
+        cells = [(label, *bound_support(node)) for label, node in _op_forms(op)]
+
+        def column(word) -> str:
+            words = [word(c) for c in cells]
+            if len(set(words)) == 1:
+                return words[0]
+            return "; ".join(f"`{label}`: {w}" for (label, *_), w in zip(cells, words))
+
+        attack = "yes; stripped when the model's last op" if op in OUTPUT_STRIPPED_OPS else "yes"
+        lines.append(f"| {op} | {attack} | {column(lambda c: 'yes' if c[1] else 'no')} | "
+                     f"{column(lambda c: crown_word[c[2]])} |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"figures": table, "audit-report": report_fields, "supported-ops": supported_ops}
 
 
 def readme_block(readme: str, name: str) -> str:

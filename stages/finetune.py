@@ -7,9 +7,9 @@ from pathlib import Path
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import params_hash
 from pipeline.masking import global_sparsity
-from pipeline.reporting import metrics_table, show, write_csv, write_json
-from pipeline.training import accuracy, pgd_accuracy, train
-from stages.common import FINETUNED, METRICS, PLOTS, PRUNED, setup
+from pipeline.reporting import write_csv
+from pipeline.training import RESUME_DIR, accuracy, clear_resume, pgd_accuracy, train
+from stages.common import FINETUNED, PLOTS, PRUNED, setup, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -17,7 +17,9 @@ def run(params_path: Path) -> dict:
     p = params.finetune
     model, _ = load_checkpoint(PRUNED)
     model.to(device)
-    history = train(model, data.train, p, what="weights", label="finetune")
+    resume = RESUME_DIR / "finetune"  # a killed run continues from its last epoch (bit for bit)
+    history = train(model, data.train, p, what="weights", label="finetune", resume_dir=resume,
+                    resume_key=params_hash(params, "compute", "data"))
     metrics = {"sparsity": global_sparsity(model), "clean_accuracy": accuracy(model, data.test),
                "pgd_robust_accuracy": pgd_accuracy(model, data.test, p.eps),
                "final_loss": history[-1]["loss"] if history else None}
@@ -25,6 +27,6 @@ def run(params_path: Path) -> dict:
                     params_hash(params, "data", "model", "pretrain", "prune", "finetune"),
                     parent=str(PRUNED), extra={"stage": "finetune", "objective": p.objective})
     write_csv(PLOTS / "finetune.csv", history)
-    write_json(METRICS / "finetune.json", metrics)
-    show(metrics_table("finetune", metrics))
-    return metrics
+    figures = write_figures("finetune", metrics)
+    clear_resume(resume)  # only now: every output is written
+    return figures

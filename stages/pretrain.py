@@ -7,10 +7,10 @@ from pathlib import Path
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import params_hash
 from pipeline.models import build_model, count_parameters
-from pipeline.reporting import metrics_table, show, write_csv, write_json
+from pipeline.reporting import write_csv
 from pipeline.runtime import seed_everything
-from pipeline.training import accuracy, pgd_accuracy, train
-from stages.common import METRICS, PLOTS, PRETRAINED, setup
+from pipeline.training import RESUME_DIR, accuracy, clear_resume, pgd_accuracy, train
+from stages.common import PLOTS, PRETRAINED, setup, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -18,13 +18,15 @@ def run(params_path: Path) -> dict:
     p = params.pretrain
     seed_everything(p.seed)
     model = build_model(params.model.arch, data.info).to(device)
-    history = train(model, data.train, p, what="weights", label="pretrain")
+    resume = RESUME_DIR / "pretrain"  # a killed run continues from its last epoch (bit for bit)
+    history = train(model, data.train, p, what="weights", label="pretrain", resume_dir=resume,
+                    resume_key=params_hash(params, "compute", "data"))
     metrics = {"parameters": count_parameters(model), "clean_accuracy": accuracy(model, data.test),
                "pgd_robust_accuracy": pgd_accuracy(model, data.test, p.eps),
-               "eps": p.eps, "final_loss": history[-1]["loss"] if history else None}
+               "final_loss": history[-1]["loss"] if history else None}
     save_checkpoint(model, PRETRAINED, params.model.arch, data.info, params_hash(params, "data", "model", "pretrain"),
                     extra={"stage": "pretrain", "objective": p.objective})
     write_csv(PLOTS / "pretrain.csv", history)
-    write_json(METRICS / "pretrain.json", metrics)
-    show(metrics_table("pretrain", metrics))
-    return metrics
+    figures = write_figures("pretrain", metrics)
+    clear_resume(resume)  # only now: every output is written
+    return figures

@@ -8,9 +8,9 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import params_hash
 from pipeline.masking import global_sparsity, masked_layers, prunable_layers, sparsity_report
 from pipeline.pruning import kept_weight_histogram, lwm_kept_weights, prune
-from pipeline.reporting import metrics_table, show, write_csv, write_json
-from pipeline.training import accuracy, pgd_accuracy
-from stages.common import METRICS, PLOTS, PRETRAINED, PRUNED, setup
+from pipeline.reporting import write_csv
+from pipeline.training import RESUME_DIR, accuracy, clear_resume, pgd_accuracy
+from stages.common import PLOTS, PRETRAINED, PRUNED, setup, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -20,7 +20,8 @@ def run(params_path: Path) -> dict:
     model.to(device)
     pruned_names = {n for n, _ in prunable_layers(model, p.skip_first, p.skip_last)}
     before = {n: layer.weight.detach().cpu().numpy().copy() for n, layer in masked_layers(model) if n in pruned_names}
-    history = prune(model, data.train, p)
+    resume = RESUME_DIR / "prune"  # a killed run continues from its last epoch (bit for bit), one folder per step
+    history = prune(model, data.train, p, resume_dir=resume, resume_key=params_hash(params, "compute", "data"))
     kept = {n: layer.effective_weight().detach().cpu().numpy() for n, layer in masked_layers(model) if n in pruned_names}
     layers = sparsity_report(model)
     metrics = {"method": p.method, "keep_ratio": p.keep_ratio, "sparsity": global_sparsity(model),
@@ -34,6 +35,6 @@ def run(params_path: Path) -> dict:
     lwm = lwm_kept_weights(before, p.keep_ratio, p.scope)
     write_csv(PLOTS / "prune_weights.csv", kept_weight_histogram(before, {"lwm": lwm, "mask": kept}))
     write_csv(PLOTS / "prune_history.csv", history or [{"epoch": 0, "loss": None, "lr": None, "keep_ratio": p.keep_ratio}])
-    write_json(METRICS / "prune.json", metrics)
-    show(metrics_table(f"prune ({p.method})", metrics))
-    return metrics
+    figures = write_figures("prune", metrics, f"prune ({p.method})")
+    clear_resume(resume)  # only now: every output is written
+    return figures

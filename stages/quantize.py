@@ -11,9 +11,8 @@ from pipeline.data import as_arrays
 from pipeline.errors import HydraPipeError
 from pipeline.onnx_io import export_onnx, ort_logits, ort_session, torch_logits
 from pipeline.quantization import int8_weight_zeros, quantize_int8
-from pipeline.reporting import metrics_table, show, write_json
 from pipeline.channels import narrow
-from stages.common import FINETUNED, FP32_ONNX, INT8_ONNX, METRICS, setup
+from stages.common import FINETUNED, FP32_ONNX, INT8_ONNX, setup, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -53,6 +52,4 @@ def run(params_path: Path) -> dict:
     metrics["accuracy_drop"] = metrics["fp32_accuracy"] - metrics["int8_accuracy"]
     if metrics["int8_zero_weights"] < n_pruned:
         raise HydraPipeError(f"{INT8_ONNX}: {n_pruned - metrics['int8_zero_weights']} pruned weights are non-zero after quantization")
-    write_json(METRICS / "quantize.json", metrics)
-    show(metrics_table("quantize (int8, onnxruntime QDQ)", metrics))
-    return metrics
+    return write_figures("quantize", metrics, "quantize (int8, onnxruntime QDQ)")

@@ -88,3 +88,75 @@ def test_audit_of_a_valid_model_writes_the_report(tiny_onnx):
     assert res.returncode == 0, res.stderr
     report = json.loads(Path(out).read_text())
     assert report["n"] == 6 and report["steps"] == 3 and report["restarts"] == 2
+
+
+def test_audit_gate_fails_with_its_own_exit_code_when_a_figure_is_below_its_floor(tiny_onnx):
+    import json
+
+    out = tiny_onnx / "gate.json"
+    common = ["audit", "m.onnx", "--data", "ok.npz", "--eps", "0.01", "--steps", "2", "--restarts", "1",
+              "--out", str(out)]
+    passed = cli(*common, "--fail-under", "clean=0.0", cwd=tiny_onnx)
+    assert passed.returncode == 0, passed.stderr
+    clean = json.loads(out.read_text())["clean_accuracy"]
+    failed = cli(*common, "--fail-under", f"robust=0,clean={min(1.0, clean + 0.01):.3f}", cwd=tiny_onnx)
+    assert failed.returncode == 3, failed.stderr
+    lines = [l for l in failed.stderr.strip().splitlines() if l.strip() and "release floor" in l]
+    assert len(lines) == 1 and "clean" in lines[0] and "robust" not in lines[0].split(":")[-1]
+    assert out.exists()  # the report is written: the gate judges it, it does not hide it
+
+
+@pytest.mark.parametrize("spec", ["robust", "speed=0.5", "robust=1.5", "robust=high"])
+def test_a_bad_gate_is_one_line_before_any_work(tiny_onnx, spec):
+    out = tiny_onnx / "bad_gate.json"
+    res = cli("audit", "m.onnx", "--data", "ok.npz", "--eps", "0.01", "--out", str(out), "--fail-under", spec,
+              cwd=tiny_onnx)
+    assert_one_line_error(res, "--fail-under")
+    assert not out.exists()
+
+
+def test_model_options_without_a_model_are_refused_not_ignored(tmp_path):
+    res = cli("audit", "--steps", "20", "--eps", "0.1", cwd=tmp_path)
+    assert_one_line_error(res, "--steps", "--eps", "MODEL")
+
+
+def test_stage_help_lists_every_objective(tmp_path):
+    from typing import get_args
+
+    from pipeline.config import Objective
+
+    res = subprocess.run([*EXE, "pretrain", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "300"}, timeout=60)
+    assert all(o in res.stdout for o in get_args(Objective))
+
+
+def test_the_stage_command_runs_without_the_venv_on_path(tmp_path):
+    """dvc.yaml's command works however DVC was started (a bare `.venv/bin/dvc repro` leaves PATH alone)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HYDRA_PIPE_QUIET": "1"}
+    if not (root / ".venv/bin/python").exists():
+        pytest.skip("no project .venv (installed elsewhere); the launcher then uses the active python")
+    res = subprocess.run([str(root / "bin/hydra-pipe"), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "pretrain" in res.stdout
+    import yaml
+
+    cmds = [s["cmd"] for s in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].values()]
+    assert all(c.startswith("bin/hydra-pipe ") for c in cmds)
+
+
+def test_stages_pin_the_thread_count_from_params(tmp_path, monkeypatch):
+    import torch
+
+    from stages.common import setup
+
+    (tmp_path / "params.yaml").write_text("compute:\n  threads: 1\n")
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        setup(tmp_path / "params.yaml")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -124,7 +124,7 @@ def test_no_import_cycles_between_library_parts():
 
 def test_every_stage_lists_exactly_the_code_it_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == {"pretrain", "prune", "finetune", "quantize", "audit", "export"}
+    assert set(stages) == {"pretrain", "prune", "finetune", "quantize", "audit", "export", "report"}
     for name, stage in stages.items():
         code = {str(p.relative_to(ROOT)) for p in closure(ROOT / "stages" / f"{name}.py")}
         deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
