@@ -42,7 +42,7 @@ class GetSubnet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, importance: torch.Tensor, keep: int) -> torch.Tensor:  # type: ignore[override]
-        mask = torch.zeros_like(importance)
+        mask = torch.zeros_like(importance, memory_format=torch.contiguous_format)  # view(-1) below, even channels-last
         idx = importance.detach().flatten().topk(keep, sorted=False).indices
         mask.view(-1)[idx] = 1.0
         return mask

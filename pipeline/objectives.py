@@ -24,7 +24,8 @@ from torch import nn
 from pipeline.attacks import pgd_perturb
 from pipeline.config import TrainParams
 from pipeline.registry import Registry
-from pipeline.runtime import eval_mode
+from pipeline.distributed import unwrap
+from pipeline.runtime import eval_mode, full_precision
 from pipeline.threat import ThreatModel
 
 Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, TrainParams, float], torch.Tensor]
@@ -98,7 +99,8 @@ def _margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, met
     from pipeline.bounds import margin_lower_bounds
 
     lo, hi = ThreatModel(eps).box(x)
-    return margin_lower_bounds(model, lo, hi, y, method, intermediate=intermediate)
+    with full_precision():  # fp32 bounds whatever the training precision; through the model itself, not DDP
+        return margin_lower_bounds(unwrap(model), lo, hi, y, method, intermediate=intermediate)
 
 
 def _kappa(p: TrainParams, t: float) -> float:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.config import PruneParams
+from pipeline.config import ComputeParams, PruneParams
 from pipeline.masking import (MaskedLayer, apply_fixed_masks, freeze_masks, prunable_layers, set_score_keep,
                               start_score_pruning, topk_masks)
 from pipeline.registry import Registry
@@ -38,18 +38,18 @@ PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method", "prune.method"
 
 
 def prune(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: Path | None = None,
-          resume_key: str = "") -> list[dict[str, float]]:
+          resume_key: str = "", compute: ComputeParams | None = None) -> list[dict[str, float]]:
     """Prune ``model`` in place to ``p.keep_ratio`` with ``p.method``; returns HYDRA's per-epoch history.
 
     ``p.granularity: filter`` prunes whole output channels instead (:func:`pipeline.structured.prune_filters`).
     ``resume_dir``: each score training of the schedule keeps its resume state in its own subfolder
-    (:func:`pipeline.training.train`).
+    (:func:`pipeline.training.train`). ``compute``: workers, precision, memory format of the score training.
     """
     if p.granularity == "filter":  # whole output channels, removable from the deployed graph
-        return prune_filters(model, data, p, resume_dir=resume_dir, resume_key=resume_key)
+        return prune_filters(model, data, p, resume_dir=resume_dir, resume_key=resume_key, compute=compute)
     method = PRUNE_METHODS.get(p.method)
     return method(model, prunable_layers(model, p.skip_first, p.skip_last), data, p, resume_dir=resume_dir,
-                  resume_key=resume_key)
+                  resume_key=resume_key, compute=compute)
 
 
 @PRUNE_METHODS.register("lwm")
@@ -72,7 +72,8 @@ def random_mask(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: D
 
 @PRUNE_METHODS.register("hydra")
 def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams,
-          resume_dir: Path | None = None, resume_key: str = "") -> list[dict[str, float]]:
+          resume_dir: Path | None = None, resume_key: str = "",
+          compute: ComputeParams | None = None) -> list[dict[str, float]]:
     """HYDRA (Alg. 1): scores from ``p.score_init``, trained with ``p.objective`` while the weights stay frozen.
 
     Multi-step pruning (``p.schedule_keep``) trains the scores for ``p.epochs`` at each keep ratio of the schedule
@@ -88,7 +89,8 @@ def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset
         label = f"prune to keep {keep:g}"
         # one resume folder per step: the step index keeps a schedule that repeats a ratio apart
         state = resume_dir / f"{step}-{resume_label(label)}" if resume_dir is not None else None
-        for row in train(model, data, p, what="scores", bn=p.bn, label=label, resume_dir=state, resume_key=resume_key):
+        for row in train(model, data, p, what="scores", bn=p.bn, label=label, resume_dir=state, resume_key=resume_key,
+                         compute=compute):
             history.append({**row, "keep_ratio": keep})
     freeze_masks(model)
     return history

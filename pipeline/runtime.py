@@ -75,3 +75,17 @@ def attack_mode(model: nn.Module, threads: int | None = None) -> Iterator[nn.Mod
     """Eval mode, no parameter gradients and a deliberate thread count, all restored on exit."""
     with eval_mode(model), frozen(model), num_threads(threads):
         yield model
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Plain fp32 for the block, whatever the caller trains with: no autocast (CUDA or CPU) and no TF32 matmuls or
+    convolutions. Bounds and the confirmation of adversarial examples run in it (a bound computed in bf16 or TF32
+    is not a bound of the fp32 network); the flags are restored after."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.channels import ChannelGroup, prunable_groups
-from pipeline.config import PruneParams
+from pipeline.config import ComputeParams, PruneParams
 from pipeline.errors import HydraPipeError
 from pipeline.masking import GetSubnet, Masked, keep_counts
 from pipeline.training import resume_label, train
@@ -130,7 +130,7 @@ def channel_keep(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.Ten
 
 
 def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: Path | None = None,
-                  resume_key: str = "") -> list[dict[str, float]]:
+                  resume_key: str = "", compute: ComputeParams | None = None) -> list[dict[str, float]]:
     """Filter-prune ``model`` in place, keeping ``p.keep_ratio`` of each group's filters with ``p.method``.
 
     ``hydra``: filter scores (scaled L1 init) trained with ``p.objective`` through ``train(..., what="scores")``,
@@ -161,7 +161,7 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: P
             label = f"prune filters to keep {ratio:g}"
             state = resume_dir / f"{step}-{resume_label(label)}" if resume_dir is not None else None
             for row in train(model, data, p, what="scores", bn=p.bn, label=label, resume_dir=state,
-                             resume_key=resume_key):
+                             resume_key=resume_key, compute=compute):
                 history.append({**row, "keep_ratio": ratio})
         keep = channel_keep(model, groups)
         fold_channel_masks(model, groups, keep)

@@ -11,6 +11,16 @@ model) restores it and continues with the next epoch: the final weights are bit 
 run (on CPU, same machine kind and thread count). A state with another fingerprint is someone else's and is
 ignored; an unreadable one is reported and ignored. The caller removes the folder once its outputs are written
 (:func:`clear_resume`); until then a finished run's last state lets a rerun skip the training altogether.
+
+**Several workers** (torchrun, :mod:`pipeline.distributed`): the model trains DDP-wrapped, each rank on its strided
+shard of every global batch (``batch_size`` stays the global batch), each rank's loss weighted by its share of the
+batch so the averaged gradient is the one-worker gradient up to float summation order. Rank ``r`` draws its random
+starts and noise from seed ``p.seed + r``. The epoch's loss is summed over the ranks, and a non-finite loss on any
+rank stops every rank at the same step (rank 0 says so). Only rank 0 writes the resume state; it holds every rank's
+RNG state. With one worker none of this runs: the loop is bit for bit what it was.
+
+**Compute** (``compute``): ``precision`` bf16 / fp16 trains under autocast (fp16 with a gradient scaler, kept in the
+resume state); ``channels_last`` trains in that memory format (the model comes back contiguous).
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.attacks import pgd_perturb
 from pipeline.checkpoint import read_state, tensor_digest, write_state
-from pipeline.config import TrainParams
+from pipeline.config import ComputeParams, TrainParams
 from pipeline.data import loader
+from pipeline.distributed import (all_gather_bytes, all_min_max, all_sum, is_main, rank, release, sharded_loader,
+                                 stop_with_main, world, wrap)
 from pipeline.errors import HydraPipeError
 from pipeline.masking import score_parameters, weight_parameters
 from pipeline.objectives import get_objective
@@ -103,7 +115,8 @@ def _fingerprint(model: nn.Module, n_examples: int, p: TrainParams, what: str, b
 
 def _save_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler | None, batches: DataLoader, epoch: int, step: int,
-                history: list[dict[str, float]]) -> None:
+                history: list[dict[str, float]], scaler: torch.amp.GradScaler | None = None) -> None:
+    """Every rank calls this (the RNG states are gathered); rank 0 writes."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     o = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -118,18 +131,31 @@ def _save_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{i}"] = state
-    write_state(path, tensors, {
-        "fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history,
-        "optimizer": {"param_groups": o["param_groups"], "scalars": scalars},
-        "scheduler": sched.state_dict() if sched is not None else None})
+    if world() > 1:  # each rank's own random stream (rank 0's is rng/cpu, as with one worker)
+        for r, state in enumerate(all_gather_bytes(torch.get_rng_state())):
+            if r:
+                tensors[f"rng/rank{r}/cpu"] = state
+        if next(model.parameters()).is_cuda:
+            for r, state in enumerate(all_gather_bytes(torch.cuda.get_rng_state())):
+                tensors[f"rng/rank{r}/cuda"] = state
+    meta = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "history": history,
+            "optimizer": {"param_groups": o["param_groups"], "scalars": scalars},
+            "scheduler": sched.state_dict() if sched is not None else None}
+    if scaler is not None:
+        meta["scaler"] = scaler.state_dict()
+    if is_main():
+        write_state(path, tensors, meta)
 
 
 def _note(line: str) -> None:
+    if not is_main():  # several workers: said once, by rank 0
+        return
     console.print(line, markup=False, highlight=False, soft_wrap=True)  # one line on stderr, never wrapped
 
 
 def _load_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim.Optimizer,
-                sched: torch.optim.lr_scheduler.LRScheduler | None, batches: DataLoader, label: str) -> dict | None:
+                sched: torch.optim.lr_scheduler.LRScheduler | None, batches: DataLoader, label: str,
+                scaler: torch.amp.GradScaler | None = None) -> dict | None:
     """Restore the state at ``path`` into the run if it is this run's; returns its JSON, or None to start afresh."""
     if not path.is_file():
         return None
@@ -150,8 +176,10 @@ def _load_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim
         opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         if sched is not None:
             sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng/cpu"])
+        torch.set_rng_state(tensors.get(f"rng/rank{rank()}/cpu", tensors["rng/cpu"]))
         batches.generator.set_state(tensors["rng/loader"])
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HydraPipeError(f"{path}: resume state does not fit this run ({first}); delete {path.parent} "
@@ -159,12 +187,14 @@ def _load_state(path: Path, fingerprint: str, model: nn.Module, opt: torch.optim
     cuda = [tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in tensors]
     if cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    if f"rng/rank{rank()}/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"rng/rank{rank()}/cuda"])
     return meta
 
 
 def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "weights",
           bn: Literal["train", "eval"] = "train", label: str = "train", resume_dir: Path | None = None,
-          resume_key: str = "") -> list[dict[str, float]]:
+          resume_key: str = "", compute: ComputeParams | None = None) -> list[dict[str, float]]:
     """Minimise ``p.objective`` over ``data`` for ``p.epochs`` epochs; returns one row per epoch.
 
     ``what="scores"`` is HYDRA's pruning step: weights and biases are frozen and only the importance scores of
@@ -172,33 +202,45 @@ def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "we
     ``resume_dir``: keep a resume state there after every epoch and continue from a matching one (module
     docstring); ``resume_key`` names what else the run depends on (the caller's data / compute params). A loss
     that is not finite stops training with one line naming ``label``, the epoch and the step; the last good
-    state is kept.
+    state is kept. ``compute``: precision and memory format (module docstring); workers come from torchrun.
     """
     history: list[dict[str, float]] = []
     if p.epochs == 0:
         return history
-    seed_everything(p.seed)
+    compute = compute or ComputeParams()
+    ranks = world()
+    seed_everything(p.seed + rank())  # rank 0 (and a one-worker run): p.seed, as always
     params = trainable_parameters(model, what)
     if not params:
         raise ValueError(f"{label}: nothing to train ({what})")
+    if compute.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = wrap(model)  # DDP with several workers (after trainable_parameters: DDP takes those that need grads)
     loss_fn = get_objective(p.objective)
     opt = _optimizer(params, p)
-    batches = loader(data, p.batch_size, shuffle=True, seed=p.seed)
+    batches = loader(data, p.batch_size, shuffle=True, seed=p.seed) if ranks == 1 else \
+        sharded_loader(data, p.batch_size, shuffle=True, seed=p.seed)
     total = p.epochs * len(batches)
     sched = None
     if p.schedule == "cosine":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     dev = device_of(model)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute.precision)
+    scaler = torch.amp.GradScaler(dev.type) if compute.precision == "fp16" else None
     step, start = 0, 0
     state_file = fingerprint = None
     if resume_dir is not None:
         state_file = Path(resume_dir) / STATE_FILE
-        fingerprint = _fingerprint(model, len(data), p, what, bn, label, resume_key)
-        meta = _load_state(state_file, fingerprint, model, opt, sched, batches, label)
+        key = resume_key if ranks == 1 else f"{resume_key}|world {ranks}"  # each rank's RNG state is in the state
+        fingerprint = _fingerprint(model, len(data), p, what, bn, label, key)
+        meta = _load_state(state_file, fingerprint, model, opt, sched, batches, label, scaler)
         if meta is not None:
             start, step, history = meta["epoch"], meta["step"], meta["history"]
-            if start < p.epochs:
-                _note(f"{label}: resuming after epoch {start} of {p.epochs} ({state_file})")
+        if ranks > 1 and len(set(all_min_max(start))) > 1:
+            raise HydraPipeError(f"{label}: the workers found different resume states in {state_file} (not every "
+                                 "node sees the same .resume folder); share it, or delete it to train from the start")
+        if meta is not None and start < p.epochs:
+            _note(f"{label}: resuming after epoch {start} of {p.epochs} ({state_file})")
     with progress_bar() as bar:
         task = bar.add_task(f"{label} ({p.objective}, {what})", total=total, completed=step)
         for epoch in range(start, p.epochs):
@@ -208,28 +250,59 @@ def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "we
             seen, loss_sum = 0, 0.0
             for i, (x, y) in enumerate(batches):
                 x, y = x.to(dev), y.to(dev)
-                loss = loss_fn(model, x, y, p, step / total)
+                if compute.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=low) if low is not None else contextlib.nullcontext():
+                    loss = loss_fn(net, x, y, p, step / total) if len(y) else _no_examples(net, x)
                 value = loss.detach().item()  # one host sync per step, as before
-                if not math.isfinite(value):
-                    _diverged(label, f"the loss is {value}", epoch, i, len(batches), state_file)
+                if ranks > 1:  # the global batch: its summed loss and size; a non-finite loss anywhere shows here
+                    batch_sum, n = all_sum([value * len(y), len(y)], dev)
+                    if len(y) and len(y) * ranks != n:  # a short last batch: weigh this rank's mean by its share
+                        loss = loss * (len(y) * ranks / n)
+                else:
+                    batch_sum, n = value * len(y), len(y)
+                if not math.isfinite(batch_sum if ranks > 1 else value):
+                    if not is_main():
+                        stop_with_main()  # rank 0 says it, once
+                    _diverged(label, f"the loss is {value if ranks == 1 else batch_sum / n}", epoch, i, len(batches),
+                              state_file)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
                 if sched is not None:
                     sched.step()
                 step += 1
-                seen += len(y)
-                loss_sum += value * len(y)
+                seen += n
+                loss_sum += batch_sum
                 bar.advance(task)
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "lr": opt.param_groups[0]["lr"]})
             # a finite loss can still be followed by a step that overflows the weights: never save those as "good"
-            if not all(bool(torch.isfinite(q).all()) for q in params):
+            if not all(bool(torch.isfinite(q).all()) for q in params):  # the same on every rank: rank 0 says it
+                if not is_main():
+                    stop_with_main()
                 _diverged(label, "the trained parameters are not finite", epoch, len(batches) - 1, len(batches),
                           state_file)
             if state_file is not None:
-                _save_state(state_file, fingerprint, model, opt, sched, batches, epoch + 1, step, history)
+                _save_state(state_file, fingerprint, model, opt, sched, batches, epoch + 1, step, history, scaler)
+    if net is not model:
+        del net
+        release()  # DDP's reducer and its gradient hooks go now, before anything else trains these parameters
+    if compute.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     _release(model)
     return history
+
+
+def _no_examples(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A rank whose shard of a short last batch is empty still joins DDP's gradient all-reduce: a zero loss
+    through a forward on no examples (eval mode: BatchNorm refuses an empty training batch)."""
+    with eval_mode(net):
+        return net(x).sum() * 0.0
 
 
 def _diverged(label: str, what: str, epoch: int, i: int, steps: int, state_file: Path | None) -> None:

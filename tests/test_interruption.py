@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.checkpoint import read_state
 from pipeline.config import PruneParams, TrainParams
 from pipeline.errors import HydraPipeError
 from pipeline.reporting import atomic_write_bytes
 from pipeline.training import STATE_FILE, train
+from tests.scratch import scratch
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = "from stages.cli import app; app()"
@@ -47,11 +47,6 @@ def _run(folder: Path, stage: str = "pretrain") -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def _scratch(tmp_path: Path, name: str, params: dict) -> Path:
-    d = tmp_path / name
-    d.mkdir()
-    (d / "params.yaml").write_text(yaml.safe_dump(params))
-    return d
 
 
 def _temp_files(folder: Path) -> list[Path]:
@@ -69,8 +64,8 @@ def _partly_written(folder: Path, n: int) -> bool:
 
 
 def test_a_killed_pretrain_resumes_to_the_same_weights_bit_for_bit(tmp_path):
-    reference = _scratch(tmp_path, "reference", TINY)
-    killed = _scratch(tmp_path, "killed", TINY)
+    reference = scratch(tmp_path, "reference", TINY)
+    killed = scratch(tmp_path, "killed", TINY)
     # the previous run's outputs, which a killed run must leave as they are
     (killed / "models").mkdir()
     previous = {killed / "models/pretrained.safetensors": b"previous weights",
@@ -137,7 +132,7 @@ def test_a_kill_during_a_write_leaves_the_old_file_or_the_new_one_never_a_partia
 
 
 def test_a_diverging_pretrain_exits_2_with_one_line_naming_the_stage_epoch_and_step(tmp_path):
-    folder = _scratch(tmp_path, "nan", {"compute": {"threads": 1},
+    folder = scratch(tmp_path, "nan", {"compute": {"threads": 1},
                                         "pretrain": {"epochs": 2, "objective": "benign", "lr": 1e30}})
     (folder / "models").mkdir()
     (folder / "models/pretrained.safetensors").write_bytes(b"previous weights")

@@ -14,7 +14,7 @@ PACKAGES = ("pipeline", "stages")
 
 # Library layers, bottom first: a module imports only from its own layer or below (and the graph has no cycle).
 LAYERS = [
-    {"errors", "registry", "threat", "runtime", "reporting", "config"},
+    {"errors", "registry", "threat", "runtime", "reporting", "config", "distributed"},
     {"data", "graph", "masking"},
     {"models", "checkpoint", "onnx_io", "onnx_load", "channels", "quantization", "compression", "smoothing",
      "bounds", "attacks"},

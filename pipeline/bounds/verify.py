@@ -21,6 +21,7 @@ from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, 
                                    interval_bounds)
 from pipeline.graph import GraphModule, as_graph
 from pipeline.registry import Registry
+from pipeline.runtime import full_precision
 from pipeline.threat import ThreatModel
 
 Method = Literal["ibp", "crown", "alpha-crown"]
@@ -137,7 +138,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method:
     joint = _LOGIT_BOUNDS.get(method) if logit_bounds else None
     n = x.shape[0]
     lows, highs, ver = [], [], []
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():  # fp32, no TF32: a bound in lower precision is no bound
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
             x_lo, x_hi = threat.box(xb)
