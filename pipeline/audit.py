@@ -25,9 +25,12 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +59,9 @@ PGD_CHUNK_BATCHES = 4
 restarts`` examples, at least one) and journals each chunk's verdicts. The chunks are the same with or without a
 journal, so a resumed audit equals an uninterrupted one bit for bit. Each chunk ends on a draining batch (its
 slowest rows alone), so much smaller chunks would cost speed; the pipeline's digits audit (90 undecided examples,
-163 per chunk) is one chunk."""
-JOURNAL_FORMAT = 1
+163 per chunk) is one chunk. The chunks are also what ``workers`` processes share (:class:`_Pool`): they do not
+depend on the number of workers, so neither do the verdicts."""
+JOURNAL_FORMAT = 2
 """Bump when what a journal entry holds, or how a part is computed, changes: older entries then no longer match."""
 
 
@@ -156,9 +160,13 @@ class _Journal:
         got = self.get(part, shapes, keys)
         if got is None:
             got = compute()
-            if self.folder is not None:
-                _savez_atomic(self._path(part), {**got[0], "__meta__": np.array(json.dumps(got[1]))})
+            self.put(part, *got)
         return got
+
+    def put(self, part: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Journal the entry of ``part`` (whole or not at all)."""
+        if self.folder is not None:
+            _savez_atomic(self._path(part), {**arrays, "__meta__": np.array(json.dumps(meta))})
 
 
 def _journal_key(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, want_bounds: bool) -> str:
@@ -249,6 +257,201 @@ def _load(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int | None, s
                      {"load": load_seconds, "clean": time.perf_counter() - t})
 
 
+@dataclass(frozen=True)
+class _Task:
+    """A part of the audit that any process computes alone and journals as one entry: a block of one verifier's
+    bounds (``kind`` ibp, crown or alpha-crown) or a chunk of PGD (``pgd``). It holds all its verdicts depend on (the
+    examples by their index in the whole set, the params, the bounds batch), so a worker gives the entry the
+    audit's own process would, and the blocks and chunks are the same however many processes share them."""
+
+    part: str  # its journal part
+    kind: str
+    params: AuditParams
+    rows: np.ndarray  # long: the examples, by their index in the whole set
+    batch: int = 0  # examples per bounds call: a block is one or a few of the one-process audit's calls
+    want_bounds: bool = False  # keep the logit bounds (ibp, crown)
+
+    @property
+    def keeps_bounds(self) -> bool:
+        return self.want_bounds and self.kind in ("ibp", "crown")
+
+    def shapes(self, classes: int) -> dict[str, tuple[int, ...]]:
+        n = len(self.rows)
+        if self.kind == "pgd":
+            return {"break_step": (n,), "break_restart": (n,)}
+        return {"verified": (n,), **({"lower": (n, classes), "upper": (n, classes)} if self.keeps_bounds else {})}
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ("settled", "rejected", "rejected_examples", "row_steps", "seconds") if self.kind == "pgd" else \
+            ("seconds",)
+
+
+def _compute(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, task: _Task,
+             progress: Callable[[int, int], None]) -> tuple[dict[str, np.ndarray], dict]:
+    """The journal entry of ``task``: its per-example verdicts (arrays) and its figures (JSON)."""
+    t, p = time.perf_counter(), task.params
+    ids = torch.as_tensor(task.rows, dtype=torch.long, device=xt.device)
+    if task.kind == "pgd":
+        res = pgd_attack(deployed.graph, xt[ids], yt[ids], p.threat.eps, norm=p.norm, steps=p.steps,
+                         restarts=p.restarts, step_size=p.step_size, loss=p.loss, batch_size=p.batch_size,
+                         seed=p.seed, confirm=deployed.logits, threads=p.threads, index=ids, progress=progress)
+        return ({"break_step": res.break_step.cpu().numpy(), "break_restart": res.break_restart.cpu().numpy()},
+                {"settled": res.settled, "rejected": res.rejected, "rejected_examples": res.rejected_examples,
+                 "row_steps": res.row_steps, "seconds": time.perf_counter() - t})
+    cert = certify(deployed.graph, xt[ids], yt[ids], p.threat, task.kind, batch_size=task.batch,
+                   logit_bounds=task.keeps_bounds, progress=progress)
+    # sound bounds and onnxruntime agree; the AND guards against a disagreement
+    out = {"verified": (cert.verified & deployed.clean_correct[ids]).cpu().numpy()}
+    if task.keeps_bounds:
+        out["lower"], out["upper"] = cert.lower.cpu().numpy(), cert.upper.cpu().numpy()
+    return out, {"seconds": time.perf_counter() - t}
+
+
+class _Tick:
+    """Progress of a list of tasks on bars, one per group of tasks (their ``kind``): ``tick(i, done)`` says task
+    ``i`` has ``done`` of its examples done; a bar ``(update, base, total)`` shows ``base`` + the group's sum."""
+
+    def __init__(self, tasks: list[_Task], bars: dict[str, tuple[Callable[[int, int], None], int, int]]) -> None:
+        self.tasks, self.bars = tasks, bars
+        self.done, self.sums = [0] * len(tasks), dict.fromkeys(bars, 0)
+        self.shown = {group: base for group, (_, base, _) in bars.items()}  # the caller has shown the base
+
+    def __call__(self, i: int, done: int) -> None:
+        group = self.tasks[i].kind
+        if group not in self.bars:
+            return
+        self.sums[group] += done - self.done[i]
+        self.done[i] = done
+        update, base, total = self.bars[group]
+        if self.shown.get(group) != base + self.sums[group]:
+            self.shown[group] = base + self.sums[group]
+            update(base + self.sums[group], total)
+
+
+_WORKER: dict = {}
+"""A worker process's model, data and journal (:func:`_worker_init`)."""
+
+
+def _worker_init(model_path: str, x: np.ndarray, y: np.ndarray, clean_correct: np.ndarray, classes: int,
+                 threads: int, folder: str, key: str, counter) -> None:
+    """Start a worker of :class:`_Pool`: its own torch threads, onnxruntime session and device (on CUDA, the
+    next device in turn), the model loaded once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends its workers
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        with counter.get_lock():
+            index, counter.value = counter.value, counter.value + 1
+        torch.cuda.set_device(index % torch.cuda.device_count())
+    dev = default_device()
+    graph = load_onnx(Path(model_path)).to(dev).eval()
+    session = ort_session(Path(model_path), threads=threads)
+    _WORKER.update(deployed=_Deployed(Path(model_path), session, graph, classes,
+                                      torch.as_tensor(clean_correct, device=dev)),
+                   xt=torch.as_tensor(x, device=dev), yt=torch.as_tensor(y, device=dev),
+                   book=_Journal(Path(folder), key), threads=threads)
+
+
+def _work(task: _Task) -> tuple:
+    """A worker computes ``task`` and journals its entry (the parent reads it there): ``("ok",)``, or the one-line
+    error the parent raises."""
+    w = _WORKER
+    task = replace(task, params=task.params.model_copy(update={"threads": w["threads"]}))
+    try:
+        arrays, meta = _compute(w["deployed"], w["xt"], w["yt"], task, lambda done, total: None)
+    except UnsupportedOpError as exc:  # rebuilt in the parent: _verify turns it into verification_blocked_by
+        return ("unsupported", exc.op_type, exc.node_name)
+    except HydraPipeError as exc:
+        return ("error", str(exc))
+    w["book"].put(task.part, arrays, meta)
+    return ("ok",)
+
+
+class _Pool:
+    """``workers`` processes (spawned) that compute tasks into the journal ``book``: each with
+    ``max(1, threads // workers)`` torch and onnxruntime threads, on CUDA one device each in turn."""
+
+    def __init__(self, workers: int, model_path: Path, x: np.ndarray, y: np.ndarray, deployed: _Deployed,
+                 params: AuditParams, book: _Journal) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        self.threads = max(1, (params.threads or torch.get_num_threads()) // workers)
+        self.executor = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_worker_init,
+            initargs=(str(model_path), x, y, deployed.clean_correct.cpu().numpy(), deployed.classes, self.threads,
+                      str(book.folder), book.key, ctx.Value("i", 0)))
+
+    def close(self, abort: bool) -> None:
+        """Wait for the workers to exit, or (``abort``) cancel what is queued and end them now."""
+        if not abort:
+            self.executor.shutdown(wait=True)
+            return
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            with contextlib.suppress(Exception):
+                proc.terminate()
+        for proc in processes:
+            with contextlib.suppress(Exception):
+                proc.join(10)
+
+
+class _Parts:
+    """The audit's tasks, each a part of the journal ``book``: read from it when there, else computed, here one
+    after another or on the workers of ``pool`` (which journal their entries; the parent reads them back)."""
+
+    def __init__(self, book: _Journal, deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor,
+                 pool: _Pool | None = None) -> None:
+        self.book, self.deployed, self.xt, self.yt, self.pool = book, deployed, xt, yt, pool
+
+    def map(self, tasks: list[_Task], tick: Callable[[int, int], None]) -> list[tuple[dict[str, np.ndarray], dict]]:
+        """Each task's ``(arrays, meta)``, in order; ``tick(i, done)`` as task ``i`` progresses."""
+        classes = self.deployed.classes
+        results: list = [self.book.get(t.part, t.shapes(classes), t.keys) for t in tasks]
+        missing = [i for i, got in enumerate(results) if got is None]
+        for i, got in enumerate(results):
+            if got is not None:
+                tick(i, len(tasks[i].rows))
+        if self.pool is None:
+            for i in missing:
+                results[i] = _compute(self.deployed, self.xt, self.yt, tasks[i],
+                                      lambda done, total, i=i: tick(i, done))
+                self.book.put(tasks[i].part, *results[i])
+                tick(i, len(tasks[i].rows))
+            return results
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        futures = {self.pool.executor.submit(_work, tasks[i]): i for i in missing}
+        try:
+            for future in as_completed(futures):
+                i = futures[future]
+                part = tasks[i].part
+                try:
+                    status = future.result()
+                except BrokenProcessPool:
+                    raise HydraPipeError(f"audit: a worker process died (killed, or out of memory?) while computing "
+                                         f"{part}; no report written") from None
+                except Exception as exc:  # a bug in a worker: one line all the same
+                    raise HydraPipeError(f"audit: a worker failed on {part} ({type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())}); no report written") from None
+                if status[0] == "unsupported":
+                    raise UnsupportedOpError(status[1], status[2])
+                if status[0] != "ok":
+                    raise HydraPipeError(str(status[1]))
+                results[i] = self.book.get(part, tasks[i].shapes(classes), tasks[i].keys)
+                if results[i] is None:
+                    raise HydraPipeError(f"audit: a worker computed {part} but its journal entry in "
+                                         f"{self.book.folder} cannot be read back; no report written")
+                tick(i, len(tasks[i].rows))
+        finally:
+            for future in futures:
+                future.cancel()
+        return results
+
+
 def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
               progress: bool = True, source: str = "data", journal: Path | None = None) -> AuditReport:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
@@ -259,10 +462,17 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
     same model, data and params, the audit reuses them and computes only the rest; the report is then exactly an
     uninterrupted run's, but ``seconds`` (a reused part keeps the time it took when it ran). The caller removes
     the journal once the report is written (:func:`discard_journal`).
+
+    ``params.workers`` > 1 shards the examples across that many worker processes (:class:`_Pool`): the blocks of
+    bounds and the chunks of PGD are the one-process audit's, each computed by a worker into the journal (a
+    temporary one without ``journal``), and this process merges them as it merges a resumed audit's entries;
+    Square (one random stream over its whole batch) runs here on the merged remainder. The report is the
+    one-process report, but ``seconds``. A worker's failure is one :class:`HydraPipeError` line.
     """
     t_total = time.perf_counter()
     x, y = _validate(x, y, source)
     threat = params.threat  # validates eps and norm once
+    scratch = pool = None
     with num_threads(params.threads):  # the bounds too
         deployed = _load(model_path, x, y, params.threads, source)
         seconds = deployed.seconds
@@ -271,13 +481,27 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
         arrays: dict[str, np.ndarray] = {}
         fields["stripped_output_ops"] = list(getattr(deployed.graph, "stripped_output_ops", []))
         want_bounds = bounds_out is not None
+        sharded = params.workers > 1
+        if sharded and journal is None:  # the workers hand their entries over in a journal: a temporary one
+            journal = scratch = Path(tempfile.mkdtemp(prefix="hydra-pipe-audit-"))
         book = _Journal(journal, _journal_key(Path(model_path), x, y, params, want_bounds) if journal else "")
-        with _Progress(progress) as bars:
-            verified = _verify(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, book)
-            if params.steps > 0:
-                _attack(deployed, xt, yt, params, verified, bars, fields, seconds, book)
-            if params.sweep_eps:
-                fields["eps_sweep"] = _sweep(deployed, xt, yt, params, bars, seconds, book)
+        aborted = True
+        try:
+            if sharded:
+                pool = _Pool(params.workers, Path(model_path), x, y, deployed, params, book)
+            parts = _Parts(book, deployed, xt, yt, pool)
+            with _Progress(progress) as bars:
+                verified = _verify(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, parts)
+                if params.steps > 0:
+                    _attack(deployed, xt, yt, params, verified, bars, fields, seconds, parts)
+                if params.sweep_eps:
+                    fields["eps_sweep"] = _sweep(deployed, xt, yt, params, bars, seconds, parts)
+            aborted = False
+        finally:
+            if pool is not None:
+                pool.close(abort=aborted)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         if params.smoothing_sigma is not None:
             # randomized-smoothing certificate: CERTIFY on the deployed numerics, see pipeline/smoothing.py
             def smoothing() -> tuple[dict, dict]:
@@ -288,7 +512,8 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
                     alpha=params.smoothing_alpha, seed=params.seed)
                 return {}, {"summary": summary, "seconds": time.perf_counter() - t}
 
-            _, meta = book.run("smoothing", smoothing, {}, ("summary", "seconds"))
+            _, meta = (book if scratch is None else _Journal(None)).run("smoothing", smoothing, {},
+                                                                        ("summary", "seconds"))
             fields["smoothing"] = SmoothingSummary(**meta["summary"])
             seconds["smoothing"] = meta["seconds"]
     if bounds_out is not None and arrays:
@@ -302,15 +527,16 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
 
 def _verify(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
             fields: dict, arrays: dict[str, np.ndarray], seconds: dict[str, float], want_bounds: bool,
-            book: _Journal, part: str = "") -> torch.Tensor:
+            parts: _Parts, part: str = "") -> torch.Tensor:
     """IBP, CROWN, then alpha-CROWN on what they left; returns the verified mask, fills the figures and bounds.
-    Each verifier is a part of the journal ``book`` (named ``part`` + its method).
+    Each verifier runs in blocks of rows, each block a part of the journal (named ``part`` + its method + its
+    block) computed by ``parts``.
 
     Examples onnxruntime already misclassifies can never count as verified, so they are skipped unless the
     logit bounds are wanted (``want_bounds``: then every row needs them). On a deep network most of an
     undefended model's examples are misclassified, and CROWN costs seconds per image there.
     """
-    n, clean_correct = len(xt), deployed.clean_correct
+    n = len(xt)
     verified = torch.zeros(n, dtype=torch.bool, device=xt.device)
     if not (params.ibp or params.crown or params.alpha_crown):
         return verified
@@ -319,7 +545,7 @@ def _verify(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Aud
         fields["verification_blocked_by"] = blocked
         return verified
     try:
-        _run_verifiers(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, verified, book, part)
+        _run_verifiers(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, verified, parts, part)
     except UnsupportedOpError as exc:  # a form of an op its rule refuses (e.g. a convolution's padding mode)
         for key in ("ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy"):
             fields.pop(key, None)
@@ -341,57 +567,50 @@ def _bounds_batch(graph: torch.nn.Module, x1: torch.Tensor) -> int:
     return max(1, min(BOUNDS_BATCH, BOUNDS_WORK // max(elements * weights, 1)))
 
 
+_BAR = {"ibp": "IBP bounds", "crown": "CROWN bounds", "alpha-crown": "alpha-CROWN bounds"}
+
+
+def _blocks(kind: str, name: str, params: AuditParams, rows: np.ndarray, batch: int, want_bounds: bool = False
+            ) -> list[_Task]:
+    """A verifier's tasks: ``rows`` in blocks of one bounds call each, so a block sees the rows it would see in
+    one process whichever process computes it."""
+    return [_Task(f"{name}-{k}", kind, params, rows[i:i + batch], batch, want_bounds)
+            for k, i in enumerate(range(0, len(rows), batch))]
+
+
 def _run_verifiers(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
                    fields: dict, arrays: dict[str, np.ndarray], seconds: dict[str, float], want_bounds: bool,
-                   verified: torch.Tensor, book: _Journal, part: str) -> None:
+                   verified: torch.Tensor, parts: _Parts, part: str) -> None:
     """The verifiers of :func:`_verify`, each on the rows it needs; ``verified`` is updated in place."""
     clean_correct, dev = deployed.clean_correct, xt.device
     batch = _bounds_batch(deployed.graph, xt[:1])
-    rows = torch.arange(len(xt), device=dev) if want_bounds else clean_correct.nonzero().squeeze(1)
-    for method, on in (("ibp", params.ibp), ("crown", params.crown)):
-        if not on:
-            continue
-
-        def bound(method: str = method) -> tuple[dict[str, np.ndarray], dict]:
-            t = time.perf_counter()
-            cert = certify(deployed.graph, xt[rows], yt[rows], params.threat, method, batch_size=batch,
-                           logit_bounds=want_bounds, progress=bars.task(f"{method.upper()} bounds", len(rows)))
-            # sound bounds and onnxruntime agree; the AND guards against a disagreement
-            ver = torch.zeros_like(verified)
-            ver[rows] = cert.verified
-            ver &= clean_correct
-            out = {"verified": ver.cpu().numpy()}
-            if want_bounds:
-                out["lower"], out["upper"] = cert.lower.cpu().numpy(), cert.upper.cpu().numpy()
-            return out, {"seconds": time.perf_counter() - t}
-
-        shapes = {"verified": (len(xt),)}
-        if want_bounds:
-            shapes.update(lower=(len(xt), deployed.classes), upper=(len(xt), deployed.classes))
-        out, meta = book.run(part + method, bound, shapes)
-        ver = torch.as_tensor(out["verified"], device=dev)
+    rows = np.arange(len(xt)) if want_bounds else clean_correct.nonzero().squeeze(1).cpu().numpy()
+    methods = [m for m, on in (("ibp", params.ibp), ("crown", params.crown)) if on]
+    tasks = [t for m in methods for t in _blocks(m, part + m, params, rows, batch, want_bounds)]  # ibp, crown at once
+    results = parts.map(tasks, _Tick(tasks, {m: (bars.task(_BAR[m], len(rows)), 0, len(rows)) for m in methods}))
+    for method in methods:
+        mine = [(t, out, meta) for t, (out, meta) in zip(tasks, results) if t.kind == method]
+        ver = torch.zeros_like(verified)
+        for t, out, _ in mine:
+            ver[torch.as_tensor(t.rows, device=dev)] = torch.as_tensor(out["verified"], device=dev)
         verified |= ver
-        if want_bounds:
-            arrays[f"{method}_lower"], arrays[f"{method}_upper"] = out["lower"], out["upper"]
+        if want_bounds:  # every row, in order
+            for side in ("lower", "upper"):
+                arrays[f"{method}_{side}"] = np.concatenate([out[side] for _, out, _ in mine])
         fields[f"{method}_verified_accuracy"] = _fraction(ver)
-        seconds[method] = meta["seconds"]
+        seconds[method] = sum(meta["seconds"] for _, _, meta in mine)
     if params.alpha_crown:
-
-        def alpha_crown() -> tuple[dict[str, np.ndarray], dict]:
-            # only where CROWN did not already verify: alpha-CROWN is never looser, so the rest are verified anyway
-            t = time.perf_counter()
-            todo = (clean_correct & ~verified).nonzero().squeeze(1)
-            alpha = verified & clean_correct
-            if len(todo):
-                alpha[todo] = certify(deployed.graph, xt[todo], yt[todo], params.threat, "alpha-crown",
-                                      batch_size=batch, progress=bars.task("alpha-CROWN bounds", len(todo))).verified
-            return {"verified": alpha.cpu().numpy()}, {"seconds": time.perf_counter() - t}
-
-        out, meta = book.run(part + "alpha_crown", alpha_crown, {"verified": (len(xt),)})
-        alpha = torch.as_tensor(out["verified"], device=dev)
+        # only where CROWN did not already verify: alpha-CROWN is never looser, so the rest are verified anyway
+        todo = (clean_correct & ~verified).nonzero().squeeze(1).cpu().numpy()
+        tasks = _blocks("alpha-crown", part + "alpha_crown", params, todo, batch)
+        bar = bars.task(_BAR["alpha-crown"], len(todo)) if len(todo) else (lambda done, total: None)
+        results = parts.map(tasks, _Tick(tasks, {"alpha-crown": (bar, 0, len(todo))}))
+        alpha = verified & clean_correct
+        for t, (out, _) in zip(tasks, results):
+            alpha[torch.as_tensor(t.rows, device=dev)] = torch.as_tensor(out["verified"], device=dev)
         verified |= alpha
         fields["alpha_crown_verified_accuracy"] = _fraction(alpha)
-        seconds["alpha_crown"] = meta["seconds"]
+        seconds["alpha_crown"] = sum(meta["seconds"] for _, meta in results)
 
 
 @dataclass
@@ -408,42 +627,27 @@ class _PGDVerdicts:
     seconds: float
 
 
-def _pgd(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
-         book: _Journal, part: str, progress: Callable[[int, int], None]) -> _PGDVerdicts:
-    """PGD (``params.steps`` x ``params.restarts``) on the clean-correct, unverified examples, in chunks of
-    ``PGD_CHUNK_BATCHES`` attack batches, each chunk a part of the journal.
-
-    Every example's verdict is independent of the others': its random starts are seeded by its index in the whole
-    set (``index=``), which chunking keeps, so the merged verdicts and the curves (counts over examples) are the
-    same however the chunks were split between runs.
-    """
-    n, dev, clean_correct = len(xt), xt.device, deployed.clean_correct
-    todo = (clean_correct & ~verified).nonzero().squeeze(1)
+def _pgd_chunks(deployed: _Deployed, params: AuditParams, verified: torch.Tensor, part: str) -> list[_Task]:
+    """PGD's tasks: the clean-correct, unverified examples in chunks of ``PGD_CHUNK_BATCHES`` attack batches."""
+    todo = (deployed.clean_correct & ~verified).nonzero().squeeze(1).cpu().numpy()
     chunk = max(1, PGD_CHUNK_BATCHES * params.batch_size // params.restarts)
+    return [_Task(f"{part}-{c}", "pgd", params, todo[start:start + chunk])
+            for c, start in enumerate(range(0, len(todo), chunk))]
+
+
+def _pgd_merge(deployed: _Deployed, verified: torch.Tensor, tasks: list[_Task],
+               results: list[tuple[dict[str, np.ndarray], dict]]) -> _PGDVerdicts:
+    """The chunks' verdicts over all N examples."""
+    clean_correct = deployed.clean_correct
+    n, dev = len(clean_correct), clean_correct.device
     break_step = torch.full((n,), -1, dtype=torch.long, device=dev)
     break_step[~clean_correct] = 0  # the clean input is in the ball: a clean mistake breaks at step 0, restart 0
     break_restart = break_step.clone()
     settled = dict(verification=int(verified.sum()), clean_wrong=int((~clean_correct).sum()), broken=0,
                    convergence=0, full_budget=0)
     totals = dict(rejected=0, rejected_examples=0, row_steps=0, seconds=0.0)
-    done = n - len(todo)
-    progress(done, n)
-    for c, start in enumerate(range(0, len(todo), chunk)):
-        ids = todo[start:start + chunk]
-
-        def attack(ids: torch.Tensor = ids, base: int = done) -> tuple[dict[str, np.ndarray], dict]:
-            t = time.perf_counter()
-            res = pgd_attack(deployed.graph, xt[ids], yt[ids], params.threat.eps, norm=params.norm,
-                             steps=params.steps, restarts=params.restarts, step_size=params.step_size,
-                             loss=params.loss, batch_size=params.batch_size, seed=params.seed,
-                             confirm=deployed.logits, threads=params.threads, index=ids,
-                             progress=lambda d, _: progress(base + d, n))
-            return ({"break_step": res.break_step.cpu().numpy(), "break_restart": res.break_restart.cpu().numpy()},
-                    {"settled": res.settled, "rejected": res.rejected, "rejected_examples": res.rejected_examples,
-                     "row_steps": res.row_steps, "seconds": time.perf_counter() - t})
-
-        out, meta = book.run(f"{part}-{c}", attack, {"break_step": (len(ids),), "break_restart": (len(ids),)},
-                             ("settled", "rejected", "rejected_examples", "row_steps", "seconds"))
+    for task, (out, meta) in zip(tasks, results):
+        ids = torch.as_tensor(task.rows, dtype=torch.long, device=dev)
         break_step[ids] = torch.as_tensor(out["break_step"], device=dev)
         break_restart[ids] = torch.as_tensor(out["break_restart"], device=dev)
         # the chunk's own clean check (onnxruntime on the chunk) normally finds no mistake: todo is clean-correct
@@ -451,17 +655,34 @@ def _pgd(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditP
             settled[key] += meta["settled"][key]
         for key in totals:
             totals[key] += meta[key]
-        done += len(ids)
-        progress(done, n)
     robust = clean_correct & (break_restart < 0)
     return _PGDVerdicts(robust, break_step, break_restart, settled, **totals)
 
 
+def _pgd(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
+         parts: _Parts, part: str, progress: Callable[[int, int], None]) -> _PGDVerdicts:
+    """PGD (``params.steps`` x ``params.restarts``) on the clean-correct, unverified examples, in chunks of
+    ``PGD_CHUNK_BATCHES`` attack batches, each chunk a part of the journal.
+
+    Every example's verdict is independent of the others': its random starts are seeded by its index in the whole
+    set (``index=``), which chunking keeps, so the merged verdicts and the curves (counts over examples) are the
+    same however the chunks were split between runs or processes.
+    """
+    n = len(xt)
+    tasks = _pgd_chunks(deployed, params, verified, part)
+    done = n - sum(len(t.rows) for t in tasks)
+    progress(done, n)
+    results = parts.map(tasks, _Tick(tasks, {"pgd": (progress, done, n)}))
+    return _pgd_merge(deployed, verified, tasks, results)
+
+
 def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
-            bars: _Progress, fields: dict, seconds: dict[str, float], book: _Journal) -> None:
-    """PGD on what is not verified, then Square on what PGD left robust; every break confirmed by onnxruntime."""
+            bars: _Progress, fields: dict, seconds: dict[str, float], parts: _Parts) -> None:
+    """PGD on what is not verified, then Square on what PGD left robust; every break confirmed by onnxruntime.
+    Square draws one random stream (and one window per query) for its whole batch, so it runs in this process on
+    the merged remainder even when the workers ran PGD: its verdicts are the one-process audit's."""
     n, eps = len(xt), params.threat.eps
-    res = _pgd(deployed, xt, yt, params, verified, book, "pgd", bars.task("PGD (examples settled)", n))
+    res = _pgd(deployed, xt, yt, params, verified, parts, "pgd", bars.task("PGD (examples settled)", n))
     seconds["pgd"] = res.seconds
     robust = res.robust.clone()
     by_restart, by_step = robustness_curves(robust, res.break_restart, res.break_step, params.steps, params.restarts)
@@ -482,7 +703,7 @@ def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Aud
                                seed=params.seed, confirm=deployed.logits, threads=params.threads)
             return {"broken": sq.broken.cpu().numpy()}, {"rejected": sq.rejected, "seconds": time.perf_counter() - t}
 
-        out, meta = book.run("square", square, {"broken": (len(todo),)}, ("rejected", "seconds"))
+        out, meta = parts.book.run("square", square, {"broken": (len(todo),)}, ("rejected", "seconds"))
         seconds["square"] = meta["seconds"]
         broken = torch.as_tensor(out["broken"], device=xt.device)
         extra = int(broken.sum())
@@ -493,23 +714,42 @@ def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Aud
 
 
 def _sweep(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
-           seconds: dict[str, float], book: _Journal) -> list[EpsPoint]:
+           seconds: dict[str, float], parts: _Parts) -> list[EpsPoint]:
     """Robust accuracy vs eps: at each radius of ``params.sweep_eps``, the verifiers that are on and PGD at the
     sweep's smaller budget (``sweep_steps`` x ``sweep_restarts``, no Square) on the same examples. Each verifier
-    and PGD chunk of each radius is a part of the journal, as the main audit's are."""
-    tick = bars.task("eps sweep", len(params.sweep_eps))
-    quiet, points, spent = _Progress(False), [], 0.0
-    tick(0, len(params.sweep_eps))
+    block and PGD chunk of each radius is a part of the journal, as the main audit's are; the PGD chunks of every
+    radius are computed together (with workers, side by side)."""
+    total = len(params.sweep_eps)
+    tick = bars.task("eps sweep", 2 * total)
+    quiet, radii = _Progress(False), []
+    tick(0, 2 * total)
     for i, eps in enumerate(params.sweep_eps):
         # the default step of each radius: a fixed audit.step_size is meant for audit.eps
         p = params.model_copy(update={"eps": eps, "steps": params.sweep_steps, "restarts": params.sweep_restarts,
                                       "step_size": None})
         figures: dict = {}
         times: dict[str, float] = {}
-        verified = _verify(deployed, xt, yt, p, quiet, figures, {}, times, False, book, f"sweep{i}-")
+        verified = _verify(deployed, xt, yt, p, quiet, figures, {}, times, False, parts, f"sweep{i}-")
+        radii.append((p, figures, times, verified, _pgd_chunks(deployed, p, verified, f"sweep{i}-pgd")
+                      if p.steps > 0 else []))
+        tick(i + 1, 2 * total)
+    tasks = [t for *_, chunks in radii for t in chunks]
+    radius_of = [i for i, (*_, chunks) in enumerate(radii) for _ in chunks]
+    left = [len(chunks) for *_, chunks in radii]
+    finished: set[int] = set()
+
+    def chunk_done(j: int, done: int) -> None:  # the bar's second half: a radius whose PGD chunks all ended
+        if done == len(tasks[j].rows) and j not in finished:
+            finished.add(j)
+            left[radius_of[j]] -= 1
+            tick(total + sum(1 for k, (*_, c) in enumerate(radii) if c and left[k] == 0), 2 * total)
+
+    results = iter(parts.map(tasks, chunk_done))
+    points, spent = [], 0.0
+    for p, figures, times, verified, chunks in radii:
         pgd_robust = None
         if p.steps > 0:
-            res = _pgd(deployed, xt, yt, p, verified, book, f"sweep{i}-pgd", lambda done, total: None)
+            res = _pgd_merge(deployed, verified, chunks, [next(results) for _ in chunks])
             pgd_robust, times["pgd"] = _fraction(res.robust), res.seconds
         spent += sum(times.values())
         points.append(EpsPoint(eps=p.threat.eps, clean=_fraction(deployed.clean_correct), pgd_robust=pgd_robust,
@@ -517,6 +757,6 @@ def _sweep(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Audi
                                crown_verified=figures.get("crown_verified_accuracy"),
                                alpha_crown_verified=figures.get("alpha_crown_verified_accuracy"),
                                steps=p.steps, restarts=p.restarts))
-        tick(i + 1, len(params.sweep_eps))
+    tick(2 * total, 2 * total)
     seconds["sweep"] = spent
     return points

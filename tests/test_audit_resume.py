@@ -63,8 +63,8 @@ def test_a_killed_audit_resumes_from_its_journal_and_reports_what_an_uninterrupt
     killed.wait(30)
     assert not (d / "killed.json").exists()
     entries = {p.name.split("-", 2)[2] for p in journal.glob("audit-*.npz")}
-    assert {"ibp.npz", "crown.npz", "alpha_crown.npz", "pgd-0.npz"} <= entries
-    with np.load(next(journal.glob("audit-*-ibp.npz"))) as f:
+    assert {"ibp-0.npz", "crown-0.npz", "alpha_crown-0.npz", "pgd-0.npz"} <= entries
+    with np.load(next(journal.glob("audit-*-ibp-0.npz"))) as f:
         ibp_seconds = json.loads(str(f["__meta__"]))["seconds"]
 
     resumed = _cli(*AUDIT, "--out", "resumed.json", "--journal", str(journal), cwd=d)
@@ -131,9 +131,9 @@ def test_a_damaged_entry_is_recomputed(small):
     want = run_audit(d / "m.onnx", x, y, params, progress=False, journal=journal)
     for entry in journal.glob("audit-*-pgd-0.npz"):
         entry.write_bytes(b"not an npz")
-    for entry in journal.glob("audit-*-crown.npz"):
+    for entry in journal.glob("audit-*-crown-0.npz"):
         entry.write_bytes(entry.read_bytes()[:40])
-    for entry in journal.glob("audit-*-ibp.npz"):  # whole, but not what the part holds
+    for entry in journal.glob("audit-*-ibp-0.npz"):  # whole, but not what the part holds
         np.savez(entry, verified=np.ones(3, bool), __meta__=np.array(json.dumps({"seconds": 0.0})))
     for entry in journal.glob("audit-*-square.npz"):
         np.savez(entry, broken=np.ones(1, bool), __meta__=np.array("[1, 2]"))
