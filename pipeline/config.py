@@ -25,6 +25,13 @@ class ComputeParams(Strict):
     the reduction order of a float sum depends on both, so the thread count is a param, not the environment."""
 
     threads: int = Field(2, gt=0, description="CPU threads of every stage (torch intra-op)")
+    # the training stages (pretrain, prune, finetune); README "Several workers"
+    workers: int = Field(1, gt=0, description="training processes per node (DDP); > 1: the stage launches torchrun "
+                                              "itself unless already under torchrun; batch_size stays the global batch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="training under autocast (fp16 with a gradient scaler); bounds stay fp32")
+    channels_last: bool = Field(False, description="train in the channels-last memory format (faster convolutions on GPUs)")
 
 
 class DataParams(Strict):
@@ -137,6 +144,8 @@ class AuditParams(Strict):
     seed: int = Field(0, ge=0, lt=2 ** 64, description="seed of the random starts, of Square and of smoothing")
     square_queries: int = Field(1000, ge=0, description="Square attack queries (gradient-masking check); 0 = off")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
+    workers: int = Field(1, ge=1, le=1024, description="processes the examples are sharded across (CPU cores, or "
+                         "one per GPU), each with threads // workers threads; the figures equal one process's")
     # randomized smoothing certification (Cohen et al. 2019, CERTIFY) of the deployed model; null = not run
     smoothing_sigma: float | None = Field(None, gt=0.0, allow_inf_nan=False,
                                           description="noise std of the smoothed classifier")

@@ -81,6 +81,13 @@ def vgg16_bn(info: DatasetInfo) -> nn.Module:
     return _with_head(info, layers, [256, 256])
 
 
+def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:
+    """A residual block's skip path: the identity, or a strided 1x1 projection when the shape changes."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(MaskedConv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
     """Pre-activation-free residual block (He et al., 2016) with masked convolutions."""
 
@@ -91,9 +98,7 @@ class BasicBlock(nn.Module):
         self.conv2 = MaskedConv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(MaskedConv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = _shortcut(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -101,7 +106,32 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def _resnet(info: DatasetInfo, widths: Sequence[int], blocks: Sequence[int], stem: int) -> nn.Module:
+class Bottleneck(nn.Module):
+    """ResNet-50's block (He et al., 2016): 1x1 reduce, 3x3 (stride here, as torchvision's v1.5), 1x1 expand x4."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = MaskedConv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = MaskedConv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = MaskedConv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.shortcut = _shortcut(cin, cout, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _resnet(info: DatasetInfo, widths: Sequence[int], blocks: Sequence[int], stem: int,
+            block: type[nn.Module] = BasicBlock) -> nn.Module:
     layers: list[nn.Module] = [Normalize(info.mean, info.std)]
     if info.size >= 64:  # ImageNet-style stem
         layers += [MaskedConv2d(info.channels, stem, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(stem),
@@ -111,8 +141,8 @@ def _resnet(info: DatasetInfo, widths: Sequence[int], blocks: Sequence[int], ste
     c = stem
     for i, (w, n) in enumerate(zip(widths, blocks)):
         for j in range(n):
-            layers.append(BasicBlock(c, w, stride=2 if (j == 0 and i > 0) else 1))
-            c = w
+            layers.append(block(c, w, stride=2 if (j == 0 and i > 0) else 1))
+            c = w * getattr(block, "expansion", 1)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), MaskedLinear(c, info.classes)]
     return nn.Sequential(*layers)
 
@@ -120,6 +150,12 @@ def _resnet(info: DatasetInfo, widths: Sequence[int], blocks: Sequence[int], ste
 @MODELS.register()
 def resnet18(info: DatasetInfo) -> nn.Module:
     return _resnet(info, [64, 128, 256, 512], [2, 2, 2, 2], stem=64)
+
+
+@MODELS.register()
+def resnet50(info: DatasetInfo) -> nn.Module:
+    """ResNet-50 with bottleneck blocks (the paper's ImageNet network); the ImageNet stem from 64 px up."""
+    return _resnet(info, [64, 128, 256, 512], [3, 4, 6, 3], stem=64, block=Bottleneck)
 
 
 @MODELS.register()

@@ -65,12 +65,65 @@ def _stage(name: str):
 
     @_one_line_errors
     def command(params: ParamsOpt = Path("params.yaml")) -> None:
-        import importlib
-
-        importlib.import_module(f"stages.{name}").run(params)
+        _run_stage(name, params)
 
     command.__doc__ = STAGE_HELP[name]
     app.command(name)(command)
+
+
+def _run_stage(name: str, params: Path) -> None:
+    """Run ``stages.<name>``; a training stage with ``compute.workers > 1`` first launches itself under torchrun
+    (README "Several workers"). In a torchrun worker, a stop caused by another worker (it died, or rank 0 reports
+    the error) ends this one with exit code WITHDRAWN_EXIT and, under our own launcher, nothing printed: the run's
+    one line is the launcher's (or rank 0's)."""
+    import importlib
+    import os
+    import signal
+
+    from pipeline import distributed
+    from stages.common import TRAINING_STAGES, WITHDRAWN_EXIT, WORKER_ENV, launch
+
+    if distributed.launched() and name not in TRAINING_STAGES:
+        raise HydraPipeError(f"{name}: only the training stages ({', '.join(TRAINING_STAGES)}) run under torchrun; "
+                             f"run {name} as one process")
+    code = launch(name, params)
+    if code is not None:
+        if code:
+            raise typer.Exit(code)
+        return
+    if not distributed.launched():
+        importlib.import_module(f"stages.{name}").run(params)
+        return
+    running = [True]
+
+    def terminated(signum, frame):  # torchrun stops this worker: leave through the atomic writes' cleanup, once
+        if running[0]:
+            running[0] = False
+            raise distributed.Withdrawn("terminated")
+
+    signal.signal(signal.SIGTERM, terminated)
+    ours = os.environ.get(WORKER_ENV) == "1"
+    if os.environ.get("RANK", "0") != "0":
+        os.environ["HYDRA_PIPE_QUIET"] = "1"  # one progress bar for the run: rank 0's
+    try:
+        importlib.import_module(f"stages.{name}").run(params)
+    except distributed.Withdrawn:
+        raise typer.Exit(WITHDRAWN_EXIT) from None
+    except Exception as e:
+        running[0] = False
+        if not distributed.lost_peer(e):
+            raise
+        if not ours:  # a peer is gone mid-collective: torchrun names it too
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            typer.echo(f"error: {name}: worker {distributed.rank()} lost the other workers ({first})", err=True)
+        raise typer.Exit(WITHDRAWN_EXIT) from None
+    except KeyboardInterrupt:
+        if ours:
+            raise typer.Exit(130) from None
+        raise
+    finally:
+        running[0] = False  # a SIGTERM while leaving changes nothing
+    distributed.teardown()
 
 
 for _name in ("pretrain", "prune", "finetune", "quantize"):
@@ -103,7 +156,7 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
 
 # the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
 _MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "batch_size", "seed",
-               "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal")
+               "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal", "workers")
 
 
 @app.command("audit")
@@ -136,6 +189,9 @@ def audit(
     journal: Annotated[Optional[Path], typer.Option(
         help="folder for the finished parts' verdicts: a killed audit rerun with the same model, data and "
              "options resumes from them; emptied once the report is written")] = None,
+    workers: Annotated[int, typer.Option(
+        help="processes to shard the examples across (CPU cores; one per GPU with CUDA); the report equals "
+             "one process's but for its seconds")] = 1,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Audit a model: clean accuracy, PGD robust accuracy (worst case per example), IBP / CROWN verified accuracy.
@@ -171,7 +227,7 @@ def audit(
     try:
         settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown, alpha_crown=alpha_crown,
                                batch_size=batch_size, seed=seed, n_examples=None, smoothing_sigma=smoothing_sigma,
-                               sweep_eps=sweep)
+                               sweep_eps=sweep, workers=workers)
     except ValidationError as e:
         err = e.errors()[0]
         option = str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"

@@ -118,7 +118,29 @@ def supported_ops(root: Path = Path(".")) -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"figures": table, "audit-report": report_fields, "supported-ops": supported_ops}
+def paper_setups(root: Path = Path(".")) -> str:
+    """The paper's setups (``configs/*.yaml``): the command, the threat model, and the compute each training stage
+    needs, from ``benchmarks/paper_setups.py``'s measured training steps."""
+    import yaml
+
+    bench_path = root / "benchmarks" / "results" / "paper_setups.json"
+    bench = {r["config"]: r for r in json.loads(bench_path.read_text())["rows"]} if bench_path.exists() else {}
+    lines = ["| setup | network (weights) | objective, eps | epochs (pretrain / prune / finetune) | CPU hours per "
+             "stage (measured images/s) | command |", "|---|---|---|---|---|---|"]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        p = load_params(path)
+        b = bench.get(path.stem)
+        hours = (" / ".join(f"{b[f'{s}_cpu_hours']:.0f}" for s in ("pretrain", "prune", "finetune"))
+                 + f" ({b['images_per_s']:.1f}/s)") if b else "not measured"
+        weights = f" ({b['parameters'] / 1e6:.1f} M)" if b else ""
+        eps = p.pretrain.eps * 255
+        lines.append(f"| {p.data.name} | `{p.model.arch}`{weights} | {p.pretrain.objective}, {eps:g}/255 | "
+                     f"{p.pretrain.epochs} / {p.prune.epochs} / {p.finetune.epochs} | {hours} | "
+                     f"`cp configs/{path.name} params.yaml && dvc exp run` |")
+    return "\n".join(lines)
+
+
+BLOCKS = {"figures": table, "audit-report": report_fields, "paper-setups": paper_setups, "supported-ops": supported_ops}
 
 
 def readme_block(readme: str, name: str) -> str:
