@@ -10,7 +10,7 @@ finds a state with the same fingerprint (the training params, what trains, the c
 model) restores it and continues with the next epoch: the final weights are bit for bit those of an uninterrupted
 run (on CPU, same machine kind and thread count). A state with another fingerprint is someone else's and is
 ignored; an unreadable one is reported and ignored. The caller removes the folder once its outputs are written
-(:func:`clear_resume`); until then a finished run's last state lets a rerun skip the training altogether.
+(by the stage that asked for it); until then a finished run's last state lets a rerun skip the training altogether.
 
 **Several workers** (torchrun, :mod:`pipeline.distributed`): the model trains DDP-wrapped, each rank on its strided
 shard of every global batch (``batch_size`` stays the global batch), each rank's loss weighted by its share of the
@@ -54,10 +54,6 @@ from pipeline.threat import ThreatModel
 
 Trainable = Literal["weights", "scores"]
 
-RESUME_DIR = Path(".resume")
-"""Where the training stages keep their resume states, under the stage's working directory (the repo root under
-DVC): ``.resume/<stage>/[<step>/]state.safetensors``. Ignored by git and DVC; removed when the stage succeeds."""
-
 STATE_FILE = "state.safetensors"
 _STATE_FORMAT = 1  # bump when the state's layout changes: older states then no longer match and are ignored
 
@@ -94,14 +90,6 @@ def _set_bn(model: nn.Module, mode: Literal["train", "eval"]) -> None:
 def resume_label(label: str) -> str:
     """A folder name for a training run's label (``prune to keep 0.1`` -> ``prune-to-keep-0.1``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") or "train"
-
-
-def clear_resume(folder: Path) -> None:
-    """Remove a stage's resume states, once its outputs are safely written (and ``.resume`` itself once empty)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    if Path(folder).parent.name == RESUME_DIR.name:
-        with contextlib.suppress(OSError):  # not empty: another stage's state
-            Path(folder).parent.rmdir()
 
 
 def _fingerprint(model: nn.Module, n_examples: int, p: TrainParams, what: str, bn: str, label: str, key: str) -> str:

@@ -14,9 +14,9 @@ from pipeline.audit import discard_journal, run_audit
 from pipeline.audit_report import AuditReport, render_report
 from pipeline.data import as_arrays
 from pipeline.reporting import atomic_write_bytes, show, write_csv, write_json
-from stages.common import AUDIT_BOUNDS, AUDIT_REPORT, INT8_ONNX, PLOTS, setup, write_headline
+from stages.common import AUDIT_BOUNDS, AUDIT_REPORT, INT8_ONNX, PLOTS, RESUME, setup, write_headline
 
-JOURNAL = Path(".resume") / "audit"  # beside the training stages' resume states (pipeline.training.RESUME_DIR)
+JOURNAL = RESUME / "audit"  # beside the training stages' resume states
 EPS_COLUMNS = ("eps", "clean", "pgd_robust", "ibp_verified", "crown_verified", "alpha_crown_verified")
 
 
@@ -37,6 +37,6 @@ def run(params_path: Path) -> AuditReport:
     write_headline("audit", dump)
     discard_journal(JOURNAL)  # only now: every output is written
     with contextlib.suppress(OSError):  # .resume itself, unless a training stage's state is still there
-        JOURNAL.parent.rmdir()
+        RESUME.rmdir()
     show(render_report(report))
     return report

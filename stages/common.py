@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import distributed
-from pipeline.config import Params, load_params
+from pipeline.config import Params, load_params, params_hash
 from pipeline.data import Splits, load_dataset
 from pipeline.errors import HydraPipeError
 from pipeline.reporting import metrics_table, show, write_json
@@ -72,6 +74,31 @@ def setup(params_path: Path) -> tuple[Params, Splits, torch.device]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Several workers (compute.workers > 1): the training stages run under torchrun, launched here when needed
+
+RESUME = Path(".resume")
+"""Where a killed stage's progress waits for its rerun: ``.resume/<stage>/`` (a training stage's epoch states, the
+audit's journal), under the repo root when DVC runs the stage. Ignored by git and DVC."""
+
+
+def resume_args(stage: str, params: Params) -> dict:
+    """What a training stage hands the training loop (or ``prune``) so that a killed run continues from its last
+    epoch, bit for bit: its resume folder, what else the run depends on (data, compute), the compute settings."""
+    return {"resume_dir": RESUME / stage, "resume_key": params_hash(params, "compute", "data"),
+            "compute": params.compute}
+
+
+def trained(stage: str, model: nn.Module) -> bool:
+    """After training: the workers agree (:func:`ranks_agree`); True on the process that measures and writes."""
+    ranks_agree(stage, model)
+    return distributed.is_main()
+
+
+def finished(stage: str) -> None:
+    """Every output of ``stage`` is written: its resume folder goes, and ``.resume`` too once no stage's is left."""
+    shutil.rmtree(RESUME / stage, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: another stage's progress
+        RESUME.rmdir()
+
 
 TRAINING_STAGES = ("pretrain", "prune", "finetune")
 WORKER_ENV = "HYDRA_PIPE_WORKER"

@@ -6,11 +6,10 @@ from pathlib import Path
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import params_hash
-from pipeline.distributed import is_main
 from pipeline.masking import global_sparsity
 from pipeline.reporting import write_csv
-from pipeline.training import RESUME_DIR, accuracy, clear_resume, pgd_accuracy, train
-from stages.common import FINETUNED, PLOTS, PRUNED, ranks_agree, setup, write_figures
+from pipeline.training import accuracy, pgd_accuracy, train
+from stages.common import FINETUNED, PLOTS, PRUNED, finished, resume_args, setup, trained, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -18,11 +17,8 @@ def run(params_path: Path) -> dict:
     p = params.finetune
     model, _ = load_checkpoint(PRUNED)
     model.to(device)
-    resume = RESUME_DIR / "finetune"  # a killed run continues from its last epoch (bit for bit)
-    history = train(model, data.train, p, what="weights", label="finetune", resume_dir=resume,
-                    resume_key=params_hash(params, "compute", "data"), compute=params.compute)
-    ranks_agree("finetune", model)
-    if not is_main():  # several workers: rank 0 measures and writes
+    history = train(model, data.train, p, what="weights", label="finetune", **resume_args("finetune", params))
+    if not trained("finetune", model):  # several workers: rank 0 measures and writes
         return {}
     metrics = {"sparsity": global_sparsity(model), "clean_accuracy": accuracy(model, data.test),
                "pgd_robust_accuracy": pgd_accuracy(model, data.test, p.eps),
@@ -32,5 +28,5 @@ def run(params_path: Path) -> dict:
                     parent=str(PRUNED), extra={"stage": "finetune", "objective": p.objective})
     write_csv(PLOTS / "finetune.csv", history)
     figures = write_figures("finetune", metrics)
-    clear_resume(resume)  # only now: every output is written
+    finished("finetune")  # only now: every output is written
     return figures

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import params_hash
-from pipeline.distributed import is_main
 from pipeline.models import build_model, count_parameters
 from pipeline.reporting import write_csv
 from pipeline.runtime import seed_everything
-from pipeline.training import RESUME_DIR, accuracy, clear_resume, pgd_accuracy, train
-from stages.common import PLOTS, PRETRAINED, ranks_agree, setup, write_figures
+from pipeline.training import accuracy, pgd_accuracy, train
+from stages.common import PLOTS, PRETRAINED, finished, resume_args, setup, trained, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -19,11 +18,8 @@ def run(params_path: Path) -> dict:
     p = params.pretrain
     seed_everything(p.seed)
     model = build_model(params.model.arch, data.info).to(device)
-    resume = RESUME_DIR / "pretrain"  # a killed run continues from its last epoch (bit for bit)
-    history = train(model, data.train, p, what="weights", label="pretrain", resume_dir=resume,
-                    resume_key=params_hash(params, "compute", "data"), compute=params.compute)
-    ranks_agree("pretrain", model)
-    if not is_main():  # several workers: rank 0 measures and writes
+    history = train(model, data.train, p, what="weights", label="pretrain", **resume_args("pretrain", params))
+    if not trained("pretrain", model):  # several workers: rank 0 measures and writes
         return {}
     metrics = {"parameters": count_parameters(model), "clean_accuracy": accuracy(model, data.test),
                "pgd_robust_accuracy": pgd_accuracy(model, data.test, p.eps),
@@ -32,5 +28,5 @@ def run(params_path: Path) -> dict:
                     extra={"stage": "pretrain", "objective": p.objective})
     write_csv(PLOTS / "pretrain.csv", history)
     figures = write_figures("pretrain", metrics)
-    clear_resume(resume)  # only now: every output is written
+    finished("pretrain")  # only now: every output is written
     return figures

@@ -6,12 +6,11 @@ from pathlib import Path
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import params_hash
-from pipeline.distributed import is_main
 from pipeline.masking import global_sparsity, masked_layers, prunable_layers, sparsity_report
 from pipeline.pruning import kept_weight_histogram, lwm_kept_weights, prune
 from pipeline.reporting import write_csv
-from pipeline.training import RESUME_DIR, accuracy, clear_resume, pgd_accuracy
-from stages.common import PLOTS, PRETRAINED, PRUNED, ranks_agree, setup, write_figures
+from pipeline.training import accuracy, pgd_accuracy
+from stages.common import PLOTS, PRETRAINED, PRUNED, finished, resume_args, setup, trained, write_figures
 
 
 def run(params_path: Path) -> dict:
@@ -21,11 +20,8 @@ def run(params_path: Path) -> dict:
     model.to(device)
     pruned_names = {n for n, _ in prunable_layers(model, p.skip_first, p.skip_last)}
     before = {n: layer.weight.detach().cpu().numpy().copy() for n, layer in masked_layers(model) if n in pruned_names}
-    resume = RESUME_DIR / "prune"  # a killed run continues from its last epoch (bit for bit), one folder per step
-    history = prune(model, data.train, p, resume_dir=resume, resume_key=params_hash(params, "compute", "data"),
-                    compute=params.compute)
-    ranks_agree("prune", model)
-    if not is_main():  # several workers: rank 0 measures and writes
+    history = prune(model, data.train, p, **resume_args("prune", params))
+    if not trained("prune", model):  # several workers: rank 0 measures and writes
         return {}
     kept = {n: layer.effective_weight().detach().cpu().numpy() for n, layer in masked_layers(model) if n in pruned_names}
     layers = sparsity_report(model)
@@ -41,5 +37,5 @@ def run(params_path: Path) -> dict:
     write_csv(PLOTS / "prune_weights.csv", kept_weight_histogram(before, {"lwm": lwm, "mask": kept}))
     write_csv(PLOTS / "prune_history.csv", history or [{"epoch": 0, "loss": None, "lr": None, "keep_ratio": p.keep_ratio}])
     figures = write_figures("prune", metrics, f"prune ({p.method})")
-    clear_resume(resume)  # only now: every output is written
+    finished("prune")  # only now: every output is written
     return figures

@@ -47,14 +47,14 @@ from safetensors.torch import save_file
 out = Path(sys.argv[2]); rank = os.environ["RANK"]
 replaced = []
 sys.addaudithook(lambda event, args: replaced.append(str(args[1])) if event == "os.rename" else None)
-import stages.common, stages.prune
+import stages.common
 agree = stages.common.ranks_agree
 def recording(stage, model):
     held = {n: t.detach().clone().contiguous() for n, t in model.named_parameters() if n.endswith("scores")}
     held |= {n: b.detach().clone().contiguous() for n, b in model.named_buffers() if n.endswith("weight_mask")}
     save_file(held, str(out / f"held-{rank}.safetensors"))
     agree(stage, model)
-stages.prune.ranks_agree = recording
+stages.common.ranks_agree = recording  # what stages.common.trained calls
 from stages.cli import app
 try:
     app([sys.argv[1]], prog_name="hydra-pipe")
