@@ -4,6 +4,9 @@ A row is one random restart of one example; rows share one forward/backward pass
 (:mod:`pipeline.attacks.steps`) moves them. A row leaves the batch as soon as its future cannot change the verdict:
 
 - its example is broken (a misclassified iterate, confirmed on the deployed model when ``confirm`` is given);
+  with ``confirm``, the iterates the attacked model classifies correctly but within ``confirm_margin`` of the
+  boundary are put to the deployed model too (one call per step for all of them): its rounding can move the
+  boundary, and a point it misclassifies is a break even where the attacked graph disagrees;
 - its iterate repeats one seen a few steps earlier (rules with ``fixed_map``): with a constant step size PGD is
   a deterministic map ``x_{t+1} = F(x_t)``, so from ``x_t == x_{t-P}`` on the row only revisits iterates already
   checked. On L-inf, sign steps and the box projection make almost every unbroken row settle into such a cycle
@@ -12,6 +15,11 @@ A row is one random restart of one example; rows share one forward/backward pass
 
 None of these changes the verdict of the full ``steps x restarts`` budget (up to the last bit of floating point:
 a row's gradient may differ in its last bit with the batch it is computed in, as in any batched attack).
+
+The rule (:mod:`pipeline.attacks.steps`, :mod:`pipeline.attacks.apgd`) owns its loss: the engine asks it for the
+gradient w.r.t. the logits and the loss value per row, backpropagates the gradient through the model, and hands
+both to the rule's step. The margin ``z_y - max_{j != y} z_j`` the engine reports and confirms by is the same for
+every rule.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.attacks.steps import Loss, RowState, StepRule, logit_grad
+from pipeline.attacks.steps import RowState, StepRule, margins
 from pipeline.errors import HydraPipeError
 from pipeline.runtime import attack_mode
 from pipeline.threat import Norm, ThreatModel
@@ -34,6 +42,14 @@ Progress = Callable[[int, int], None]
 
 # x_t is compared with x_{t-CYCLE}: catches cycles of period 1, 2 and 4 (the ones PGD falls into, see module doc).
 CYCLE = 4
+
+# Iterates the attacked model classifies correctly with a margin (z_y - max_{j != y} z_j) below this, in logits,
+# are confirmed on the deployed model too. The torch graph and onnxruntime differ by the order of float sums (on the
+# default digits int8 model: at most 2e-6 of a logit, at the clean points and at APGD's adversarial points) and
+# could differ by more where an accumulation lands on a rounding tie of a requantization: one quantization step of
+# an activation, times the weights after it. 0.1 leaves room for such a step and keeps the extra onnxruntime rows
+# few (on that model, eps 0.1, 200 examples: ~100 for APGD-CE, ~250 for APGD-T, ~1000 for Square).
+CONFIRM_MARGIN = 0.1
 
 
 def step_checkpoints(steps: int) -> list[int]:
@@ -77,6 +93,8 @@ class AttackResult:
     settled: dict[str, int]  # examples settled by verification / clean_wrong / break / convergence / full_budget
     rejected: int = 0  # candidate iterates misclassified by the attacked model but not by the deployed one
     rejected_examples: int = 0
+    near_boundary_checked: int = 0  # iterates the attacked model classifies correctly, within confirm_margin,
+    # put to the deployed model as well
     row_steps: int = 0  # forward+backward passes of one row, the attack's work
     budget_row_steps: int = 0  # N x restarts x steps: the work of the plain algorithm
     seconds: float = 0.0
@@ -108,9 +126,9 @@ def deployed_wrong(confirm: Confirm | None, xs: torch.Tensor, ys: torch.Tensor) 
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]) if len(x) else \
-        torch.zeros(0, dtype=torch.long, device=x.device)
+def clean_logits(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The attacked model's logits at ``x``, ``batch`` examples per forward pass (call inside ``attack_mode``)."""
+    return torch.cat([model(x[i:i + batch]) for i in range(0, max(len(x), 1), batch)])  # [0, classes] if empty
 
 
 @dataclass
@@ -122,6 +140,7 @@ class Rows(RowState):
     restart: torch.Tensor  # long: which random start it began from
     step: torch.Tensor  # long: t
     ring: torch.Tensor  # [rows, CYCLE, input size]: its last CYCLE iterates, slot ptr holds x_{t-CYCLE}
+    # ([rows, 0] when the cycle exit is off)
     rule: RowState  # the step rule's own per-row state
 
 
@@ -139,6 +158,7 @@ class Ledger:
     settled: dict[str, int]
     restarts: int
     rejected: int = 0
+    near_checked: int = 0
     n_settled: int = 0
 
     @classmethod
@@ -156,13 +176,16 @@ class Ledger:
         b = int(self.break_restart[i])
         return b >= 0 and (not exact_curves or b <= r0)
 
-    def record(self, rows: Rows, cand: torch.Tensor, y: torch.Tensor, confirm: Confirm | None, early_exit: bool,
-               exact_curves: bool) -> torch.Tensor:
-        """Rows ``cand`` misclassify their iterate: log the confirmed breaks; returns the rows that may leave."""
+    def record(self, rows: Rows, cand: torch.Tensor, wrong: torch.Tensor, y: torch.Tensor, confirm: Confirm | None,
+               early_exit: bool, exact_curves: bool) -> torch.Tensor:
+        """Rows ``cand`` are candidates: ``wrong`` (one per candidate) where the attacked model misclassifies the
+        iterate, the others near the boundary. Log the confirmed breaks; returns the rows that may leave."""
         ex, rs = rows.example, rows.restart
         ok = deployed_wrong(confirm, rows.x[cand], y[ex[cand]])
-        self.rejected += int((~ok).sum())
-        self.rejected_ex[ex[cand[~ok]]] = True
+        rejected = wrong & ~ok
+        self.rejected += int(rejected.sum())
+        self.near_checked += int((~wrong).sum())
+        self.rejected_ex[ex[cand[rejected]]] = True
         hits = cand[ok]
         leave = torch.zeros(len(ex), dtype=torch.bool, device=ex.device)
         if not len(hits):
@@ -204,15 +227,16 @@ class Ledger:
 
 
 def _start_rows(rule: StepRule, x: torch.Tensor, seed: int, jobs: list[tuple[int, int, int]], ptr: int,
-                index: list[int]) -> Rows:
+                index: list[int], cycles: bool) -> Rows:
     """Rows for the (example, first restart, count) ``jobs``, at their random starts (seeded by ``index[i]``, the
-    example's place in the whole set)."""
+    example's place in the whole set); ``cycles``: whether they keep the ring of iterates for the cycle exit."""
     starts = [rule.start(x[i], seed, index[i], range(r0, r0 + k)) for i, r0, k in jobs]
     xs = torch.cat([s for s, _ in starts])
     dev = x.device
     # no history yet (NaN equals nothing) but x_0, in the slot that x_CYCLE will be compared with
-    ring = torch.full((len(xs), CYCLE, xs[0].numel()), torch.nan, device=dev)
-    ring[:, (ptr - 1) % CYCLE] = xs.flatten(1)
+    ring = torch.full((len(xs), CYCLE if cycles else 0, xs[0].numel()), torch.nan, device=dev)
+    if cycles:
+        ring[:, (ptr - 1) % CYCLE] = xs.flatten(1)
     return Rows(x=xs, example=torch.cat([torch.full((k,), i, dtype=torch.long) for i, _, k in jobs]).to(dev),
                 restart=torch.cat([torch.arange(r0, r0 + k) for _, r0, k in jobs]).to(dev),
                 step=torch.zeros(len(xs), dtype=torch.long, device=dev), ring=ring,
@@ -220,14 +244,15 @@ def _start_rows(rule: StepRule, x: torch.Tensor, seed: int, jobs: list[tuple[int
 
 
 def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule, *, steps: int, restarts: int,
-             loss: Loss, batch_size: int, seed: int, verified: torch.Tensor | None, confirm: Confirm | None,
+             batch_size: int, seed: int, verified: torch.Tensor | None, confirm: Confirm | None,
              early_exit: bool, exact_curves: bool, cycle_exit: bool, threads: int | None,
-             progress: Progress | None, index: torch.Tensor | None = None) -> AttackResult:
-    """Run ``rule`` for ``steps`` steps from ``restarts`` random starts per example, worst case per example, on
-    the row scheduler (module doc); the arguments as in :func:`pipeline.attacks.pgd.pgd_attack`."""
-    if steps < 0 or restarts < 1 or batch_size < 1:
-        raise HydraPipeError(f"attack: need steps >= 0, restarts >= 1, batch_size >= 1 "
-                             f"(got {steps}, {restarts}, {batch_size})")
+             progress: Progress | None, index: torch.Tensor | None = None,
+             confirm_margin: float = CONFIRM_MARGIN) -> AttackResult:
+    """Run ``rule`` for ``steps`` steps from ``restarts`` random starts per example (rows), worst case per
+    example, on the row scheduler (module doc); the arguments as in :func:`pipeline.attacks.pgd.pgd_attack`."""
+    if steps < 0 or restarts < 1 or batch_size < 1 or confirm_margin < 0:
+        raise HydraPipeError(f"attack: need steps >= 0, restarts >= 1, batch_size >= 1, confirm_margin >= 0 "
+                             f"(got {steps}, {restarts}, {batch_size}, {confirm_margin})")
     t_start = time.perf_counter()
     n, dev = len(x), x.device
     x, y = x.detach(), y.detach().to(dev, torch.long)
@@ -243,7 +268,7 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
         if confirm is not None:
             clean_correct = ~deployed_wrong(confirm, x, y)
         else:
-            clean_correct = _predict(model, x, batch_size) == y
+            clean_correct = clean_logits(model, x, batch_size).argmax(1) == y
         clean_wrong = ~clean_correct & ~verified
         book.break_step[clean_wrong], book.break_restart[clean_wrong] = 0, 0
         book.adv_x[clean_wrong] = x[clean_wrong]
@@ -261,6 +286,8 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
         for i in todo:
             book.open_rows[i] = restarts
         rows: Rows | None = None
+        cycles = cycle_exit and rule.fixed_map
+        near = confirm_margin if confirm is not None else 0.0  # without confirm the attacked model is the judge
         ptr = 0  # the ring's slot of x_{t-CYCLE}, the same for every row
         book.n_settled = n - len(todo)
         if progress:
@@ -279,7 +306,7 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
                 jobs.append((i, r0, k))
                 room -= k
             if jobs:
-                new = _start_rows(rule, x, seed, jobs, ptr, ids)
+                new = _start_rows(rule, x, seed, jobs, ptr, ids, cycles)
                 rows = new if rows is None else RowState.cat([rows, new])
             if rows is None or not len(rows.x):
                 continue
@@ -287,21 +314,25 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
             # one step for every row: forward (checks x_t), backward, the rule's update
             xr = rows.x.requires_grad_(True)
             z = model(xr)
-            g_z, margin = logit_grad(z, y[rows.example], loss)
+            y_rows = y[rows.example]
+            g_z, value = rule.loss_grad(z, y_rows, rows.rule)
+            margin = margins(z, y_rows)
             book.min_margin.scatter_reduce_(0, rows.example, margin, "amin")
-            wrong = z.detach().argmax(1) != y[rows.example]
+            wrong = z.detach().argmax(1) != y_rows
             (g,) = torch.autograd.grad(z, xr, g_z)
             rows.x = rows.x.detach()
             row_steps += len(rows.x)
             leave = torch.zeros(len(rows.x), dtype=torch.bool, device=dev)
-            if wrong.any():
-                leave |= book.record(rows, wrong.nonzero().squeeze(1), y, confirm, early_exit, exact_curves)
+            check = wrong | (margin < near)
+            if check.any():
+                cand = check.nonzero().squeeze(1)
+                leave |= book.record(rows, cand, wrong[cand], y, confirm, early_exit, exact_curves)
 
             done = rows.step >= steps  # this forward checked the last iterate
             leave |= done
-            rows.x = rule.step(rows.x, g, rows.rule, rows.step)
+            rows.x = rule.step(rows.x, g, rows.rule, rows.step, value)
             rows.step += 1
-            if cycle_exit and rule.fixed_map:
+            if cycles:
                 flat_x = rows.x.flatten(1)
                 leave |= (flat_x == rows.ring[:, ptr]).all(1) & ~leave
                 rows.ring[:, ptr] = flat_x
@@ -325,5 +356,6 @@ def _result(book: Ledger, clean_correct: torch.Tensor, x: torch.Tensor, steps: i
     return AttackResult(robust=robust, clean_correct=clean_correct, adv_index=adv_index, adv_x=book.adv_x[adv_index],
                         break_step=book.break_step, break_restart=book.break_restart, min_margin=book.min_margin,
                         robust_by_restart=by_restart, robust_by_step=by_step, settled=book.settled,
-                        rejected=book.rejected, rejected_examples=int(book.rejected_ex.sum()), row_steps=row_steps,
+                        rejected=book.rejected, rejected_examples=int(book.rejected_ex.sum()),
+                        near_boundary_checked=book.near_checked, row_steps=row_steps,
                         budget_row_steps=n * restarts * steps, seconds=seconds)

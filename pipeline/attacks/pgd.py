@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.attacks.engine import AttackResult, Confirm, Progress, attack_threat, run_rows
+from pipeline.attacks.engine import CONFIRM_MARGIN, AttackResult, Confirm, Progress, attack_threat, run_rows
 from pipeline.attacks.steps import Loss, pgd_rule
 from pipeline.threat import Norm, ThreatModel
 
@@ -20,7 +20,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
                batch_size: int = 4096, seed: int = 0, verified: torch.Tensor | None = None,
                confirm: Confirm | None = None, early_exit: bool = True, exact_curves: bool = True,
                cycle_exit: bool = True, threads: int | None = None, progress: Progress | None = None,
-               index: torch.Tensor | None = None) -> AttackResult:
+               index: torch.Tensor | None = None, confirm_margin: float = CONFIRM_MARGIN) -> AttackResult:
     """Projected gradient descent with random restarts (Madry et al., ICLR 2018), worst case per example.
 
     For every example and each of ``restarts`` random starts in the ball ``{x' : |x' - x|_p <= eps, 0 <= x' <= 1}``
@@ -45,6 +45,9 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
         verified: bool ``[N]``, examples proven robust by a sound verifier: counted robust, never attacked.
         confirm: ``x (numpy) -> logits`` of the deployed model. A misclassified iterate counts only if the
             deployed model misclassifies it too; rejected candidates are counted and the example stays attacked.
+        confirm_margin: with ``confirm``, iterates the attacked model classifies correctly by a margin below this
+            are put to the deployed model too, and count as breaks where it misclassifies them
+            (``near_boundary_checked`` counts them; 0 turns this off). Default: ``engine.CONFIRM_MARGIN``.
         early_exit, exact_curves, cycle_exit: the exits described in :mod:`pipeline.attacks.engine` (turn off to
             measure them). ``exact_curves`` keeps the lower restarts of a broken example running until they break
             or finish, so ``robust_by_restart`` is exact; without it the whole example leaves at its first break.
@@ -60,7 +63,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *
     """
     threat = attack_threat(x, y, eps, norm)
     alpha = float(step_size) if step_size is not None else threat.step_size(steps)
-    return run_rows(model, x, y, pgd_rule(threat, alpha), steps=steps, restarts=restarts, loss=loss,
+    return run_rows(model, x, y, pgd_rule(threat, alpha, loss), steps=steps, restarts=restarts,
                     batch_size=batch_size, seed=seed, verified=verified, confirm=confirm, early_exit=early_exit,
                     exact_curves=exact_curves, cycle_exit=cycle_exit, threads=threads, progress=progress,
-                    index=index)
+                    index=index, confirm_margin=confirm_margin)

@@ -1,4 +1,22 @@
-"""The Square attack (Andriushchenko et al., ECCV 2020): the audit's gradient-free check for gradient masking."""
+"""The Square attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), L-inf and L2: the audit's
+gradient-free check for gradient masking.
+
+Random search on the margin ``z_y - max_{j != y} z_j``: from a structured start (vertical stripes of +-eps on
+L-inf; a grid of the paper's square patterns on L2), each query changes the current best point inside one random
+square window (L2: moves mass from a second window into the first) and keeps the change when the margin drops. The
+window's side follows the paper's schedule of ``p``, the fraction of pixels changed, halving at fixed points of a
+10000-query run (rescaled to ``queries``). The updates are AutoAttack's (``square.py``), with one difference: a
+window's corner is drawn uniformly among all its positions (AutoAttack never draws the last row and column).
+
+Every example draws from its own random stream, one per (seed, example index, restart) as the gradient attacks'
+starts (:func:`pipeline.attacks.steps.start_seed`), and gets its own window and signs at every query: its verdict
+and its adversarial point do not depend on which examples share the batch, or on their order (up to the last bit
+of a batched forward pass). The draws are made for a block of ``QUERY_BLOCK`` queries at a time, one generator call
+per example and block, and the windows are built for the whole batch at once as index masks. A candidate equal to
+the current point (a window already at the drawn signs) is not evaluated: it counts as a query, as in AutoAttack,
+and costs nothing. Examples leave once broken; ``restarts`` reruns the search from a new start on the examples
+still standing.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.attacks.engine import Confirm, attack_threat, deployed_wrong
+from pipeline.attacks.engine import CONFIRM_MARGIN, Confirm, Progress, attack_threat, deployed_wrong
+from pipeline.attacks.steps import margins
+from pipeline.errors import HydraPipeError
 from pipeline.runtime import attack_mode, num_threads
+from pipeline.threat import Norm, ThreatModel
+
+QUERY_BLOCK = 100  # queries whose random numbers an example draws at once
 
 
 def _square_p(p_init: float, it: int, n_iters: int) -> float:
@@ -23,83 +47,264 @@ def _square_p(p_init: float, it: int, n_iters: int) -> float:
     return p_init / 2 ** 9
 
 
+def _side(p: float, h: int, w: int, norm: Norm) -> int:
+    """The window's side at fraction ``p``: ``sqrt(p h w)``, at least 1 (L2: odd and at least 3), at most the
+    image's."""
+    s = int(round(math.sqrt(p * h * w)))
+    if norm == "l2":
+        s = max(s, 3)
+        s += 1 - s % 2
+    return min(max(s, 1), h, w)
+
+
+def _rectangles(a: int, b: int) -> torch.Tensor:
+    """The paper's L2 pattern on an ``a x b`` block: nested rectangles around its centre, ring ``k`` weighted
+    ``1 / (k + 1)^2``, unit L2 norm (empty when ``a`` is 0)."""
+    out = torch.zeros(a, b)
+    r, c = a // 2, b // 2
+    for k in range(max(r, c) + 1):
+        out[max(r - k, 0):min(r + k + 1, a), max(c - k, 0):min(c + k + 1, b)] += 1.0 / (k + 1) ** 2
+    return out / out.norm().clamp_min(1e-12)
+
+
+def _eta(s: int) -> torch.Tensor:
+    """The L2 update's ``s x s`` pattern (unit L2 norm): the rectangles on the top half, minus on the bottom."""
+    eta = torch.cat([_rectangles(s // 2, s), -_rectangles(s - s // 2, s)])
+    return eta / eta.norm()
+
+
+def _corner(u: torch.Tensor, s: int, size: int) -> torch.Tensor:
+    """A window's first row (column) from uniforms in [0, 1): uniform over the ``size - s + 1`` positions."""
+    return (u * (size - s + 1)).long().clamp(max=size - s)
+
+
+def _window(top: torch.Tensor, left: torch.Tensor, s: int, h: int, w: int) -> torch.Tensor:
+    """bool ``[k, 1, h, w]``: the ``s x s`` window at each row's corner ``(top, left)``."""
+    rows = torch.arange(h, device=top.device)
+    cols = torch.arange(w, device=top.device)
+    in_r = (rows >= top[:, None]) & (rows < top[:, None] + s)
+    in_c = (cols >= left[:, None]) & (cols < left[:, None] + s)
+    return (in_r[:, :, None] & in_c[:, None, :]).unsqueeze(1)
+
+
+def _place(pattern: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, h: int,
+           w: int) -> torch.Tensor:
+    """``[k, 1, h, w]``: the ``s x s`` ``pattern`` (transposed where ``flip``) at each row's corner, zero elsewhere."""
+    s = len(pattern)
+    i = (torch.arange(h, device=top.device) - top[:, None])[:, :, None]  # [k, h, 1]: row inside the window
+    j = (torch.arange(w, device=top.device) - left[:, None])[:, None, :]  # [k, 1, w]
+    inside = (i >= 0) & (i < s) & (j >= 0) & (j < s)
+    i, j = i.clamp(0, s - 1), j.clamp(0, s - 1)
+    f = flip[:, None, None]
+    flat = torch.where(f, j * s + i, i * s + j)
+    return (pattern.to(top.device).flatten()[flat] * inside).unsqueeze(1)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    """Every row of ``v`` scaled to L2 norm 1 (AutoAttack's ``normalize``)."""
+    return v / (v.flatten(1).norm(dim=1).view(-1, *[1] * (v.ndim - 1)) + 1e-12)
+
+
 @dataclass
 class SquareResult:
     """What the Square attack found on N examples."""
 
-    broken: torch.Tensor  # bool [N]: a confirmed misclassified point was found
-    adv_x: torch.Tensor  # [N, C, H, W]: the best point per example (lowest margin)
-    margin: torch.Tensor  # [N]: its margin on the attacked model
-    queries: int
-    rejected: int
+    broken: torch.Tensor  # bool [N]: a point of the ball the deployed model (or, without confirm, the model)
+    # misclassifies was found
+    adv_index: torch.Tensor  # long [M]: the broken examples
+    adv_x: torch.Tensor  # [M, C, H, W]: their adversarial points
+    margin: torch.Tensor  # [N]: lowest margin seen on the attacked model
+    queries_used: torch.Tensor  # long [N]: queries spent on each example (its start counts one), all restarts
+    rejected: int  # candidates misclassified by the attacked model but not by the deployed one
+    rejected_examples: int
+    near_boundary_checked: int  # candidates the attacked model classifies correctly, within confirm_margin, put to
+    # the deployed model as well
     seconds: float
+
+
+class _Search:
+    """One restart of the search on some examples: their current points and margins, and what they found."""
+
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], threat: ThreatModel, x: torch.Tensor,
+                 y: torch.Tensor, batch_size: int, confirm: Confirm | None, near: float) -> None:
+        self.model, self.threat, self.x, self.y = model, threat, x, y
+        self.batch_size, self.confirm, self.near = batch_size, confirm, near
+        self.lo, self.hi = threat.box(x)
+        n = len(x)
+        self.best = x.clone()
+        self.cur = torch.full((n,), torch.inf, device=x.device)  # margin of self.best
+        self.low = self.cur.clone()  # lowest margin seen
+        self.alive = torch.ones(n, dtype=torch.bool, device=x.device)
+        self.adv = torch.zeros_like(x)
+        self.broken = ~self.alive
+        self.rejected = self.near_checked = 0
+        self.rejected_ex = ~self.alive
+
+    def offer(self, idx: torch.Tensor, xs: torch.Tensor) -> None:
+        """Candidates ``xs`` for the examples ``idx``: keep the improvements, record the (confirmed) breaks."""
+        z = torch.cat([self.model(xs[i:i + self.batch_size]) for i in range(0, len(xs), self.batch_size)])
+        ys = self.y[idx]
+        m = margins(z, ys)
+        wrong = z.argmax(1) != ys
+        self.low[idx] = torch.minimum(self.low[idx], m)
+        check = wrong | (m < self.near)
+        ok = torch.zeros_like(check)
+        if check.any():
+            ok[check] = deployed_wrong(self.confirm, xs[check], ys[check])
+        refused = wrong & ~ok
+        self.rejected += int(refused.sum())
+        self.near_checked += int((check & ~wrong).sum())
+        self.rejected_ex[idx[refused]] = True
+        hit = check & ok
+        better = hit | ((m < self.cur[idx]) & ~refused)  # a refused point is no improvement
+        self.best[idx[better]] = xs[better]
+        self.cur[idx[better]] = m[better]
+        self.adv[idx[hit]] = xs[hit]
+        self.broken[idx[hit]] = True
+        self.alive[idx[hit]] = False
+
+
+def _linf_start(x: torch.Tensor, eps: float, rngs: list[np.random.Generator], search: _Search) -> torch.Tensor:
+    """Vertical stripes of +-eps, one sign per column and channel."""
+    c, w = x.shape[1], x.shape[-1]
+    signs = torch.as_tensor(np.stack([g.integers(0, 2, (c, 1, w)) for g in rngs]), dtype=x.dtype, device=x.device)
+    return torch.clamp(x + eps * (2 * signs - 1), search.lo, search.hi)
+
+
+def _l2_start(x: torch.Tensor, eps: float, rngs: list[np.random.Generator], threat: ThreatModel) -> torch.Tensor:
+    """A grid of the paper's ``h // 5``-sided patterns, each with a random sign per channel and orientation,
+    scaled to the sphere of radius eps."""
+    c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+    s = max(h // 5, 1)
+    top0, left0 = max((h - 5 * s) // 2, 0), max((w - 5 * s) // 2, 0)
+    nh, nw = (h - top0) // s, (w - left0) // s  # the windows that fit
+    draws = np.stack([np.concatenate([g.integers(0, 2, (nh, nw, c)), g.integers(0, 2, (nh, nw, 1))], -1)
+                      for g in rngs])
+    draws = torch.as_tensor(draws, device=x.device)
+    eta = _eta(s).to(x.device, x.dtype)
+    delta = torch.zeros_like(x)
+    for a in range(nh):
+        for b in range(nw):
+            r, q = top0 + a * s, left0 + b * s
+            flip = draws[:, a, b, c].bool().view(-1, 1, 1, 1)
+            pattern = torch.where(flip, eta.T, eta)  # [k, 1, s, s]
+            delta[:, :, r:r + s, q:q + s] += pattern * (2 * draws[:, a, b, :c] - 1).to(x.dtype).view(-1, c, 1, 1)
+    return (x + eps * _unit(delta)).clamp(threat.lo, threat.hi)
+
+
+def _linf_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor, s: int) -> torch.Tensor:
+    """Each live example's best point with one random window set to ``x +- eps`` (one sign per channel)."""
+    x = search.x[live]
+    h, w = x.shape[-2], x.shape[-1]
+    top, left = _corner(u[:, 0], s, h), _corner(u[:, 1], s, w)
+    signs = (2 * bits - 1).to(x.dtype).view(len(live), -1, 1, 1) * search.threat.eps
+    cand = torch.where(_window(top, left, s, h, w), x + signs, search.best[live])
+    return torch.clamp(cand, search.lo[live], search.hi[live])
+
+
+def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor, s: int) -> torch.Tensor:
+    """AutoAttack's L2 update: the perturbation's mass in two random windows moves into the first, redrawn as the
+    paper's pattern (random sign per channel, random orientation) plus the window's old content, and the total is
+    scaled back to the sphere of radius eps."""
+    eps = search.threat.eps
+    x = search.x[live]
+    c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+    delta = search.best[live] - x
+    top, left = _corner(u[:, 0], s, h), _corner(u[:, 1], s, w)
+    top2, left2 = _corner(u[:, 2], s, h), _corner(u[:, 3], s, w)
+    m1 = _window(top, left, s, h, w).to(x.dtype)
+    m2 = _window(top2, left2, s, h, w).to(x.dtype)
+    norm_1 = (delta ** 2 * m1).sum((-2, -1), keepdim=True).sqrt()  # [k, c, 1, 1]
+    norm_img = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    norm_both = (delta ** 2 * torch.maximum(m1, m2)).sum((-2, -1), keepdim=True).sqrt()
+    signs = (2 * bits - 1).to(x.dtype).view(len(live), c, 1, 1)
+    new = _place(_eta(s).to(x.dtype), top, left, u[:, 4] > 0.5, h, w) * signs + delta * m1 / (norm_1 + 1e-12)
+    new = new / ((new ** 2).sum((-2, -1), keepdim=True).sqrt() + 1e-12)
+    new = new * ((eps ** 2 - norm_img ** 2).clamp_min(0) / c + norm_both ** 2).sqrt()
+    delta = torch.where(m1 > 0, new, delta * (1 - m2))
+    return (x + eps * _unit(delta)).clamp(search.threat.lo, search.threat.hi)
 
 
 @torch.no_grad()
 def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float, *,
-                  queries: int = 1000, p_init: float = 0.05, seed: int = 0, confirm: Confirm | None = None,
-                  threads: int | None = None) -> SquareResult:
-    """Square attack, L-inf (Andriushchenko et al., ECCV 2020): random search with no gradient.
+                  norm: Norm = "linf", queries: int = 1000, restarts: int = 1, p_init: float = 0.8,
+                  batch_size: int = 4096, seed: int = 0, confirm: Confirm | None = None,
+                  confirm_margin: float = CONFIRM_MARGIN, threads: int | None = None, progress: Progress | None = None,
+                  index: torch.Tensor | None = None) -> SquareResult:
+    """Square attack (Andriushchenko et al., ECCV 2020; module doc), L-inf or L2, ``queries`` queries per restart.
 
-    Starts from vertical stripes of +-eps, then each query redraws one random square window (side
-    ``sqrt(p * H * W)``, ``p`` halving on the paper's schedule from ``p_init``) to +-eps per channel and keeps the
-    change when the margin loss ``z_y - max_{j != y} z_j`` drops. It needs no gradient, so it is the audit's check
-    for gradient masking: examples it breaks but PGD did not point at a flawed gradient, not at robustness.
-    ``model`` is any ``x -> logits`` callable; ``confirm`` as in :func:`pipeline.attacks.pgd_attack`.
+    Needs no gradient, so it is the audit's check for gradient masking: examples it breaks but the gradient
+    attacks did not point at a flawed gradient, not at robustness. ``model`` is any ``x -> logits`` callable.
+    ``p_init``: the starting fraction of pixels a window covers (AutoAttack's 0.8). ``index``: each example's place
+    in the whole set, which seeds its random stream (default ``0..N-1``); ``confirm``, ``confirm_margin``,
+    ``batch_size`` (examples per forward pass), ``threads`` and ``progress`` as in
+    :func:`pipeline.attacks.pgd_attack`. Every example given is attacked (the audit gives the ones still robust).
     """
-    threat = attack_threat(x, y, eps, "linf")
-    t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
+    threat = attack_threat(x, y, eps, norm)
+    if x.ndim != 4:
+        raise HydraPipeError(f"square: expected images x [N, C, H, W], got shape {tuple(x.shape)}")
+    if queries < 0 or restarts < 1 or batch_size < 1 or not 0 < p_init <= 1 or confirm_margin < 0:
+        raise HydraPipeError(f"square: need queries >= 0, restarts >= 1, batch_size >= 1, 0 < p_init <= 1, "
+                             f"confirm_margin >= 0 (got {queries}, {restarts}, {batch_size}, {p_init}, "
+                             f"{confirm_margin})")
     n, dev = len(x), x.device
-    y = y.to(dev, torch.long)
+    if index is not None and len(index) != n:
+        raise HydraPipeError(f"square: index has {len(index)} entries for {n} examples")
+    ids = list(range(n)) if index is None else [int(i) for i in index]
+    t0 = time.perf_counter()
+    x, y = x.detach(), y.to(dev, torch.long)
+    h, w = x.shape[-2], x.shape[-1]
+    broken = torch.zeros(n, dtype=torch.bool, device=dev)
+    adv, low = torch.zeros_like(x), torch.full((n,), torch.inf, device=dev)
+    used = torch.zeros(n, dtype=torch.long, device=dev)
+    rejected = near_checked = 0
+    rejected_ex = torch.zeros(n, dtype=torch.bool, device=dev)
+    need = 2 if norm == "linf" else 5  # uniforms per query: the window's corner (L2: two corners, orientation)
     with attack_mode(model, threads) if isinstance(model, nn.Module) else num_threads(threads):
-
-        def margin_of(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-            z = model(xs)
-            rows = torch.arange(len(ys), device=dev)
-            other = z.clone()
-            other[rows, ys] = -torch.inf
-            return z[rows, ys] - other.max(1).values
-
-        lo, hi = threat.box(x)
-        nc, h, w = x.shape[1], x.shape[-2], x.shape[-1]
-        stripes = (torch.randint(0, 2, (n, nc, 1, w), generator=g).float() * 2 - 1).to(dev) * eps
-        best = x.clone()
-        best_margin = torch.full((n,), torch.inf, device=dev)
-        broken = torch.zeros(n, dtype=torch.bool, device=dev)
-        rejected = 0
-
-        def accept(idx: torch.Tensor, xs: torch.Tensor, m: torch.Tensor) -> None:
-            """Keep improvements; a point misclassified by the model counts only once the deployed one agrees."""
-            nonlocal rejected
-            wrong = m < 0
-            if wrong.any():
-                ok = deployed_wrong(confirm, xs[wrong], y[idx[wrong]])
-                rejected += int((~ok).sum())
-                good = wrong.clone()
-                good[wrong] = ok
-                broken[idx[good]] = True
-                m = torch.where(wrong & ~good, best_margin[idx], m)  # a rejected point is no improvement
-            better = m < best_margin[idx]
-            best[idx[better]] = xs[better]
-            best_margin[idx[better]] = m[better]
-
-        if n:
-            start = torch.clamp(x + stripes, lo, hi)
-            accept(torch.arange(n, device=dev), start, margin_of(start, y))
-        for it in range(queries):
-            idx = (~broken).nonzero().squeeze(1)
-            if not len(idx):
+        for restart in range(restarts if queries > 0 and eps > 0 else 0):
+            act = (~broken).nonzero().squeeze(1)
+            if not len(act):
                 break
-            p = _square_p(p_init, it, queries)
-            s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
-            r0 = int(torch.randint(0, h - s + 1, (1,), generator=g))
-            c0 = int(torch.randint(0, w - s + 1, (1,), generator=g))
-            cand = best[idx].clone()
-            signs = (torch.randint(0, 2, (len(idx), nc, 1, 1), generator=g).float() * 2 - 1).to(dev) * eps
-            window = (slice(None), slice(None), slice(r0, r0 + s), slice(c0, c0 + s))
-            cand[window] = x[idx][window] + signs
-            cand = torch.clamp(cand, lo[idx], hi[idx])
-            accept(idx, cand, margin_of(cand, y[idx]))
-    return SquareResult(broken=broken, adv_x=best, margin=best_margin, queries=queries, rejected=rejected,
-                        seconds=time.perf_counter() - t0)
+            rngs = [np.random.default_rng(np.random.SeedSequence([seed, ids[i], restart])) for i in act.tolist()]
+            search = _Search(model, threat, x[act], y[act], batch_size, confirm,
+                             confirm_margin if confirm is not None else 0.0)
+            every = torch.arange(len(act), device=dev)
+            start = _linf_start(x[act], eps, rngs, search) if norm == "linf" else _l2_start(x[act], eps, rngs, threat)
+            search.offer(every, start)
+            spent = torch.ones(len(act), dtype=torch.long, device=dev)
+            u = torch.zeros(len(act), QUERY_BLOCK, need, dtype=torch.float64, device=dev)
+            bits = torch.zeros(len(act), QUERY_BLOCK, x.shape[1], dtype=torch.long, device=dev)
+            for q in range(queries):
+                live = search.alive.nonzero().squeeze(1)
+                if not len(live):
+                    break
+                if q % QUERY_BLOCK == 0:
+                    # each live example's draws for the next block, from its own stream (one copy to the device)
+                    order = live.tolist()
+                    u[live] = torch.as_tensor(np.stack([rngs[i].random((QUERY_BLOCK, need)) for i in order]),
+                                              device=dev)
+                    bits[live] = torch.as_tensor(np.stack([rngs[i].integers(0, 2, (QUERY_BLOCK, x.shape[1]))
+                                                           for i in order]), device=dev)
+                    if progress:
+                        progress(int(broken.sum() + search.broken.sum()), n)
+                s = _side(_square_p(p_init, q, queries), h, w, norm)
+                make = _linf_candidates if norm == "linf" else _l2_candidates
+                cand = make(search, live, u[live, q % QUERY_BLOCK], bits[live, q % QUERY_BLOCK], s)
+                spent[live] += 1
+                moved = (cand != search.best[live]).flatten(1).any(1)
+                if moved.any():
+                    search.offer(live[moved], cand[moved])
+            hit = act[search.broken]
+            broken[hit] = True
+            adv[hit] = search.adv[search.broken]
+            low[act] = torch.minimum(low[act], search.low)
+            used[act] += spent
+            rejected += search.rejected
+            near_checked += search.near_checked
+            rejected_ex[act[search.rejected_ex]] = True
+    if progress:
+        progress(n, n)
+    adv_index = broken.nonzero().squeeze(1)
+    return SquareResult(broken=broken, adv_index=adv_index, adv_x=adv[adv_index], margin=low, queries_used=used,
+                        rejected=rejected, rejected_examples=int(rejected_ex.sum()),
+                        near_boundary_checked=near_checked, seconds=time.perf_counter() - t0)

@@ -4,10 +4,14 @@ A rule is small and knows its norm; the engine (:mod:`pipeline.attacks.engine`) 
 
 - ``rule.start(x0, seed, example, restarts)``: the random starts of some restarts of one example, and their per-row
   state (a :class:`RowState`);
-- ``rule.step(x, grad, state, t)``: the next iterate of every row in flight, from ``x_t`` and the gradient there.
+- ``rule.loss_grad(z, y, state)``: the loss the rule ascends, at the logits ``z`` of every row: its gradient
+  w.r.t. ``z`` (the engine backpropagates it through the model) and its value per row;
+- ``rule.step(x, grad, state, t, loss)``: the next iterate of every row in flight, from ``x_t``, the gradient there
+  and the loss value there (APGD's step-size schedule reads it; PGD ignores it).
 
-Per-row state (the L-inf box, the L2 centre; APGD's step size and momentum) travels with its rows: the engine
-filters and joins it along with the iterates, so a rule never sees a row that left or misses one that joined.
+Per-row state (the L-inf box, the L2 centre; APGD's step size, momentum and target class) travels with its rows:
+the engine filters and joins it along with the iterates, so a rule never sees a row that left or misses one that
+joined. APGD's rule lives in :mod:`pipeline.attacks.apgd`.
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ class StepRule(Protocol):
 
     def start(self, x0: torch.Tensor, seed: int, example: int, restarts: range) -> tuple[torch.Tensor, RowState]: ...
 
-    def step(self, x: torch.Tensor, grad: torch.Tensor, state: RowState, t: torch.Tensor) -> torch.Tensor: ...
+    def loss_grad(self, z: torch.Tensor, y: torch.Tensor, state: RowState) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def step(self, x: torch.Tensor, grad: torch.Tensor, state: RowState, t: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor: ...
 
 
 def start_seed(seed: int, example: int, restart: int) -> int:
@@ -67,7 +74,7 @@ def start_seed(seed: int, example: int, restart: int) -> int:
     return int(np.random.SeedSequence([seed, example, restart]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _starts(x0: torch.Tensor, threat: ThreatModel, seed: int, example: int, restarts: range,
+def random_starts(x0: torch.Tensor, threat: ThreatModel, seed: int, example: int, restarts: range,
             draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
     """``x0 + delta_r`` clipped to the input range, one ``delta_r = draw(generator)`` per restart ``r``."""
     delta = torch.stack([draw(torch.Generator().manual_seed(start_seed(seed, example, r))) for r in restarts])
@@ -85,19 +92,24 @@ class Box(RowState):
 @dataclass(frozen=True)
 class LinfStep:
     """PGD on L-inf (Madry et al., ICLR 2018): ``x_{t+1} = clip_box(x_t + alpha * sign(grad))``, started uniformly
-    in the box."""
+    in the box, ascending ``loss`` (:func:`logit_grad`)."""
 
     threat: ThreatModel
     alpha: float
+    loss: Loss = "margin"
     fixed_map: ClassVar[bool] = True
 
     def start(self, x0: torch.Tensor, seed: int, example: int, restarts: range) -> tuple[torch.Tensor, Box]:
         eps = self.threat.eps
-        xs = _starts(x0, self.threat, seed, example, restarts,
+        xs = random_starts(x0, self.threat, seed, example, restarts,
                      lambda g: (torch.rand(x0.shape, generator=g) * 2 - 1) * eps)
         return xs, Box(*self.threat.box(x0.expand_as(xs)))
 
-    def step(self, x: torch.Tensor, grad: torch.Tensor, state: Box, t: torch.Tensor) -> torch.Tensor:
+    def loss_grad(self, z: torch.Tensor, y: torch.Tensor, state: Box) -> tuple[torch.Tensor, torch.Tensor]:
+        return logit_grad(z, y, self.loss)
+
+    def step(self, x: torch.Tensor, grad: torch.Tensor, state: Box, t: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
         return torch.clamp(x + self.alpha * grad.sign(), state.lo, state.hi)
 
 
@@ -109,10 +121,12 @@ class Centre(RowState):
 @dataclass(frozen=True)
 class L2Step:
     """PGD on L2 (Madry et al., ICLR 2018): ``x_{t+1} = Proj(x_t + alpha * grad / |grad|_2)``, the projection
-    rescaling ``x - x0`` onto the ball, then clipping to the range; started uniformly in the ball."""
+    rescaling ``x - x0`` onto the ball, then clipping to the range; started uniformly in the ball, ascending
+    ``loss`` (:func:`logit_grad`)."""
 
     threat: ThreatModel
     alpha: float
+    loss: Loss = "margin"
     fixed_map: ClassVar[bool] = True
 
     def start(self, x0: torch.Tensor, seed: int, example: int, restarts: range) -> tuple[torch.Tensor, Centre]:
@@ -124,42 +138,61 @@ class L2Step:
             radius = eps * float(torch.rand(1, generator=g)) ** (1.0 / x0.numel())
             return direction * (radius / float(direction.norm().clamp_min(1e-12)))
 
-        xs = _starts(x0, self.threat, seed, example, restarts, draw)
+        xs = random_starts(x0, self.threat, seed, example, restarts, draw)
         return xs, Centre(x0.expand_as(xs))
 
-    def step(self, x: torch.Tensor, grad: torch.Tensor, state: Centre, t: torch.Tensor) -> torch.Tensor:
-        gn = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
-        x = x + self.alpha * grad / gn
-        delta = x - state.x0
-        dn = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view_as(gn)
-        return (state.x0 + delta * (self.threat.eps / dn).clamp(max=1.0)).clamp(self.threat.lo, self.threat.hi)
+    def loss_grad(self, z: torch.Tensor, y: torch.Tensor, state: Centre) -> tuple[torch.Tensor, torch.Tensor]:
+        return logit_grad(z, y, self.loss)
+
+    def step(self, x: torch.Tensor, grad: torch.Tensor, state: Centre, t: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
+        return l2_project(x + self.alpha * grad / l2_norm(grad), state.x0, self.threat)
+
+
+def l2_norm(v: torch.Tensor) -> torch.Tensor:
+    """``|v_i|_2`` of every row, shaped to broadcast against ``v`` (never below 1e-12)."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (v.ndim - 1))
+
+
+def l2_project(x: torch.Tensor, x0: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
+    """``x`` onto the L2 ball around ``x0`` (rescaling ``x - x0``), then clipped to the range: the result stays in
+    the ball, since clipping towards ``x0``'s range only shrinks each coordinate of the offset."""
+    delta = x - x0
+    return (x0 + delta * (threat.eps / l2_norm(delta)).clamp(max=1.0)).clamp(threat.lo, threat.hi)
 
 
 PGD_RULES: dict[str, type[LinfStep] | type[L2Step]] = {"linf": LinfStep, "l2": L2Step}
 
 
-def pgd_rule(threat: ThreatModel, alpha: float) -> StepRule:
-    """PGD's rule for the threat model's norm, with constant step ``alpha``."""
-    return PGD_RULES[threat.norm](threat, alpha)
+def pgd_rule(threat: ThreatModel, alpha: float, loss: Loss = "margin") -> StepRule:
+    """PGD's rule for the threat model's norm, with constant step ``alpha``, ascending ``loss``."""
+    return PGD_RULES[threat.norm](threat, alpha, loss)
+
+
+def margins(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The margin ``z_y - max_{j != y} z_j`` of every row (negative: misclassified)."""
+    rows = torch.arange(len(y), device=z.device)
+    other = z.detach().clone()
+    other[rows, y] = -torch.inf
+    return z.detach()[rows, y] - other.max(1).values
 
 
 def logit_grad(z: torch.Tensor, y: torch.Tensor, loss: Loss) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the loss to ascend w.r.t. the logits, and the margin ``z_y - max_{j != y} z_j`` per row.
+    """Gradient of the loss to ascend w.r.t. the logits, and its value per row.
 
     margin (CW) loss: ``max_{j != y} z_j - z_y``; ce: cross-entropy. Written by hand so the attack's backward
     starts at the logits (no loss graph).
     """
+    z = z.detach()
     rows = torch.arange(len(y), device=z.device)
-    z_true = z[rows, y]
-    other = z.detach().clone()
-    other[rows, y] = -torch.inf
-    best_other, j = other.max(1)
-    margin = z_true.detach() - best_other
     if loss == "margin":
+        other = z.clone()
+        other[rows, y] = -torch.inf
+        best_other, j = other.max(1)
         g = torch.zeros_like(z)
         g[rows, j] = 1.0
         g[rows, y] = -1.0
-    else:
-        g = torch.softmax(z.detach(), 1)
-        g[rows, y] -= 1.0
-    return g, margin
+        return g, best_other - z[rows, y]
+    g = torch.softmax(z, 1)
+    g[rows, y] -= 1.0
+    return g, torch.logsumexp(z, 1) - z[rows, y]

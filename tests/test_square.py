@@ -1,0 +1,194 @@
+"""The Square attack: per-example random streams (verdicts independent of the batch), known worst cases, the
+threat set, confirmation on the deployed numerics (breaks and boundary), gradient masking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.attacks import pgd_attack, square_attack
+from pipeline.attacks.square import _eta, _place, _side, _square_p
+from pipeline.errors import HydraPipeError
+from tests.test_attacks import _data, _exact_linf_margin, _linear, _mlp, _Recorder
+
+torch.set_num_threads(1)
+
+
+def _images(n: int, seed: int, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
+def _conv(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 4))
+
+
+class _RowWise(nn.Module):
+    """A 2-layer network whose every row is computed on its own (products and a sum over the row, no BLAS): its
+    logits do not change in the last bit with the batch, so neither may any decision of the attack."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1, self.w2 = torch.randn(16, 64, generator=g) / 8, torch.randn(4, 16, generator=g) / 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu((x.flatten(1)[:, None, :] * self.w1).sum(-1))
+        return (h[:, None, :] * self.w2).sum(-1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_an_examples_result_does_not_depend_on_the_others_in_the_batch(norm):
+    model = _RowWise(1)
+    x, y = _images(16, 2, model)
+    eps = 0.1 if norm == "linf" else 0.8
+    full = square_attack(model, x, y, eps, norm=norm, queries=150, restarts=2, seed=3)
+    assert 0 < int(full.broken.sum()) < 16
+    pos = {int(i): k for k, i in enumerate(full.adv_index)}
+    for part in (torch.tensor([9, 2, 14, 0, 5, 11]), torch.randperm(16, generator=torch.Generator().manual_seed(4))):
+        sub = square_attack(model, x[part], y[part], eps, norm=norm, queries=150, restarts=2, seed=3, index=part,
+                            batch_size=5)
+        assert torch.equal(sub.broken, full.broken[part])
+        assert torch.equal(sub.margin, full.margin[part])
+        assert torch.equal(sub.queries_used, full.queries_used[part])
+        for k, i in enumerate(part[sub.broken].tolist()):
+            assert torch.equal(sub.adv_x[k], full.adv_x[pos[i]])
+    # an unbroken example spends the whole budget: its start and every query of every restart
+    assert (full.queries_used[~full.broken] == 2 * 151).all()
+    assert (full.queries_used[full.broken] <= 2 * 151).all()
+
+
+def test_breaks_exactly_the_linear_examples_whose_worst_case_is_negative():
+    model = _linear(3, 16, seed=1)
+    x, y = _data(model, 60, seed=2)
+    eps = 0.05
+    exact = _exact_linf_margin(model, x, y, eps)
+    assert 5 < int((exact > 0).sum()) < 55
+    sq = square_attack(model, x, y, eps, queries=300)
+    clear = exact.abs() > 1e-3
+    assert torch.equal(sq.broken[clear], (exact <= 0)[clear])
+    assert (sq.margin >= exact - 1e-5).all()  # never below the exact minimum: the points are in the ball
+    with torch.no_grad():
+        assert (model(sq.adv_x).argmax(1) != y[sq.adv_index]).all()
+
+
+def test_l2_never_breaks_a_robust_linear_example_and_breaks_the_clearly_broken_ones():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    x = 0.3 + 0.4 * torch.rand(60, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps = 0.3
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    c = w[y] - w[1 - y]
+    exact = (c * x.flatten(1)).sum(1) + b[y] - b[1 - y] - eps * c.norm(dim=1)  # the box never binds here
+    assert 5 < int((exact > 0).sum()) < 55
+    sq = square_attack(model, x, y, eps, norm="l2", queries=500)
+    assert not sq.broken[exact > 0].any()
+    assert sq.broken[exact < -0.1].all()
+    assert ((sq.adv_x - x[sq.adv_index]).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_every_query_stays_in_the_ball_and_the_range(norm):
+    inner = _conv(5)
+    x, y = _images(3, 6, inner)
+    x[:, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the range's edges: the clip must bind
+    model = _Recorder(inner)
+    eps = 0.3 if norm == "linf" else 1.0
+    square_attack(model, x, y, eps, norm=norm, queries=60)
+    seen = torch.cat(model.seen).flatten(1)
+    dist = torch.cdist(seen, x.flatten(1), p=float("inf") if norm == "linf" else 2).min(1).values
+    assert dist.max() <= eps + 1e-5 and seen.min() >= 0 and seen.max() <= 1
+    assert dist.max() > 0.99 * eps
+    if norm == "linf":  # every query lies on the ball's edge (on L2 the range's clip pulls some inside)
+        assert dist.min() > 0.99 * eps
+
+
+def test_the_papers_schedule_and_l2_pattern():
+    # halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of 10000 queries, rescaled to the budget
+    assert [_square_p(0.8, q, 1000) for q in (0, 1, 2, 5, 6, 20, 21, 100, 101, 999)] == \
+        [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.8 / 16, 0.8 / 32, 0.8 / 512]
+    assert _side(0.8, 8, 8, "linf") == 7 and _side(0.001, 8, 8, "linf") == 1
+    assert _side(0.001, 8, 8, "l2") == 3 and _side(0.5, 32, 32, "l2") % 2 == 1
+    eta = _eta(5)
+    assert eta.norm() == pytest.approx(1.0)
+    assert (eta[:2] > 0).all() and (eta[2:] < 0).all() and eta[1, 2] == eta[:2].max()
+    placed = _place(eta, torch.tensor([1, 3]), torch.tensor([2, 0]), torch.tensor([False, True]), 8, 8)
+    assert torch.equal(placed[0, 0, 1:6, 2:7], eta) and torch.equal(placed[1, 0, 3:8, 0:5], eta.T)
+    assert placed.abs().sum() == pytest.approx(2 * eta.abs().sum())
+
+
+def test_a_break_only_the_deployed_model_sees_is_found_near_the_boundary():
+    model = _linear(4, 16, seed=32)
+    x, y = _data(model, 60, seed=33)
+    eps = 0.05
+    shift = np.array([0.0, 0.05, 0.0, 0.0], dtype=np.float32)
+
+    def confirm(xs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.as_tensor(xs)).numpy() + shift
+
+    off = square_attack(model, x, y, eps, queries=300, confirm=confirm, confirm_margin=0)
+    on = square_attack(model, x, y, eps, queries=300, confirm=confirm, confirm_margin=0.1)
+    assert off.near_boundary_checked == 0 and on.near_boundary_checked > 0
+    gained = on.broken & ~off.broken
+    assert gained.any() and (off.margin[gained] > 0).all()
+    assert not (off.broken & ~on.broken).any()
+    assert (confirm(on.adv_x.numpy()).argmax(1) != y[on.adv_index].numpy()).all()
+
+
+class _Masked(nn.Module):
+    """Gradient masking: rounding inside the model gives PGD a zero gradient everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = (torch.round(x * 8) / 8 - 0.5).flatten(1).sum(1, keepdim=True)
+        return torch.cat([0.5 - s, torch.zeros_like(s)], 1)
+
+
+def test_square_attack_breaks_what_masked_gradients_hide():
+    x = torch.full((4, 1, 4, 4), 0.5)
+    y = torch.zeros(4, dtype=torch.long)
+    model = _Masked()
+    pgd = pgd_attack(model, x, y, 0.1, steps=50, restarts=2)
+    assert pgd.robust.all()
+    assert pgd.row_steps < 4 * 2 * 50 / 4  # zero gradient: each row is a fixed point, caught by the cycle exit
+    sq = square_attack(model, x, y, 0.1, queries=300, seed=0)
+    assert sq.broken.all()
+    assert ((sq.adv_x - x).abs().amax() <= 0.1 + 1e-6) and sq.adv_x.min() >= 0
+    with torch.no_grad():
+        assert (model(sq.adv_x).argmax(1) != y).all()
+
+
+def test_square_attack_respects_confirm_and_is_seeded():
+    model = _mlp(17)
+    x, y = _data(model, 12, seed=18)
+    a = square_attack(model, x, y, 0.2, queries=40, seed=1)
+    b = square_attack(model, x, y, 0.2, queries=40, seed=1)
+    c = square_attack(model, x, y, 0.2, queries=40, seed=2)
+    assert torch.equal(a.broken, b.broken) and torch.equal(a.adv_x, b.adv_x)
+    assert not torch.equal(a.margin, c.margin)
+    assert a.broken.any()
+    k = int(y[a.broken][0])
+    same = y == k  # a deployed model that always answers k: it never confirms a break of class k
+    never = square_attack(model, x[same], y[same], 0.2, queries=40, seed=1, confirm_margin=0,
+                          confirm=lambda xs: np.tile(np.eye(4)[k], (len(xs), 1)))
+    assert not never.broken.any() and never.rejected > 0 and never.rejected_examples > 0
+    assert (never.queries_used == 41).all()  # refused candidates keep the example attacked
+
+
+def test_bad_inputs_raise_one_line_errors():
+    model = _mlp()
+    x, y = _data(model, 4)
+    for kw in (dict(queries=-1), dict(restarts=0), dict(p_init=0.0), dict(norm="l1"), dict(confirm_margin=-0.1),
+               dict(index=torch.arange(3))):
+        with pytest.raises(HydraPipeError):
+            square_attack(model, x, y, 0.1, **kw)
+    with pytest.raises(HydraPipeError):
+        square_attack(model, x * 2, y, 0.1)
+    with pytest.raises(HydraPipeError, match="images"):
+        square_attack(model, x.flatten(1), y, 0.1)
