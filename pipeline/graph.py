@@ -272,7 +272,12 @@ def _axis_view(t: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
 
 
 class Quantize(nn.Module):
-    """ONNX QuantizeLinear: ``clip(round(x / scale) + zero_point, qmin, qmax)``, kept as a float tensor."""
+    """ONNX QuantizeLinear: ``clip(round(x / scale) + zero_point, qmin, qmax)``, kept as a float tensor.
+
+    ``rounding = False`` makes it the *float twin* of the op, ``clip(x / scale + zero_point, qmin, qmax)``: the
+    same graph without rounding (:func:`float_twin`), smooth where the deployed op is a staircase, so an attack's
+    gradient there is the true gradient of a nearby function rather than a straight-through guess.
+    """
 
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                  axis: int | None = None) -> None:
@@ -280,13 +285,15 @@ class Quantize(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
+        self.rounding = True
 
     def params(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _axis_view(self.scale, self.axis, ndim), _axis_view(self.zero_point, self.axis, ndim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.params(x.dim())
-        return torch.clamp(_RoundSTE.apply(x / scale) + zero, self.qmin, self.qmax)
+        q = _RoundSTE.apply(x / scale) if self.rounding else x / scale
+        return torch.clamp(q + zero, self.qmin, self.qmax)
 
 
 class Dequantize(nn.Module):
@@ -304,6 +311,20 @@ class Dequantize(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         scale, zero = self.params(q.dim())
         return (q - zero) * scale
+
+
+def float_twin(graph: nn.Module) -> nn.Module | None:
+    """A copy of ``graph`` whose QuantizeLinear ops do not round (see :class:`Quantize`), or None when it has none:
+    the int8 graph's float twin, which an audit attacks besides the graph itself and confirms on the deployed one."""
+    if not any(isinstance(m, Quantize) for m in graph.modules()):
+        return None
+    import copy
+
+    twin = copy.deepcopy(graph)
+    for m in twin.modules():
+        if isinstance(m, Quantize):
+            m.rounding = False
+    return twin
 
 
 # ----------------------------------------------------------------------------------------------------------------

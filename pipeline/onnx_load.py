@@ -19,6 +19,9 @@ What people export is turned into logits N x classes, the form attacks and bound
   margin loss saturates on them);
 - an N x classes x 1 x 1 output (a classifier ending in a convolution and a global pooling, e.g. SqueezeNet) is
   flattened to N x classes, as :func:`pipeline.onnx_io.ort_logits` flattens onnxruntime's output;
+- a QuantizeLinear -> DequantizeLinear pair that requantizes a value already on its grid (onnxruntime's QDQ
+  format writes one after Flatten, Reshape, Transpose and MaxPool) is the identity and is dropped
+  (:func:`_drop_requantization`), so the bounds do not pay a rounding slack for a rounding that never happens;
 - a model exported with a fixed batch (input dim 0 a number, ``torch.onnx.export`` without dynamic axes) gets a
   graph form that runs any batch: a Reshape whose constant target starts with that batch size keeps the input's
   batch dimension instead (:class:`pipeline.graph.Reshape`); ``ort_logits`` runs such models in slices.
@@ -172,7 +175,8 @@ class _Loader:
             if n.output in needed:
                 kept.append(n)
                 needed.update(n.inputs)
-        nodes, output_name, stripped = self.logits_form(kept[::-1], output_name)
+        nodes, output_name = _drop_requantization(kept[::-1], output_name)
+        nodes, output_name, stripped = self.logits_form(nodes, output_name)
         return OnnxModule(nodes, input_name, output_name, self.path, stripped, self.fixed_batch)
 
     def convert_nodes(self) -> None:
@@ -441,6 +445,66 @@ class _Loader:
         scale, zero, axis = self._qparams(node)
         self.emit(node, "DequantizeLinear", Dequantize(scale, _tensor(zero.astype(np.float32)), axis),
                   [node.input[0]])
+
+
+GRID_PRESERVING_OPS = frozenset({"Flatten", "Reshape", "Transpose", "MaxPool"})
+"""Ops that map a tensor of values on a quantization grid ``(q - z) * s`` onto values of the same grid (they move
+or select elements), so a QuantizeLinear with the grid's parameters after them is exact."""
+
+
+def _drop_requantization(nodes: list[Node], output: str) -> tuple[list[Node], str]:
+    """Remove the QuantizeLinear -> DequantizeLinear pairs that requantize a value already on their grid.
+
+    onnxruntime's QDQ format writes ``Q -> DQ -> Flatten -> Q -> DQ`` (and the same around Reshape, Transpose,
+    MaxPool) with the second pair's parameters equal to the first's. The first DequantizeLinear's output is
+    ``(q - z) * s`` with ``q`` an integer in ``[qmin, qmax]``; the ops between only move or select its elements;
+    the second QuantizeLinear computes ``round(((q - z) * s) / s) + z = q`` (the float quotient is within an ulp
+    of the integer ``q - z``, far from a rounding tie) and the second DequantizeLinear gives back ``(q - z) * s``,
+    the same float. So the pair is the identity, bit for bit, as onnxruntime computes it too; dropping it changes
+    no output, and the bounds no longer pay a second rounding slack for a rounding that never happens. Only
+    per-tensor parameters (positive scale) are matched, as onnxruntime's activations have.
+    """
+    by_output = {n.output: n for n in nodes}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    alias: dict[str, str] = {}
+    dropped: set[str] = set()
+
+    def same_grid(q: Quantize, dq: Dequantize) -> bool:
+        return (q.axis is None and dq.axis is None and q.scale.numel() == 1 and dq.scale.numel() == 1
+                and float(q.scale) > 0 and float(q.scale) == float(dq.scale)
+                and float(q.zero_point) == float(dq.zero_point))
+
+    for n in nodes:
+        if n.op != "DequantizeLinear" or readers.get(n.inputs[0]) != 1:
+            continue
+        q2 = by_output.get(n.inputs[0])
+        if q2 is None or q2.op != "QuantizeLinear" or not same_grid(q2.module, n.module):
+            continue
+        walk = by_output.get(q2.inputs[0])
+        while walk is not None and walk.op in GRID_PRESERVING_OPS and len(walk.inputs) == 1:
+            walk = by_output.get(walk.inputs[0])
+        if walk is None or walk.op != "DequantizeLinear" or not same_grid(q2.module, walk.module):
+            continue
+        q1 = by_output.get(walk.inputs[0])
+        if q1 is None or q1.op != "QuantizeLinear" or (q1.module.qmin, q1.module.qmax) != (q2.module.qmin,
+                                                                                           q2.module.qmax):
+            continue
+        alias[n.output] = q2.inputs[0]
+        dropped.update((q2.output, n.output))
+    if not alias:
+        return nodes, output
+
+    def ref(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    kept = [Node(n.name, n.op, n.module, tuple(ref(i) for i in n.inputs), n.output) for n in nodes
+            if n.output not in dropped]
+    return kept, ref(output)
 
 
 def _dims(value_info) -> list[int | None] | None:

@@ -89,3 +89,25 @@ def full_precision() -> Iterator[None]:
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextlib.contextmanager
+def sound_numerics() -> Iterator[None]:
+    """What a sound bound needs from torch, for the block: :func:`full_precision` (no autocast, no TF32 matmuls or
+    convolutions), fp32 matmuls at ``"highest"`` precision, and deterministic algorithms (cuDNN's too, without
+    benchmarking; ops with no deterministic form warn instead of failing), so bounding and confirming give the
+    same figures on every run. Every flag is restored after, nested uses included."""
+    precision = torch.get_float32_matmul_precision()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn_deterministic, cudnn_benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:
+        with full_precision():
+            torch.set_float32_matmul_precision("highest")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark

@@ -346,9 +346,11 @@ def test_ops_without_a_bound_rule_are_named_as_blockers(tmp_path):
 
 
 def test_alpha_crown_with_every_relu_behind_a_cut_is_crown():
-    """Conv, ReLU, MaxPool, head: CROWN's backward pass stops at the MaxPool, so no slope reaches the bound."""
+    """Conv, ReLU, LeakyReLU, head: CROWN's backward pass stops at the LeakyReLU (a cut; MaxPool no longer is
+    one), so no slope reaches the bound."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4))
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.LeakyReLU(0.1), nn.AvgPool2d(2), nn.Flatten(),
+                        nn.Linear(12, 4))
     x = torch.rand(3, 1, 4, 4)
     x_lo, x_hi = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
     with torch.no_grad():

@@ -8,7 +8,11 @@ References:
 - CROWN-IBP: Zhang et al., ICLR 2020 (margin specification folded into the last linear layer; CROWN with IBP
   intermediate bounds).
 - alpha-CROWN: Xu et al., "Fast and Complete: Enabling Complete Neural Network Verification with Rapid and
-  Massively Parallel Incomplete Verifiers", ICLR 2021 (lower ReLU slopes optimised by projected gradient).
+  Massively Parallel Incomplete Verifiers", ICLR 2021 (lower ReLU slopes of every layer optimised by projected
+  gradient, the intermediate bounds recomputed from their own slopes).
+- Branch and bound: Bunel et al., "Branch and Bound for Piecewise Linear Neural Network Verification", JMLR 2020
+  (splits on unstable ReLUs, BaBSR's intercept score) with the per-split multipliers of beta-CROWN (Wang et al.,
+  NeurIPS 2021).
 
 What is bounded, over which set, and how are kept apart: a *model* (any module :func:`pipeline.graph.as_graph`
 accepts: our ``nn.Sequential`` models, residual models that ``torch.fx`` traces, an ``OnnxModule``), an input
@@ -40,17 +44,20 @@ Quantized graphs (QuantizeLinear -> DequantizeLinear, as onnxruntime's QDQ forma
 Layout: :mod:`pipeline.bounds.ops` holds one rule per op (its IBP rule and its CROWN rule side by side, like
 auto_LiRPA's ``Bound*`` classes; adding an op or a relaxation is adding one class there), with the relaxations'
 math in :mod:`pipeline.bounds.relax`; :mod:`pipeline.bounds.crown` is the engine that runs them over a graph,
-:mod:`pipeline.bounds.alpha` alpha-CROWN, :mod:`pipeline.bounds.verify` margins, the registry of bound methods and
-the batched verification loop :func:`certify`.
+:mod:`pipeline.bounds.alpha` alpha-CROWN (and beta-CROWN's split multipliers), :mod:`pipeline.bounds.bab` branch
+and bound, :mod:`pipeline.bounds.verify` margins, the registry of bound methods and the batched verification loop
+:func:`certify` (``dtype=torch.float64`` for float64 bounds). Every entry point runs under
+:func:`pipeline.runtime.sound_numerics` (no TF32, deterministic algorithms).
 """
 
 from pipeline.bounds.alpha import alpha_crown_bounds
+from pipeline.bounds.bab import BabResult, branch_and_bound
 from pipeline.bounds.box import Box
 from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, crown_bounds, interval_bounds
 from pipeline.bounds.relax import QUANT_TOL
 from pipeline.bounds.verify import (BOUND_METHODS, Certificate, Method, certify, margin_lower_bounds, margin_spec,
                                     verified)
 
-__all__ = ["BOUND_METHODS", "Box", "Certificate", "DEFAULT_MAX_ELEMENTS", "Method", "QUANT_TOL",
-           "alpha_crown_bounds", "certify", "crown_bounds", "interval_bounds", "margin_lower_bounds", "margin_spec",
+__all__ = ["BOUND_METHODS", "BabResult", "Box", "Certificate", "DEFAULT_MAX_ELEMENTS", "Method", "QUANT_TOL",
+           "alpha_crown_bounds", "branch_and_bound", "certify", "crown_bounds", "interval_bounds", "margin_lower_bounds", "margin_spec",
            "verified"]

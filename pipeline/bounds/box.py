@@ -72,11 +72,19 @@ class Box:
 class Boxes(dict):
     """Boxes of one bound computation by value name, plus what its backward passes may reuse (dense forms of
     small convs), so repeated backward passes over the same boxes (CROWN's intermediate bounds, alpha-CROWN's
-    iterations) build them once."""
+    iterations) build them once.
+
+    The engine fills it in graph order from the input, so the first value is the input box, whose coordinates
+    vary independently (:attr:`input_name`; a rule may bound an elementwise op of the input exactly by its box).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.dense: dict[str, Tensor | None] = {}
+
+    @property
+    def input_name(self) -> str | None:
+        return next(iter(self), None)
 
 
 def _dot(a: Tensor, t: Tensor) -> Tensor:

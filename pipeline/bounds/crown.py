@@ -18,6 +18,7 @@ from pipeline.bounds.box import Box, Boxes, _concretize
 from pipeline.bounds.ops import rule_for
 from pipeline.errors import HydraPipeError
 from pipeline.graph import GraphModule, Node, as_graph
+from pipeline.runtime import sound_numerics
 
 DEFAULT_MAX_ELEMENTS = 1 << 25
 """Budget, in tensor elements, for one batch of CROWN coefficients (128 MiB in float32)."""
@@ -62,11 +63,16 @@ def interval_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor) -> tuple[Tenso
 # ----------------------------------------------------------------------------------------------------------------
 
 def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Box], *, linear_only: bool = False,
-              alphas: dict[str, Tensor] | None = None, rows: Tensor | None = None) -> Tensor:
+              alphas: dict[str, Tensor] | None = None, rows: Tensor | None = None,
+              lagrange: dict[str, Tensor] | None = None, record: dict[str, Tensor] | None = None) -> Tensor:
     """Lower bounds [N, M] of ``sum(spec[:, j] * value(target))``: CROWN's backward pass from ``target``.
 
     ``linear_only`` stops at the first non-affine node (bounded by its box): the specification folded into the
     trailing affine layers, as CROWN-IBP does for the margins.
+
+    ``lagrange`` ({value: [N, M, *shape]}) is added to a value's coefficients once they are complete (beta-CROWN's
+    split multipliers, Wang et al. 2021: the bound becomes one of ``spec . target + sum(lagrange * value)``).
+    ``record``: when given, filled with the (complete) coefficients of the Relu outputs and of the input.
 
     ``rows`` ([N, R] indices into the rows of a batch-shared ``spec`` [1, U, ...]): the rows are pulled back
     once for the whole batch through the affine ops next to ``target`` and only split per example (row
@@ -90,11 +96,16 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
         a = coeffs.pop(node.output)
         is_shared = node.output in shared
         shared.discard(node.output)
+        if lagrange is not None and node.output in lagrange:
+            a = (split(a) if is_shared else a) + lagrange[node.output]
+            is_shared = False
         rule = rule_for(node)
         relaxed = rule.relaxed and not linear_only
         linear = rule.is_linear(node)
         if is_shared and not linear:
             a, is_shared = split(a), False
+        if record is not None and node.op == "Relu":
+            record[node.output] = a
         if not (linear or relaxed):  # a cut: bound this node's contribution by its box
             bias = bias + _concretize(a, boxes[node.output])
             continue
@@ -123,6 +134,8 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
     if rows is not None and isinstance(shared_bias, Tensor):
         out = out + shared_bias.expand(n, -1).gather(1, rows)
     for name, a in coeffs.items():  # the input, or values upstream of a cut that nothing else reads
+        if record is not None and name == graph.input_name:
+            record[name] = split(a) if name in shared else a
         bound = _concretize(a, boxes[name])
         out = out + (bound.gather(1, rows) if name in shared else bound)
     return out
@@ -147,30 +160,45 @@ def _ibp_exact(graph: GraphModule) -> set[str]:
     return set(general)
 
 
+def _relaxed_consumers(graph: GraphModule) -> dict[str, list[Node]]:
+    """The relaxed nodes (ReLU, QuantizeLinear) reading each value, by the value's name."""
+    consumers: dict[str, list[Node]] = {}
+    for node in graph.nodes:
+        if rule_for(node).relaxed:
+            consumers.setdefault(node.inputs[0], []).append(node)
+    return consumers
+
+
+def _unstable(consumers: list[Node], box: Box) -> Tensor:
+    """The neurons of ``box`` whose relaxation, in any of ``consumers``, depends on their bounds."""
+    chosen = torch.zeros_like(box.lo, dtype=torch.bool)
+    for consumer in consumers:
+        chosen |= rule_for(consumer).unstable(consumer, box)
+    return chosen
+
+
 def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: Literal["ibp", "crown"],
-                 max_elements: int) -> dict[str, Box]:
+                 max_elements: int, refine: Callable[[Node, Box], Box] | None = None) -> dict[str, Box]:
     """IBP boxes, with the inputs of relaxed nodes (ReLU, QuantizeLinear) tightened by CROWN when asked.
 
     Each tightened bound is intersected with its IBP bound (both are sound). Only neurons whose relaxation
     depends on their bounds are recomputed, per example: for a ReLU input the unstable neurons (a stable
     neuron's relaxation is exact whatever its bounds), for a QuantizeLinear input those whose box does not
-    round to a single level.
+    round to a single level. ``refine(node, box)`` narrows each IBP box before (sound narrowings only: a
+    reference bound, the split constraints of a branch-and-bound domain).
     """
     if intermediate == "ibp":
-        return _ibp(graph, x_lo, x_hi)
-    consumers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        if rule_for(node).relaxed:
-            consumers.setdefault(node.inputs[0], []).append(node)
+        return _ibp(graph, x_lo, x_hi, refine)
+    consumers = _relaxed_consumers(graph)
     exact = _ibp_exact(graph)
     boxes: dict[str, Box] = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
     for node in graph.nodes:
         box = rule_for(node).ibp(node, [boxes[i] for i in node.inputs])
+        if refine is not None:
+            box = refine(node, box)
         boxes[node.output] = box
         if node.output in consumers and node.output not in exact:
-            chosen = torch.zeros_like(box.lo, dtype=torch.bool)
-            for consumer in consumers[node.output]:
-                chosen |= rule_for(consumer).unstable(consumer, box)
+            chosen = _unstable(consumers[node.output], box)
             boxes[node.output] = _tighten(graph, node.output, box, boxes, chosen, max_elements)
     return boxes
 
@@ -182,43 +210,62 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], cho
     Rows are chosen per example (an example's unstable neurons), not as the union over the batch: in a trained
     network each example has few unstable neurons but the union covers most of the layer.
     """
-    lo, hi = box.lo, box.hi
-    n = lo.shape[0]
-    flat_lo, flat_hi = lo.reshape(n, -1), hi.reshape(n, -1)
-    dim = flat_lo.shape[1]
-    chosen = chosen.reshape(n, -1)
-    counts = chosen.sum(1)
-    k_max = int(counts.max()) if n else 0
+    n = box.shape[0]
+    order, valid = _select(chosen)
+    k_max = order.shape[1]
     if k_max == 0:
         return box
-    # the chosen neurons of each example first (stable sort keeps their order), padded with unused rows
-    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :k_max]
-    valid = torch.arange(k_max, device=lo.device).unsqueeze(0) < counts.unsqueeze(1)
     largest = max(math.prod(b.shape[1:]) for b in boxes.values())
     # rows per chunk so that one coefficient tensor [N, 2 * rows, largest value] stays under max_elements
     chunk = max(1, max_elements // max(1, n * largest * 2))
-    position = torch.zeros(dim, dtype=torch.long, device=lo.device)
     new_lo, new_hi = [], []
     for start in range(0, k_max, chunk):
-        sel = order[:, start:start + chunk]
-        k = sel.shape[1]
-        # the union of the chunk's neurons over the batch, pulled back once as +e_i (lower) and -e_i (upper)
-        union = torch.unique(sel[valid[:, start:start + chunk]])
-        u = union.numel()
-        position[union] = torch.arange(u, device=lo.device)
-        spec = torch.zeros(1, 2 * u, dim, dtype=lo.dtype, device=lo.device)
-        spec[0, torch.arange(u), union] = 1.0
-        spec[0, torch.arange(u, 2 * u), union] = -1.0
-        pos = torch.where(valid[:, start:start + chunk], position[sel], 0)  # padding rows: any valid row
-        res = _backward(graph, name, spec.view(1, 2 * u, *lo.shape[1:]), boxes, rows=torch.cat([pos, pos + u], 1))
+        spec, rows = _row_spec(order[:, start:start + chunk], valid[:, start:start + chunk], box)
+        res = _backward(graph, name, spec, boxes, rows=rows)
+        k = rows.shape[1] // 2
         new_lo.append(res[:, :k])
         new_hi.append(-res[:, k:])
+    return _merge(box, order, valid, torch.cat(new_lo, 1), torch.cat(new_hi, 1))
+
+
+def _select(chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """The chosen neurons of each example first (flat indices [N, k], k the most any example has; a stable sort
+    keeps their order), padded with unchosen ones, and which of them are chosen ([N, k] bool)."""
+    n = chosen.shape[0]
+    chosen = chosen.reshape(n, -1)
+    counts = chosen.sum(1)
+    k_max = int(counts.max()) if n else 0
+    order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :k_max]
+    valid = torch.arange(k_max, device=chosen.device).unsqueeze(0) < counts.unsqueeze(1)
+    return order, valid
+
+
+def _row_spec(order: Tensor, valid: Tensor, box: Box) -> tuple[Tensor, Tensor]:
+    """The batch-shared spec of :func:`_backward` bounding the selected neurons: the union of ``order``'s valid
+    neurons over the batch as +e_i (lower) and -e_i (upper) rows [1, 2u, *shape], and each example's rows [N, 2k]
+    (padding rows point at any valid row)."""
+    lo = box.lo
+    dim = math.prod(lo.shape[1:])
+    union = torch.unique(order[valid])
+    u = union.numel()
+    position = torch.zeros(dim, dtype=torch.long, device=lo.device)
+    position[union] = torch.arange(u, device=lo.device)
+    spec = torch.zeros(1, 2 * u, dim, dtype=lo.dtype, device=lo.device)
+    spec[0, torch.arange(u), union] = 1.0
+    spec[0, torch.arange(u, 2 * u), union] = -1.0
+    pos = torch.where(valid, position[order], 0)
+    return spec.view(1, 2 * u, *lo.shape[1:]), torch.cat([pos, pos + u], 1)
+
+
+def _merge(box: Box, order: Tensor, valid: Tensor, new_lo: Tensor, new_hi: Tensor) -> Box:
+    """``box`` intersected with new bounds [N, k] of the neurons ``order`` where ``valid`` (both are sound)."""
+    lo, hi = box.lo, box.hi
+    n = lo.shape[0]
+    flat_lo, flat_hi = lo.reshape(n, -1), hi.reshape(n, -1)
     old_lo, old_hi = flat_lo.gather(1, order), flat_hi.gather(1, order)
-    cl = torch.where(valid, torch.maximum(old_lo, torch.cat(new_lo, 1)), old_lo)
-    ch = torch.where(valid, torch.minimum(old_hi, torch.cat(new_hi, 1)), old_hi)
-    out_lo = flat_lo.scatter(1, order, cl)
-    out_hi = flat_hi.scatter(1, order, ch)
-    return Box(lo=out_lo.view_as(lo), hi=out_hi.view_as(hi))
+    cl = torch.where(valid, torch.maximum(old_lo, new_lo), old_lo)
+    ch = torch.where(valid, torch.minimum(old_hi, new_hi), old_hi)
+    return Box(lo=flat_lo.scatter(1, order, cl).view_as(lo), hi=flat_hi.scatter(1, order, ch).view_as(hi))
 
 
 def _spec_or_identity(C: Tensor | None, n: int, classes: int, like: Tensor) -> Tensor:
@@ -246,16 +293,17 @@ def crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor | None 
     Backward linear relaxation: ReLU upper bound = chord, lower slope 1 if ``u > -l`` else 0 (auto_LiRPA's
     "adaptive"). Intermediate pre-activation bounds from CROWN itself or from IBP (CROWN-IBP). The result is
     intersected with the interval bound of ``C @ logits`` (spec folded into the trailing affine layers), so it is
-    never looser than IBP.
+    never looser than IBP. Runs under :func:`pipeline.runtime.sound_numerics`; differentiable.
     """
     _check_box(x_lo, x_hi)
     graph = as_graph(model)
-    boxes = _crown_boxes(graph, x_lo, x_hi, intermediate, max_elements)
-    out_box = boxes[graph.output_name]
-    n, classes = out_box.shape[0], out_box.shape[1]
-    spec = _spec_or_identity(C, n, classes, x_lo)
-    m = spec.shape[1]
-    lower_upper = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes)
-    lo, hi = lower_upper[:, :m], -lower_upper[:, m:]
-    ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
-    return torch.maximum(lo, ibp_lo), torch.minimum(hi, ibp_hi)
+    with sound_numerics():
+        boxes = _crown_boxes(graph, x_lo, x_hi, intermediate, max_elements)
+        out_box = boxes[graph.output_name]
+        n, classes = out_box.shape[0], out_box.shape[1]
+        spec = _spec_or_identity(C, n, classes, x_lo)
+        m = spec.shape[1]
+        lower_upper = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes)
+        lo, hi = lower_upper[:, :m], -lower_upper[:, m:]
+        ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
+        return torch.maximum(lo, ibp_lo), torch.minimum(hi, ibp_hi)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.bounds.box import Box, _as_rows, _dot, _from_rows, _unbroadcast, _value_const
-from pipeline.bounds.relax import _quant_endpoints, _quant_relaxation, _relu_backward, _relu_relaxation
+from pipeline.bounds.relax import (_maxpool_relaxation, _quant_endpoints, _quant_relaxation, _relu_backward,
+                                   _relu_relaxation)
 from pipeline.errors import UnsupportedOpError
 from pipeline.graph import Binary, ConstBinary, Node
 from pipeline.graph import affine_weight as effective_weight
@@ -438,7 +439,7 @@ class ConstantRule(OpRule):
 # Nonlinear ops
 # ----------------------------------------------------------------------------------------------------------------
 
-@_rule("LeakyRelu", "Clip", "MaxPool")
+@_rule("LeakyRelu", "Clip")
 class MonotoneRule(OpRule):
     """Monotone in every input: IBP maps the endpoints. No linear relaxation here: CROWN cuts at the node."""
 
@@ -469,10 +470,60 @@ class ReluRule(MonotoneRule):
         return _relu_backward(a, box, lower_slope, upper_slope, upper_bias)
 
 
+@_rule("MaxPool")
+class MaxPoolRule(MonotoneRule):
+    """``y = max`` over each window: IBP maps the endpoints (monotone); CROWN uses auto_LiRPA's ``BoundMaxPool``
+    relaxation (Xu et al., NeurIPS 2020; see :func:`pipeline.bounds.relax._maxpool_relaxation`): ``y >= x_i`` for
+    the input ``i`` with the largest lower bound, ``y <= x_i`` where that input dominates the window (exact), else
+    ``y <=`` the window's largest upper bound. Any kernel, stride (overlapping windows too), padding (``-inf``, as
+    MaxPool pads), dilation and ``ceil_mode``."""
+
+    relaxed = True
+
+    @staticmethod
+    def _relax(node: Node, box: Box, out_shape: torch.Size):
+        return _maxpool_relaxation(node.module, box.lo, box.hi, (int(out_shape[-2]), int(out_shape[-1])))
+
+    def unstable(self, node: Node, box: Box) -> Tensor:
+        """Inputs of windows whose relaxation is not exact and whose lower bound is negative.
+
+        A nonnegative value is, in the networks we meet, a ReLU's output (or a QuantizeLinear's with the ReLU
+        fused into its clip): its box is already the exact image of its own input's CROWN-tightened box, and a
+        backward pass from it cannot do better (the ReLU's chord meets its upper bound, its lower line lies below
+        ``max(0, lo)``), so only the others are worth a backward pass each."""
+        from torch.nn.modules.utils import _pair
+
+        m = node.module
+        out_hw = tuple(m(box.lo[:1]).shape[-2:])
+        _, exact, _, (hp, wp, pad) = self._relax(node, box, torch.Size(out_hw))
+        n, c, h, w = box.shape
+        kk = math.prod(_pair(m.kernel_size))
+        loose = (~exact).to(box.lo.dtype).reshape(n * c, 1, -1).expand(n * c, kk, exact.shape[-1])
+        members = F.fold(loose, (hp, wp), _pair(m.kernel_size), _pair(m.dilation), 0, _pair(m.stride))
+        members = members.view(n, c, hp, wp)[..., pad[0]:pad[0] + h, pad[1]:pad[1] + w] > 0
+        return members & (box.lo < 0)
+
+    def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
+        box = boxes[node.inputs[0]]
+        index, exact, upper, (hp, wp, pad) = self._relax(node, box, boxes[node.output].shape)
+        n, c, h, w = box.shape
+        length = index.shape[-1]
+        af = a.flatten(3).expand(n, -1, c, length)  # [N, M, C, L]
+        m = af.shape[1]
+        # a > 0: the lower line y >= x_i; a < 0: y <= x_i where exact, else the constant upper bound
+        coef = torch.where(exact.unsqueeze(1), af, af.clamp(min=0))
+        bias = (af.clamp(max=0) * torch.where(exact, 0.0, upper).unsqueeze(1)).sum((2, 3))
+        pulled = torch.zeros(n, m, c, hp * wp, dtype=a.dtype, device=a.device)
+        pulled = pulled.scatter_add(3, index.unsqueeze(1).expand(n, m, c, length), coef)
+        pulled = pulled.view(n, m, c, hp, wp)[..., pad[0]:pad[0] + h, pad[1]:pad[1] + w]
+        return [pulled], bias
+
+
 @_rule("QuantizeLinear")
 class QuantizeRule(OpRule):
-    """``q(v) = clip(round(v), qmin, qmax)``, ``v = x / s + z``: monotone for IBP; for CROWN the lines
-    ``v -/+ (1/2 + QUANT_TOL)`` within the clip range, constants beyond it (see :mod:`pipeline.bounds.relax`)."""
+    """``q(v) = clip(round(v), qmin, qmax)``, ``v = x / s + z``: monotone for IBP; for CROWN the chords of the
+    clipped lines ``clip(v -/+ (1/2 + QUANT_TOL), q(v_lo), q(v_hi))`` that enclose the staircase, across the clip
+    too (see :func:`pipeline.bounds.relax._quant_relaxation`); on the input, its exact box."""
 
     relaxed = True
 
@@ -487,6 +538,12 @@ class QuantizeRule(OpRule):
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         box = boxes[node.inputs[0]]
+        if node.inputs[0] == getattr(boxes, "input_name", None):
+            # QuantizeLinear of the input (the deployed graph's first op): elementwise on a box whose coordinates
+            # vary independently, so its own box [q(lo), q(hi)] is the exact range of every sum(a * q): no line
+            # (which pays the rounding slack on top) can do better. The box is sound wherever the node is.
+            _, _, q_lo, q_hi = _quant_endpoints(node.module, box.lo, box.hi)
+            return [None], _dot(a.clamp(min=0), q_lo) + _dot(a.clamp(max=0), q_hi)
         ls, lb, us, ub = _quant_relaxation(node.module, box.lo, box.hi)
         pos, neg = a.clamp(min=0), a.clamp(max=0)
         return [pos * ls.unsqueeze(1) + neg * us.unsqueeze(1)], _dot(pos, lb) + _dot(neg, ub)

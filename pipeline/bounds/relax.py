@@ -2,8 +2,11 @@
 them, and alpha-CROWN starts its slopes from the ReLU's.
 
 ReLU: CROWN's (Zhang et al., NeurIPS 2018), the chord above and auto_LiRPA's adaptive slope below.
-QuantizeLinear: the lines ``v -/+ (1/2 + QUANT_TOL)`` inside the clip range and constants beyond it; why, and why
-the endpoints are widened by ``QUANT_TOL`` before rounding, is in :mod:`pipeline.bounds` ("Quantized graphs").
+QuantizeLinear: the chords of the clipped lines ``clip(v -/+ (1/2 + QUANT_TOL), q(v_lo), q(v_hi))`` that enclose the
+staircase (the lines ``v -/+ (1/2 + QUANT_TOL)`` inside the clip range); why the endpoints are widened by
+``QUANT_TOL`` before rounding is in :mod:`pipeline.bounds` ("Quantized graphs").
+MaxPool: auto_LiRPA's ``BoundMaxPool`` (Xu et al. 2020): below, the input with the largest lower bound; above, that
+input where its lower bound reaches every other input's upper bound (exact), else the window's largest upper bound.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pipeline.bounds.box import Box, _dot
+from pipeline.errors import UnsupportedOpError
 from pipeline.graph import Quantize
 
 QUANT_TOL = 1e-2
@@ -66,9 +70,12 @@ def _relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor
 
 
 def _quant_endpoints(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``v_lo, v_hi`` (in quanta) and the rounded, clipped ``q(v_lo), q(v_hi)`` widened by ``QUANT_TOL``."""
+    """``v_lo, v_hi`` (in quanta) and the rounded, clipped ``q(v_lo), q(v_hi)`` widened by ``QUANT_TOL`` (for a
+    QuantizeLinear without rounding, the float twin of :func:`pipeline.graph.float_twin`, clipped only)."""
     scale, zero = m.params(lo.dim())
     v_lo, v_hi = lo / scale + zero, hi / scale + zero
+    if not getattr(m, "rounding", True):  # the float twin (pipeline.graph.float_twin): clip only
+        return v_lo, v_hi, torch.clamp(v_lo, m.qmin, m.qmax), torch.clamp(v_hi, m.qmin, m.qmax)
     q_lo = torch.clamp(torch.round(v_lo - QUANT_TOL), m.qmin, m.qmax)
     q_hi = torch.clamp(torch.round(v_hi + QUANT_TOL), m.qmin, m.qmax)
     # rounding has no useful gradient; the straight-through value keeps IBP-trained losses differentiable
@@ -78,17 +85,105 @@ def _quant_endpoints(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
 
 
 def _quant_relaxation(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Linear bounds ``ls * x + lb <= q(x) <= us * x + ub`` of QuantizeLinear on ``[lo, hi]``."""
+    """Linear bounds ``ls * x + lb <= q(x) <= us * x + ub`` of QuantizeLinear on ``[lo, hi]`` (slopes per unit of
+    ``x``, biases in quanta).
+
+    In quanta ``v = x / s + z`` and with ``A = q(v_lo)``, ``B = q(v_hi)`` (rounded and clipped, widened by
+    ``QUANT_TOL``), the staircase lies between two clipped lines over the box:
+
+        clip(v - h, A, B) <= q(v) <= clip(v + h, A, B),     h = 1/2 + QUANT_TOL,
+
+    (``q`` is monotone, so ``A <= q <= B``; where ``q > A`` it is not clipped at ``qmin``, so ``q <= round(v) <=
+    v + 1/2``, and symmetrically below). Both envelopes are convex below their upper kink and concave above
+    their lower one, so the tightest lines are those of the ReLU's triangle relaxation (Zhang et al. 2018),
+    applied to the envelopes: the upper line is the chord of ``clip(v + h, A, B)`` from ``v_lo`` to
+    ``p = min(v_hi, B - h)`` (the kink where it reaches ``B``), continued flat-above beyond it, and the lower line
+    the chord of ``clip(v - h, A, B)`` from ``max(v_lo, A + h)`` to ``v_hi``. Where the box's middle lies on the
+    flat side of that kink the constant ``B`` (upper) or ``A`` (lower) has the smaller mean over the box and is
+    taken instead (every line through the kink and above the other endpoint is higher at the middle); a box that
+    rounds to one level is exact. Within the clip range the chords are the lines ``v -/+ h``; where the box
+    crosses ``qmin`` or ``qmax`` (the floor of a fused Conv-Relu's QuantizeLinear) they are the chords across the
+    clip, which a constant bound gave away.
+
+    Float rounding: the lines are anchored at one endpoint of the box and widened by a few ulps of the largest
+    ``|v|`` (far below the ``QUANT_TOL`` quanta that cover onnxruntime's tie breaking).
+    """
     scale, zero = m.params(lo.dim())
     v_lo, v_hi, q_lo, q_hi = _quant_endpoints(m, lo, hi)
-    half = 0.5 + QUANT_TOL
+    half = 0.5 + QUANT_TOL if getattr(m, "rounding", True) else 0.0  # the float twin only clips
     mid = (v_lo + v_hi) * 0.5
-    use_lower_line = (v_hi <= m.qmax + 0.5) & (mid - half > q_lo)
-    use_upper_line = (v_lo >= m.qmin - 0.5) & (mid + half < q_hi)
-    inv = (1.0 / scale).expand_as(lo)
-    zeros = torch.zeros_like(lo)
-    lower_slope = torch.where(use_lower_line, inv, zeros)
-    lower_bias = torch.where(use_lower_line, zero - half, q_lo)
-    upper_slope = torch.where(use_upper_line, inv, zeros)
-    upper_bias = torch.where(use_upper_line, zero + half, q_hi)
-    return lower_slope, lower_bias, upper_slope, upper_bias
+    guard = 8 * torch.finfo(lo.dtype).eps * (v_lo.abs() + v_hi.abs() + 1.0)
+
+    def upper_env(v: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(v + half, q_lo), q_hi)
+
+    def lower_env(v: Tensor) -> Tensor:
+        return torch.minimum(torch.maximum(v - half, q_lo), q_hi)
+
+    # upper: chord of clip(v + h, A, B) over [v_lo, p], p = min(v_hi, B - h); constant B beyond the kink
+    p_up = torch.minimum(torch.maximum(q_hi - half, v_lo), v_hi)
+    run_up = p_up - v_lo
+    use_up = (q_lo < q_hi) & (mid <= p_up) & (run_up > 1e-6)
+    slope_up = torch.where(use_up, (upper_env(p_up) - upper_env(v_lo)) / run_up.clamp_min(1e-6), 0.0)
+    slope_up = slope_up.clamp(0.0, 1.0)
+    # in x: slope (v - v_lo) + env(v_lo) = slope / s * x + env(v_lo) - slope (v_lo - z)
+    upper_bias = torch.where(use_up, upper_env(v_lo) - slope_up * (v_lo - zero) + guard, q_hi)
+    # lower: chord of clip(v - h, A, B) over [p, v_hi], p = max(v_lo, A + h); constant A before the kink
+    p_lo = torch.maximum(torch.minimum(q_lo + half, v_hi), v_lo)
+    run_lo = v_hi - p_lo
+    use_lo = (q_lo < q_hi) & (mid >= p_lo) & (run_lo > 1e-6)
+    slope_lo = torch.where(use_lo, (lower_env(v_hi) - lower_env(p_lo)) / run_lo.clamp_min(1e-6), 0.0)
+    slope_lo = slope_lo.clamp(0.0, 1.0)
+    lower_bias = torch.where(use_lo, lower_env(v_hi) - slope_lo * (v_hi - zero) - guard, q_lo)
+    inv = 1.0 / scale
+    return slope_lo * inv, lower_bias, slope_up * inv, upper_bias
+
+
+def _maxpool_windows(pool: torch.nn.MaxPool2d, t: Tensor, out_hw: tuple[int, int]) -> tuple[Tensor, Tensor, tuple]:
+    """The pooling windows of ``t`` [N, C, H, W]: values [N, C, k*k, L] (padding reads ``-inf``, as MaxPool's),
+    the flat position of each window entry in the padded input [k*k, L], and the padded shape's geometry.
+
+    ``out_hw`` is the pool's output size (``ceil_mode`` can add a last window reaching past the right padding:
+    that overhang is padded with ``-inf`` too).
+    """
+    from torch.nn.modules.utils import _pair
+
+    k, s, p, d = (_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    h, w = t.shape[-2:]
+    extra = [max(0, (out_hw[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1 - ((h, w)[i] + 2 * p[i])) for i in range(2)]
+    pads = (p[1], p[1] + extra[1], p[0], p[0] + extra[0])
+    padded = torch.nn.functional.pad(t, pads, value=float("-inf"))
+    hp, wp = padded.shape[-2:]
+    n, c = t.shape[:2]
+    values = torch.nn.functional.unfold(padded.reshape(n * c, 1, hp, wp), k, d, 0, s)  # [N*C, k*k, L]
+    positions = torch.arange(hp * wp, dtype=torch.float64, device=t.device).view(1, 1, hp, wp)
+    positions = torch.nn.functional.unfold(positions, k, d, 0, s)[0].round().long()  # [k*k, L]
+    if values.shape[-1] != out_hw[0] * out_hw[1]:
+        raise AssertionError(f"MaxPool windows: {values.shape[-1]} for an output of {out_hw}")
+    return values.view(n, c, *values.shape[1:]), positions, (hp, wp, p)
+
+
+def _maxpool_relaxation(pool: torch.nn.MaxPool2d, lo: Tensor, hi: Tensor, out_hw: tuple[int, int]
+                        ) -> tuple[Tensor, Tensor, Tensor, tuple]:
+    """auto_LiRPA's ``BoundMaxPool`` relaxation (Xu et al., NeurIPS 2020) of ``y = max_{j in window} x_j``:
+
+    - lower: ``y >= x_i``, ``i`` the input with the largest lower bound in the window (any window member is a
+      sound lower bound; this one is exact at the box's lower corner);
+    - upper: ``y <= x_i`` where ``lo_i >= hi_j`` for every other ``j`` of the window (then ``y = x_i`` on the whole
+      box: exact), else the constant ``max_j hi_j``.
+
+    Returns ``index`` [N, C, L] (flat position of ``x_i`` in the padded input), ``exact`` (bool [N, C, L]),
+    ``upper`` [N, C, L] (the constant upper bound where not exact) and the padded geometry. Any kernel, stride,
+    padding, dilation and ``ceil_mode``; overlapping windows share inputs (the backward rule sums them).
+    """
+    lo_w, positions, geometry = _maxpool_windows(pool, lo, out_hw)
+    hi_w, _, _ = _maxpool_windows(pool, hi, out_hw)
+    best_lo, arg = lo_w.max(2)  # [N, C, L]
+    if bool(torch.isneginf(best_lo).any()):  # a window of padding only, or an unbounded box: y >= -inf
+        raise UnsupportedOpError("MaxPool window without a finite lower bound", "MaxPool")
+    others = hi_w.scatter(2, arg.unsqueeze(2), float("-inf")).amax(2)
+    exact = best_lo >= others
+    upper = hi_w.amax(2)
+    length = positions.shape[1]
+    index = positions.reshape(-1)[arg * length + torch.arange(length, device=lo.device)]  # positions[arg, l]
+    return index, exact, upper, geometry

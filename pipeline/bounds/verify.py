@@ -8,6 +8,7 @@ threat model and a method into verdicts (and logit bounds), for :func:`verified`
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -16,15 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.bounds.alpha import alpha_crown_bounds
+from pipeline.bounds.bab import bab_margins
 from pipeline.bounds.box import _concretize
 from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, _crown_boxes, _ibp, crown_bounds,
                                    interval_bounds)
+from pipeline.errors import HydraPipeError
 from pipeline.graph import GraphModule, as_graph
 from pipeline.registry import Registry
-from pipeline.runtime import full_precision
+from pipeline.runtime import sound_numerics
 from pipeline.threat import ThreatModel
 
-Method = Literal["ibp", "crown", "alpha-crown"]
+Method = Literal["ibp", "crown", "alpha-crown", "bab"]
 
 MarginBounds = Callable[[GraphModule, Tensor, Tensor, Tensor, Literal["ibp", "crown"]], Tensor]
 """``(graph, x_lo, x_hi, y, intermediate) -> [N, K-1]`` lower bounds of the margins."""
@@ -68,7 +71,16 @@ def _alpha_crown_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, y: Tens
                          intermediate: Literal["ibp", "crown"]) -> Tensor:
     """alpha-CROWN's optimised slopes (always on CROWN intermediate bounds); lower bounds only."""
     spec = margin_spec(y, _num_classes(graph, x_lo)).to(x_lo.dtype)
-    return alpha_crown_bounds(graph, x_lo, x_hi, spec, lower_only=True)[0]
+    return alpha_crown_bounds(graph, x_lo, x_hi, spec, lower_only=True, target=0.0)[0]
+
+
+@BOUND_METHODS.register("bab")
+def _bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, y: Tensor,
+                 intermediate: Literal["ibp", "crown"]) -> Tensor:
+    """Branch and bound with beta-CROWN-style split constraints (:mod:`pipeline.bounds.bab`) with its default
+    budgets (10 s and 2000 domains per example): the minimum over its leaves of each margin's bound."""
+    spec = margin_spec(y, _num_classes(graph, x_lo)).to(x_lo.dtype)
+    return bab_margins(graph, x_lo, x_hi, spec)[0]
 
 
 def _num_classes(graph: GraphModule, x: Tensor) -> int:
@@ -82,8 +94,8 @@ def margin_lower_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, y: Tensor,
 
     The specification is folded into the trailing affine layers (CROWN-IBP, Zhang et al. 2020), which is tighter
     than subtracting logit bounds. ``ibp``: IBP boxes up to the last non-affine node; ``crown``: CROWN with
-    ``intermediate`` bounds; ``alpha-crown``: optimised slopes. Differentiable for ``ibp`` and ``crown`` (the
-    verified training objectives rely on it).
+    ``intermediate`` bounds; ``alpha-crown``: optimised slopes; ``bab``: branch and bound. Differentiable for
+    ``ibp`` and ``crown`` (the verified training objectives rely on it).
     """
     _check_box(x_lo, x_hi)
     graph = as_graph(model)
@@ -113,7 +125,35 @@ def _crown_logits_and_margins(graph: GraphModule, xb: Tensor, x_lo: Tensor, x_hi
 
 
 _LOGIT_BOUNDS: dict[str, LogitAndMarginBounds] = {"ibp": _ibp_logits_and_margins, "crown": _crown_logits_and_margins}
-"""alpha-CROWN is absent: its slopes are optimised per margin row, so logit bounds would be a second run."""
+"""alpha-CROWN and branch and bound are absent: they optimise per margin row, so logit bounds would be a second run."""
+
+
+def _precise_graph(graph: GraphModule, dtype: torch.dtype) -> GraphModule:
+    """``graph`` itself in float32, else a copy with its parameters and floating buffers cast to ``dtype``."""
+    if dtype == torch.float32:
+        return graph
+    if dtype != torch.float64:
+        raise HydraPipeError(f"bounds: dtype must be torch.float32 or torch.float64, got {dtype}")
+    return copy.deepcopy(graph).to(dtype)
+
+
+def _precise_box(threat: ThreatModel, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``threat.box(x)`` in ``dtype``; in float64 computed from the float64 input and widened outward (one ulp and
+    to the float32 box) so that it contains the float32 box the deployed model is attacked in."""
+    lo32, hi32 = threat.box(x.float())
+    if dtype == torch.float32:
+        return lo32, hi32
+    lo, hi = threat.box(x.to(dtype))
+    lo = torch.minimum(lo, lo32.to(dtype))
+    hi = torch.maximum(hi, hi32.to(dtype))
+    return torch.nextafter(lo, torch.full_like(lo, -torch.inf)), torch.nextafter(hi, torch.full_like(hi, torch.inf))
+
+
+def _precise(graph: GraphModule, threat: ThreatModel, x: Tensor, dtype: torch.dtype
+             ) -> tuple[GraphModule, Tensor, Tensor]:
+    """:func:`_precise_graph` and :func:`_precise_box` together."""
+    graph = _precise_graph(graph, dtype)
+    return (graph, *_precise_box(threat, x, dtype))
 
 
 @dataclass
@@ -128,20 +168,26 @@ class Certificate:
 
 
 def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method: str, *, batch_size: int = 256,
-            logit_bounds: bool = True, progress: Callable[[int, int], None] | None = None) -> Certificate:
+            logit_bounds: bool = True, progress: Callable[[int, int], None] | None = None,
+            dtype: torch.dtype = torch.float32) -> Certificate:
     """Verify each example over ``threat.box(x)`` with ``method``, in batches of ``batch_size`` (memory grows
     with it, CROWN's most). The box contains the L2 ball of the same radius, so the verdict is sound for both
     norms. ``progress(done, total)`` after each batch. No gradients: alpha-CROWN optimises its slopes inside.
+
+    Runs under :func:`pipeline.runtime.sound_numerics` (fp32 without TF32, deterministic). ``dtype=torch.float64``
+    bounds a float64 copy of the model on the float64 box widened outward to contain the float32 one (the logit
+    bounds then come back in float64), so the bounds' own rounding errors shrink by about nine orders of magnitude.
     """
     BOUND_METHODS.get(method)  # an unknown method fails before any work
-    graph = as_graph(model)
+    graph = _precise_graph(as_graph(model), dtype)
     joint = _LOGIT_BOUNDS.get(method) if logit_bounds else None
     n = x.shape[0]
     lows, highs, ver = [], [], []
-    with torch.no_grad(), full_precision():  # fp32, no TF32: a bound in lower precision is no bound
+    with torch.no_grad(), sound_numerics():  # a bound in lower precision is no bound
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            x_lo, x_hi = threat.box(xb)
+            x_lo, x_hi = _precise_box(threat, xb, dtype)
+            xb = xb.to(dtype)
             if joint is not None:
                 lo, hi, margin = joint(graph, xb, x_lo, x_hi, yb)
                 lows.append(lo)

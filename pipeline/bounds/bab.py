@@ -1,0 +1,262 @@
+"""Branch and bound on unstable ReLUs (complete verification): alpha-CROWN on the whole box first, then the
+domains it leaves unverified are split on one ReLU at a time and each subdomain is bounded with its split
+constraints enforced, in the spirit of beta-CROWN (Wang et al., "Beta-CROWN: Efficient Bound Propagation with
+Per-neuron Split Constraints for Neural Network Robustness Verification", NeurIPS 2021) on the BaB framework of
+Bunel et al. ("Branch and Bound for Piecewise Linear Neural Network Verification", JMLR 2020) and Xu et al.
+("Fast and Complete", ICLR 2021).
+
+A domain is the input box with some ReLU inputs ``z_i`` constrained to ``z_i >= 0`` (active) or ``z_i <= 0``
+(inactive). Its bound (:func:`pipeline.bounds.alpha.optimized_bounds`): the split neurons' boxes are clamped by
+their constraints, every later intermediate bound is recomputed by CROWN and then alpha-CROWN on the clamped boxes
+(intersected with the parent domain's, sound since a child is a subset of its parent), and the constraints enter
+the final bound with optimised multipliers ``beta`` (beta-CROWN). Each round takes the ``batch`` domains with the
+lowest bounds, splits each on the unstable neuron with the best *intercept* score (how much the chord's intercept
+costs the bound, BaBSR's main term, Bunel et al. 2020) and bounds all children in one call. A domain whose margin
+rows are all positive is dropped (proved); the example is verified when none is left. At each bound the corner of
+the box minimising the final linear bound is run through the network: a misclassified corner is a counterexample.
+The per-example time budget or domain limit ends the search undecided.
+
+Soundness: every bound is a sound lower bound of the margins over its domain, and the domains of an example always
+cover its box, so the minimum over the leaves of a row's bound is a sound bound of that row over the box.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.bounds.alpha import Optimized, Splits, initial_boxes, optimized_bounds
+from pipeline.bounds.box import Box
+from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, _relaxed_consumers
+from pipeline.errors import HydraPipeError
+from pipeline.graph import GraphModule, as_graph
+from pipeline.runtime import sound_numerics
+from pipeline.threat import ThreatModel
+
+
+@dataclass
+class BabResult:
+    """The verdicts of :func:`branch_and_bound`, one entry per example."""
+
+    verified: Tensor
+    """bool [N]: every margin is positive over the whole box (proved)."""
+    falsified: Tensor
+    """bool [N]: a point of the box (a corner found by the bounds) is misclassified."""
+    undecided: Tensor
+    """bool [N]: neither, when the time budget or the domain limit ran out."""
+    domains: Tensor
+    """long [N]: domains bounded (1: alpha-CROWN's root alone)."""
+    lower: Tensor
+    """[N, K-1]: sound lower bounds of the margins ``logit[y] - logit[j]`` (the minimum over the leaves)."""
+    seconds: Tensor
+    """float [N]: time spent on the example (its share of the batched root bound, then its own search)."""
+
+
+@dataclass
+class _Domains:
+    """A batch of domains of one example: bounds [D, M], split constraints and reference boxes per value."""
+
+    lower: Tensor
+    splits: Splits
+    boxes: dict[str, Box]
+    record: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return self.lower.shape[0]
+
+    def take(self, idx: Tensor) -> _Domains:
+        return _Domains(self.lower[idx], {k: s[idx] for k, s in self.splits.items()},
+                        {k: Box(lo=b.lo[idx], hi=b.hi[idx]) for k, b in self.boxes.items()},
+                        {k: r[idx] for k, r in self.record.items()})
+
+    @staticmethod
+    def cat(parts: list[_Domains]) -> _Domains:
+        first = parts[0]
+        return _Domains(torch.cat([p.lower for p in parts]),
+                        {k: torch.cat([p.splits[k] for p in parts]) for k in first.splits},
+                        {k: Box(lo=torch.cat([p.boxes[k].lo for p in parts]),
+                                hi=torch.cat([p.boxes[k].hi for p in parts])) for k in first.boxes},
+                        {k: torch.cat([p.record[k] for p in parts]) for k in first.record})
+
+
+def _relus(graph: GraphModule) -> list[tuple[str, str]]:
+    """(input, output) value names of each Relu: the neurons branch and bound splits."""
+    return [(node.inputs[0], node.output) for node in graph.nodes if node.op == "Relu"]
+
+
+def _branch(dom: _Domains, relus: list[tuple[str, str]]) -> tuple[list[tuple[int, int]], Tensor]:
+    """For each domain the unstable neuron to split, as (index into ``relus``, flat neuron index), chosen by the
+    intercept score ``sum_j max(-A_j, 0) * (-l u / (u - l))`` over the rows j still negative (``A``: the final
+    rows' coefficients at the ReLU output), plus a small share of ``|A| min(u, -l)`` (the lower slope's gap) to
+    break ties; and which domains have no unstable neuron left (bool [D])."""
+    d = len(dom)
+    weight = (dom.lower <= 0).to(dom.lower.dtype)  # [D, M]
+    scores = []
+    for z, out in relus:
+        lo, hi = dom.boxes[z].lo.reshape(d, -1), dom.boxes[z].hi.reshape(d, -1)
+        unstable = (lo < 0) & (hi > 0)
+        a = dom.record[out].reshape(d, weight.shape[1], -1) if out in dom.record else \
+            lo.new_zeros(d, weight.shape[1], lo.shape[1])  # behind a cut: no coefficient reaches it
+        intercept = -lo * hi / (hi - lo).clamp_min(1e-12)
+        gap = torch.minimum(hi, -lo)
+        s = torch.einsum("dm,dmk->dk", weight, a.clamp(max=0).neg()) * intercept \
+            + 1e-3 * torch.einsum("dm,dmk->dk", weight, a.abs()) * gap + 1e-9 * gap  # every unstable neuron > 0
+        scores.append(torch.where(unstable, s, torch.full_like(s, -1.0)))
+    flat = torch.cat(scores, 1)
+    best = flat.argmax(1)
+    stuck = flat.gather(1, best.unsqueeze(1)).squeeze(1) < 0
+    sizes = [s.shape[1] for s in scores]
+    choice = []
+    for i in best.tolist():
+        layer = 0
+        while i >= sizes[layer]:
+            i -= sizes[layer]
+            layer += 1
+        choice.append((layer, i))
+    return choice, stuck
+
+
+def _children(dom: _Domains, choice: list[tuple[int, int]], relus: list[tuple[str, str]]) -> tuple[Splits, dict[str, Box], Tensor]:
+    """The two children of each domain (first all the active ones, then the inactive ones): their split
+    constraints, reference boxes (the parent's, clamped by the new split) and the parent's bounds."""
+    d = len(dom)
+    splits = {k: torch.cat([s, s]).clone() for k, s in dom.splits.items()}
+    for j, (layer, idx) in enumerate(choice):
+        z = relus[layer][0]
+        splits[z].view(2 * d, -1)[j, idx] = 1
+        splits[z].view(2 * d, -1)[d + j, idx] = -1
+    boxes = {k: Box(lo=torch.cat([b.lo, b.lo]), hi=torch.cat([b.hi, b.hi])) for k, b in dom.boxes.items()}
+    return splits, boxes, torch.cat([dom.lower, dom.lower])
+
+
+def _empty(boxes: dict[str, Box]) -> Tensor:
+    """Domains proved empty: a bound (sound over the domain) crosses its opposite bound somewhere. bool [D]."""
+    first = next(iter(boxes.values()))
+    out = torch.zeros(first.shape[0], dtype=torch.bool, device=first.lo.device)
+    for b in boxes.values():
+        out |= (b.lo > b.hi + 1e-5).flatten(1).any(1)
+    return out
+
+
+def _falsified(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, opt: Optimized) -> bool:
+    """Whether the corner of the box minimising the final linear bound of some domain's worst row is
+    misclassified (a margin below zero)."""
+    a_in = opt.record.get(graph.input_name)
+    if a_in is None:
+        return False
+    worst = opt.lower.argmin(1)
+    a = a_in[torch.arange(a_in.shape[0]), worst]
+    corner = torch.where(a >= 0, x_lo.expand_as(a), x_hi.expand_as(a))
+    margins = torch.einsum("mk,dk->dm", spec[0], graph(corner))
+    return bool((margins < 0).any())
+
+
+def _keys(graph: GraphModule) -> list[str]:
+    """The values whose boxes a domain keeps as its children's reference: the inputs of relaxed nodes."""
+    return list(_relaxed_consumers(graph))
+
+
+def _search(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, root: _Domains, *, deadline: float,
+            max_domains: int, batch: int, iterations: int, max_elements: int) -> tuple[str, Tensor, int]:
+    """Branch and bound on one example (``x_lo``, ``x_hi`` [1, ...], ``spec`` [1, M, K]) from its root domain:
+    ("verified" | "falsified" | "undecided", margin lower bounds [M], domains bounded)."""
+    relus = _relus(graph)
+    keys = _keys(graph)
+    leaves = torch.full_like(root.lower[0], float("inf"))  # the minimum over proved leaves, per row
+    pool, bounded = root, 1
+    while len(pool):
+        if time.perf_counter() > deadline or bounded >= max_domains:
+            return "undecided", torch.minimum(leaves, pool.lower.amin(0)), bounded
+        order = pool.lower.amin(1).argsort()
+        k = min(batch, len(pool), max(1, (max_domains - bounded) // 2))
+        parents, rest = pool.take(order[:k]), pool.take(order[k:])
+        choice, stuck = _branch(parents, relus)
+        if bool(stuck.any()):  # fully split and still negative: the relaxation cannot go further
+            return "undecided", torch.minimum(leaves, pool.lower.amin(0)), bounded
+        splits, ref, parent_lower = _children(parents, choice, relus)
+        n = splits[relus[0][0]].shape[0]
+        xl, xh = x_lo.expand(n, *x_lo.shape[1:]), x_hi.expand(n, *x_hi.shape[1:])
+        boxes0 = initial_boxes(graph, xl, xh, splits, ref, max_elements)
+        opt = optimized_bounds(graph, xl, xh, spec, boxes0, iterations=iterations, splits=splits, target=0.0,
+                               record=True)
+        bounded += n
+        if _falsified(graph, x_lo, x_hi, spec, opt):
+            return "falsified", torch.minimum(leaves, pool.lower.amin(0)), bounded
+        lower = torch.maximum(opt.lower, parent_lower)  # a child is a subset of its parent
+        lower = torch.where(_empty(opt.boxes).unsqueeze(1), torch.full_like(lower, float("inf")), lower)
+        done = (lower > 0).all(1)
+        leaves = torch.minimum(leaves, torch.where(done.unsqueeze(1), lower, torch.full_like(lower, float("inf")))
+                               .amin(0))
+        children = _Domains(lower, splits, {key: opt.boxes[key] for key in keys}, opt.record)
+        pool = _Domains.cat([rest, children.take(torch.nonzero(~done).squeeze(1))])
+    return "verified", leaves, bounded
+
+
+def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *, time_budget_s: float = 10.0,
+                max_domains: int = 2000, batch: int = 64, iterations: int = 20, bab_iterations: int = 10,
+                max_elements: int = DEFAULT_MAX_ELEMENTS, progress: Callable[[int, int], None] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Branch and bound for each example of a box batch on the rows ``spec`` [N, M, K] (``e_y - e_j`` for
+    margins): (lower bounds [N, M], status long [N]: 1 verified, -1 falsified, 0 undecided, domains [N],
+    seconds [N]). alpha-CROWN with ``iterations`` bounds every root at once; each search's bound calls run
+    ``bab_iterations``. ``progress(done, total)`` after the roots and after each search."""
+    n = x_lo.shape[0]
+    relus = _relus(graph)
+    t0 = time.perf_counter()
+    with sound_numerics(), torch.no_grad():
+        boxes0 = initial_boxes(graph, x_lo, x_hi, max_elements=max_elements)
+        root = optimized_bounds(graph, x_lo, x_hi, spec, boxes0, iterations=iterations, target=0.0, record=True)
+        keys = _keys(graph)
+        splits = {z: torch.zeros(boxes0[z].shape, dtype=torch.int8, device=x_lo.device) for z, _ in relus}
+        lower = root.lower.clone()
+        status = torch.where((lower > 0).all(1), 1, 0)
+        domains = torch.ones(n, dtype=torch.long)
+        seconds = torch.full((n,), (time.perf_counter() - t0) / max(1, n), dtype=torch.float64)
+        todo = torch.nonzero(status == 0).squeeze(1).tolist() if relus else []
+        if progress is not None:
+            progress(n - len(todo), n)
+        for done, i in enumerate(todo, n - len(todo) + 1):
+            t = time.perf_counter()
+            one = slice(i, i + 1)
+            dom = _Domains(root.lower[one], {z: s[one] for z, s in splits.items()},
+                           {k: Box(lo=root.boxes[k].lo[one], hi=root.boxes[k].hi[one]) for k in keys},
+                           {k: r[one] for k, r in root.record.items()})
+            verdict, lower[i], domains[i] = _search(
+                graph, x_lo[one], x_hi[one], spec[one] if spec.shape[0] > 1 else spec, dom,
+                deadline=t + time_budget_s, max_domains=max_domains, batch=batch, iterations=bab_iterations,
+                max_elements=max_elements)
+            status[i] = {"verified": 1, "falsified": -1, "undecided": 0}[verdict]
+            seconds[i] += time.perf_counter() - t
+            if progress is not None:
+                progress(done, n)
+    return lower, status, domains, seconds
+
+
+def branch_and_bound(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *, time_budget_s: float = 10.0,
+                     max_domains: int = 2000, batch: int = 64, iterations: int = 20, bab_iterations: int = 10,
+                     dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None
+                     ) -> BabResult:
+    """Complete verification of each example over ``threat.box(x)`` by branch and bound (see the module): at most
+    ``time_budget_s`` seconds and ``max_domains`` bounded domains per example, ``batch`` domains split per round.
+    ``dtype`` float64 bounds a float64 copy of the model on an outward-rounded box (see
+    :func:`pipeline.bounds.verify.certify`). The verdicts are sound for both norms (the box contains the L2 ball).
+    ``progress(done, total)`` as examples finish.
+    """
+    from pipeline.bounds.verify import _precise, margin_spec
+
+    if x.shape[0] != y.shape[0]:
+        raise HydraPipeError(f"branch_and_bound: {x.shape[0]} inputs but {y.shape[0]} labels")
+    if time_budget_s <= 0 or max_domains < 1 or batch < 1:
+        raise HydraPipeError("branch_and_bound: time_budget_s must be > 0, max_domains and batch >= 1")
+    graph, x_lo, x_hi = _precise(as_graph(model), threat, x, dtype)
+    with torch.no_grad():
+        classes = int(graph(x_lo[:1]).shape[1]) if len(x) else 0
+    spec = margin_spec(y, classes).to(x_lo.dtype)
+    lower, status, domains, seconds = bab_margins(graph, x_lo, x_hi, spec, time_budget_s=time_budget_s,
+                                                  max_domains=max_domains, batch=batch, iterations=iterations,
+                                                  bab_iterations=bab_iterations, progress=progress)
+    return BabResult(status == 1, status == -1, status == 0, domains, lower, seconds)
