@@ -14,8 +14,10 @@ use BatchNorm's running statistics (the digits models have no BatchNorm).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,32 @@ Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor, TrainParams, float], tor
 OBJECTIVES: Registry[Loss] = Registry("objective", "objective")
 
 
+Penalty = Callable[[float], torch.Tensor]
+_PENALTY: ContextVar[Penalty | None] = ContextVar("penalty", default=None)
+
+
+@contextlib.contextmanager
+def added_penalty(penalty: Penalty) -> Iterator[None]:
+    """While active, :func:`get_objective` returns each objective plus ``penalty(progress)``: a term on the
+    parameters (ADMM's ``rho/2 ||W - Z + U||^2``) that the training loop minimises, reports and checks for NaN with
+    the loss, without knowing of it."""
+    token = _PENALTY.set(penalty)
+    try:
+        yield
+    finally:
+        _PENALTY.reset(token)
+
+
 def get_objective(name: str) -> Loss:
-    return OBJECTIVES.get(name)
+    loss = OBJECTIVES.get(name)
+    penalty = _PENALTY.get()
+    if penalty is None:
+        return loss
+
+    def penalised(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
+        return loss(model, x, y, p, progress) + penalty(progress)
+
+    return penalised
 
 
 def objective_names() -> list[str]:
@@ -58,20 +84,36 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, prog
     return F.cross_entropy(model(_attack(model, x, y, p)), y)
 
 
+def trades_perturb(model: nn.Module, x: torch.Tensor, p: TrainParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRADES' inner maximisation as in the authors' ``trades.py``: ``(x', softmax(f(x)))``.
+
+    In eval mode (BatchNorm's running statistics neither used from the batch nor updated), the clean target
+    ``softmax(f(x))`` is taken once; ``x'`` starts at ``x + 0.001 N(0, I)`` and takes ``p.attack_steps`` signed
+    gradient steps of ``p.step_size`` up ``KL(target || f(x'))``, each projected onto the eps-ball around ``x``
+    itself (not around the noisy start) and [0, 1]. ``x'`` is detached; the model's modes are restored."""
+    with eval_mode(model):
+        with torch.no_grad():
+            target = F.softmax(model(x), dim=1)
+        if p.eps == 0 or p.attack_steps == 0:
+            return x.detach(), target
+        x0 = x.detach()
+        x_adv = (x0 + 0.001 * torch.randn_like(x0)).clamp(0.0, 1.0)
+        for _ in range(p.attack_steps):
+            x_adv.requires_grad_(True)
+            loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), target, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + p.step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x0 - p.eps), x0 + p.eps).clamp(0.0, 1.0)
+    return x_adv.detach(), target
+
+
 @OBJECTIVES.register("trades")
 def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: TrainParams, progress: float) -> torch.Tensor:
-    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL (HYDRA's default)."""
-    with torch.no_grad():
-        p_clean = F.softmax(model(x), dim=1)
+    """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL (HYDRA's default).
 
-    def kl(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-        return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="batchmean")
-
-    with eval_mode(model):
-        # TRADES starts from a small Gaussian perturbation rather than the uniform ball
-        x_start = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-        x_adv = pgd_perturb(model, x_start, y, p.eps, p.step_size, p.attack_steps, random_start=False, loss_fn=kl)
-        x_adv = torch.min(torch.max(x_adv, x - p.eps), x + p.eps).clamp(0, 1)
+    The attack is :func:`trades_perturb`; the loss itself runs in the model's own mode (train mode: batch
+    statistics), its KL target ``softmax(f(x))`` with its gradient, as in the authors' code."""
+    x_adv, _ = trades_perturb(model, x, p)
     logits = model(x)
     robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
     return F.cross_entropy(logits, y) + p.trades_beta * robust

@@ -1,5 +1,6 @@
 """Pruning methods by name, one code path: ``hydra`` (scores trained with the robust objective), and the
-baselines ``lwm`` (least weight magnitude, one shot) and ``random``.
+baselines ``lwm`` (least weight magnitude, one shot), ``random`` and ``admm`` (weights trained towards a sparse
+copy with the robust objective, Ye et al. 2019).
 
 HYDRA (Sehwag et al., NeurIPS 2020, Sec. 3, Alg. 1; the authors' ``train.py --exp-mode prune``): with the
 pretrained weights frozen, give every connection an importance score initialised from the weights (``scaled``
@@ -12,10 +13,20 @@ running statistics follow the sub-network, as the authors' code does (the model 
 the pretrained network's statistics. Either way BatchNorm's affine parameters stay frozen with the weights: only
 scores train. (The authors' ``freeze_vars`` leaves BatchNorm's affine parameters trainable unless ``--freeze-bn``;
 the paper's text freezes all weights, which is what we do.) The training attack always runs in eval mode.
+
+ADMM (Ye et al., "Adversarial Robustness vs. Model Compression, or Both?", ICCV 2019; their code's
+``admm.py``): the *weights* train, with the robust objective plus ``rho/2 sum_l ||W_l - Z_l + U_l||^2``
+(:func:`pipeline.objectives.added_penalty`), in the same training loop as every stage (resume, NaN checks, workers).
+``Z_l`` starts as the top-k projection of ``W_l``, ``U_l`` at zero; every ``admm_update_every`` epochs
+``Z = top-k(W + U)`` per layer (the keep ratio), ``U += W - Z`` and ``rho`` grows ``admm_rho_growth``-fold. At the
+end ``W`` is hard-pruned to the mask of ``Z = top-k(W + U)``; the finetune stage retrains the kept weights with
+that mask frozen. ``Z``, ``U`` and the update count are buffers of the pruned layers while ADMM runs, so the
+training loop's resume states carry them (a killed run continues bit for bit), and are removed afterwards.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,8 +36,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pipeline.config import ComputeParams, PruneParams
-from pipeline.masking import (MaskedLayer, apply_fixed_masks, freeze_masks, prunable_layers, set_score_keep,
-                              start_score_pruning, topk_masks)
+from pipeline.errors import HydraPipeError
+from pipeline.masking import (MaskedLayer, apply_fixed_masks, freeze_masks, keep_counts, prunable_layers,
+                              set_score_keep, start_score_pruning, topk_masks)
+from pipeline.objectives import added_penalty
 from pipeline.registry import Registry
 from pipeline.structured import prune_filters
 from pipeline.training import resume_label, train
@@ -93,6 +106,84 @@ def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset
                          compute=compute):
             history.append({**row, "keep_ratio": keep})
     freeze_masks(model)
+    return history
+
+
+ADMM_BUFFERS = ("admm_z", "admm_u", "admm_updates")
+
+
+@torch.no_grad()
+def admm_project(tensors: list[torch.Tensor], keep_ratio: float, scope: str = "layer") -> list[torch.Tensor]:
+    """ADMM's Z-step: each tensor with all but its top-k ``|entries|`` set to zero (the keep ratio, per layer or
+    under one global threshold); exactly ``ceil(keep_ratio * n)`` entries stay per layer."""
+    counts = keep_counts(tensors, keep_ratio, scope)  # type: ignore[arg-type]
+    out = []
+    for t, k in zip(tensors, counts):
+        mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+        mask[t.detach().abs().flatten().topk(min(k, t.numel()), sorted=False).indices] = 1
+        out.append(t * mask.view_as(t))
+    return out
+
+
+def admm_rho(p: PruneParams, updates: int) -> float:
+    """rho after ``updates`` Z, U updates: ``admm_rho * admm_rho_growth ** updates``."""
+    return p.admm_rho * p.admm_rho_growth ** updates
+
+
+def admm_penalty(layers: list[tuple[str, MaskedLayer]], rho: float) -> torch.Tensor:
+    """``rho/2 sum_l ||W_l - Z_l + U_l||^2`` over the pruned layers (their ADMM buffers)."""
+    return rho / 2 * sum(((layer.weight - layer.admm_z + layer.admm_u) ** 2).sum() for _, layer in layers)
+
+
+@torch.no_grad()
+def _admm_update(layers: list[tuple[str, MaskedLayer]], p: PruneParams) -> None:
+    """``Z = top-k(W + U)``, ``U += W - Z`` for every pruned layer, and one more update counted."""
+    zs = admm_project([layer.weight + layer.admm_u for _, layer in layers], p.keep_ratio, p.scope)
+    for (_, layer), z in zip(layers, zs):
+        layer.admm_u.add_(layer.weight - z)
+        layer.admm_z.copy_(z)
+        layer.admm_updates.add_(1)
+
+
+@PRUNE_METHODS.register("admm")
+def admm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams,
+         resume_dir: Path | None = None, resume_key: str = "",
+         compute: ComputeParams | None = None) -> list[dict[str, float]]:
+    """ADMM pruning with the robust objective (module docstring): ``p.epochs`` epochs of weight training with the
+    penalty, then the hard prune to ``p.keep_ratio`` per layer (``p.scope``). Returns the per-epoch history (its
+    loss includes the penalty) with each epoch's ``rho``."""
+    if p.schedule_keep:
+        raise HydraPipeError("prune.schedule_keep: multi-step schedules are HYDRA's; method admm prunes to "
+                             "prune.keep_ratio in one ADMM run")
+    zs = admm_project([layer.weight.detach() for _, layer in layers], p.keep_ratio, p.scope)
+    for (_, layer), z in zip(layers, zs):  # Z0 = projection of W0, U0 = 0 (the authors' admm_initialization)
+        layer.register_buffer("admm_z", z.clone())
+        layer.register_buffer("admm_u", torch.zeros_like(layer.weight, requires_grad=False))
+        layer.register_buffer("admm_updates", torch.zeros((), dtype=torch.long, device=layer.weight.device))
+    counter = layers[0][1].admm_updates
+
+    def penalty(progress: float) -> torch.Tensor:
+        # the epoch this step is in (progress = step / steps of the stage); a Z, U update opens every period
+        epoch = math.floor(progress * p.epochs + 1e-6)
+        due = epoch // p.admm_update_every
+        while int(counter) < due:  # after a resume the buffers already hold the updates done
+            _admm_update(layers, p)
+        return admm_penalty(layers, admm_rho(p, int(counter)))
+
+    try:
+        with added_penalty(penalty):
+            history = train(model, data, p, what="weights", bn=p.bn, label=f"admm to keep {p.keep_ratio:g}",
+                            resume_dir=resume_dir, resume_key=resume_key, compute=compute)
+        for row in history:
+            row["rho"] = admm_rho(p, (int(row["epoch"]) - 1) // p.admm_update_every)
+        with torch.no_grad():  # the hard prune: W keeps the entries of Z = top-k(W + U)
+            importance = [(layer.weight + layer.admm_u).detach() for _, layer in layers]
+        apply_fixed_masks(layers, importance, p.keep_ratio, p.scope)
+    finally:
+        for _, layer in layers:
+            for name in ADMM_BUFFERS:
+                if name in layer._buffers:
+                    delattr(layer, name)
     return history
 
 

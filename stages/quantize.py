@@ -1,4 +1,5 @@
-"""Stage 4: export the finetuned network to fp32 ONNX, then int8 static quantization calibrated on training images."""
+"""Stage 4: export the finetuned network to fp32 ONNX, then int8 static quantization calibrated on the validation
+split (``data.validation``), or on training images where the dataset has none; the test split stays the audit's."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def run(params_path: Path) -> dict:
     if parity > params.export.parity_atol:
         raise HydraPipeError(f"{FP32_ONNX}: onnxruntime logits differ from PyTorch by {parity:.2e} "
                              f"(> export.parity_atol {params.export.parity_atol})")
-    x_cal, _ = as_arrays(data.train, limit=q.calibration_size, seed=0)
+    calibration = data.val if data.val is not None else data.train
+    x_cal, _ = as_arrays(calibration, limit=q.calibration_size, seed=0)
     quantize_int8(FP32_ONNX, INT8_ONNX, x_cal, per_channel=q.per_channel, method=q.calibration_method)
     int8_out = ort_logits(ort_session(INT8_ONNX), x_test)
     n_pruned = sum(int((w == 0).sum()) for n, w in model.state_dict().items()
@@ -47,6 +49,7 @@ def run(params_path: Path) -> dict:
         "int8_zero_weights": sum(int8_weight_zeros(INT8_ONNX).values()),
         "sparsity": meta.get("sparsity"),
         "granularity": params.prune.granularity,
+        "calibration_split": "validation" if data.val is not None else "train",
         "fp32_parameters": sum(int(t.numel()) for n, t in model.state_dict().items() if n.endswith(("weight", "bias"))),
     }
     metrics["accuracy_drop"] = metrics["fp32_accuracy"] - metrics["int8_accuracy"]

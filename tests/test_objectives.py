@@ -1,5 +1,6 @@
 """The training objectives: each lowers its own loss, sends gradients to HYDRA's scores, and follows its schedule."""
 
+import copy
 import math
 
 import pytest
@@ -170,3 +171,92 @@ def test_objectives_mix_across_the_three_stages(pretrain, prune_obj, finetune):
     train(model, data, FinetuneParams(objective=finetune, **common))
     for _, layer in masked_layers(model):
         assert torch.all(layer.effective_weight()[layer.weight_mask == 0] == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TRADES as in the authors' code (Zhang et al. 2019, trades.py)
+
+def bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(MaskedConv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        MaskedLinear(4 * 3 * 3, 3))
+    with torch.no_grad():  # running statistics far from any batch's: train and eval mode differ a lot
+        net[1].running_mean.fill_(0.5)
+        net[1].running_var.fill_(4.0)
+    return net.train()
+
+
+def reference_trades_attack(model, x, eps, step_size, steps):
+    """The authors' loop: eval mode, KL target softmax(f(x)), start x + 0.001 N(0, I), projection around x."""
+    model.eval()
+    with torch.no_grad():
+        target = F.softmax(model(x), dim=1)
+    x_adv = x + 0.001 * torch.randn_like(x)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), target, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * g.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train()
+    return x_adv, target
+
+
+def test_trades_clean_target_is_the_eval_mode_softmax_and_leaves_bn_alone():
+    from pipeline.objectives import trades_perturb
+
+    model, (x, y) = bn_net(), tiny_batch()
+    with torch.no_grad():
+        eval_target = F.softmax(model.eval()(x), dim=1)
+        train_target = F.softmax(copy.deepcopy(model).train()(x), dim=1)  # a copy: its running stats move
+    model.train()
+    assert not torch.allclose(eval_target, train_target, atol=1e-3)  # the model tells the two modes apart
+    stats = (model[1].running_mean.clone(), model[1].running_var.clone())
+    _, target = trades_perturb(model, x, params("trades", eps=0.1, attack_steps=5))
+    assert torch.allclose(target, eval_target, atol=1e-6)
+    assert model.training and model[1].training  # the mode is restored
+    assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].running_var, stats[1])
+
+
+def test_trades_attack_projects_around_x_not_the_noisy_start():
+    """eps below the start's noise: an attack projected around the start ends up to eps + noise away from x."""
+    from pipeline.objectives import trades_perturb
+
+    model, (x, y) = bn_net(), tiny_batch()
+    p = params("trades", eps=0.0005, attack_steps=10, attack_step_size=0.0005)
+    torch.manual_seed(3)
+    x_adv, _ = trades_perturb(model, x, p)
+    torch.manual_seed(3)
+    ref, _ = reference_trades_attack(model, x, p.eps, p.step_size, p.attack_steps)
+    assert torch.allclose(x_adv, ref, atol=1e-7)
+    assert float((x_adv - x).abs().max()) <= p.eps + 1e-7
+    moved = (x_adv - x).abs() > 0.9 * p.eps  # the attack pushes most pixels to the ball's surface around x
+    assert moved.float().mean() > 0.5
+
+
+def test_trades_loss_is_ce_plus_beta_kl_on_the_attack_point():
+    from pipeline.objectives import trades_perturb
+
+    model, (x, y) = bn_net(), tiny_batch()
+    twin = copy.deepcopy(model)  # the loss's train-mode forwards move the running stats the next attack uses
+    p = params("trades", eps=0.1, attack_steps=3, trades_beta=6.0)
+    torch.manual_seed(5)
+    x_adv, _ = trades_perturb(twin, x, p)
+    logits = twin(x)
+    expected = F.cross_entropy(logits, y) + 6.0 * F.kl_div(F.log_softmax(twin(x_adv), 1), F.softmax(logits, 1),
+                                                           reduction="batchmean")
+    torch.manual_seed(5)
+    got = get_objective("trades")(model, x, y, p, 0.0)
+    assert math.isclose(float(got.detach()), float(expected.detach()), rel_tol=1e-6)
+
+
+def test_added_penalty_joins_every_objective_while_active():
+    from pipeline.objectives import added_penalty
+
+    model, (x, y) = tiny_net(), tiny_batch()
+    p = params("benign")
+    plain = float(get_objective("benign")(model, x, y, p, 0.5).detach())
+    seen = []
+    with added_penalty(lambda progress: seen.append(progress) or torch.tensor(2.5)):
+        assert math.isclose(float(get_objective("benign")(model, x, y, p, 0.5).detach()), plain + 2.5, rel_tol=1e-6)
+    assert seen == [0.5]
+    assert float(get_objective("benign")(model, x, y, p, 0.5).detach()) == plain  # gone once the block ends

@@ -96,3 +96,107 @@ def test_objective_decreases_its_loss_and_reaches_scores(tiny, objective):
         par.grad = None
     loss_fn(model, x, y, p, 0.0).backward()
     assert all(l.scores.grad is not None and l.scores.grad.abs().sum() > 0 for _, l in masked_layers(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ADMM (Ye et al., ICCV 2019)
+
+def admm_params(**kw) -> PruneParams:
+    base = dict(method="admm", keep_ratio=0.1, epochs=4, batch_size=32, attack_steps=2, lr=0.01, admm_rho=1.0,
+                admm_rho_growth=2.0, admm_update_every=1, objective="pgd")
+    return PruneParams(**{**base, **kw})
+
+
+def test_admm_keeps_exactly_the_ratio_per_layer_and_differs_from_lwm(tiny):
+    import math
+
+    data, small = tiny
+    model = fresh(data)
+    start = {n: l.weight.detach().clone() for n, l in masked_layers(model)}
+    history = prune(model, small, admm_params())
+    assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)
+    assert [h["rho"] for h in history] == [1.0, 2.0, 4.0, 8.0]
+    differs = 0
+    for n, layer in masked_layers(model):
+        assert layer.mode == "fixed"
+        assert int(layer.weight_mask.sum()) == math.ceil(0.1 * layer.weight.numel()), n
+        assert not any(hasattr(layer, b) for b in ("admm_z", "admm_u", "admm_updates"))  # gone after pruning
+        lwm = torch.zeros(start[n].numel())
+        lwm[start[n].abs().flatten().topk(int(layer.weight_mask.sum())).indices] = 1
+        differs += int((lwm.view_as(start[n]) != layer.weight_mask).sum())
+        assert not torch.equal(layer.weight, start[n])  # ADMM trains the weights
+    assert differs > 0
+    assert set(model.state_dict()) == set(fresh(data).state_dict())  # no ADMM buffer reaches the checkpoint
+
+
+def test_admm_penalty_pulls_the_pruned_weights_to_zero(tiny):
+    """The penalty is what makes the hard prune harmless: with it, the weights the mask removes shrink towards 0;
+    with rho ~ 0 (plain training) they do not."""
+    data, small = tiny
+
+    def removed_fraction(rho: float) -> float:
+        model = fresh(data)
+        prune(model, small, admm_params(admm_rho=rho, admm_rho_growth=1.0, objective="benign", epochs=3, lr=0.01,
+                                        optimizer="sgd", momentum=0.0))
+        w = torch.cat([l.weight.detach().flatten() for _, l in masked_layers(model)])
+        m = torch.cat([l.weight_mask.flatten() for _, l in masked_layers(model)])
+        return float((w * (1 - m)).norm() / w.norm())
+
+    with_penalty, without = removed_fraction(30.0), removed_fraction(1e-9)
+    assert with_penalty < 0.5 * without, (with_penalty, without)
+
+
+def test_admm_loss_includes_the_penalty(tiny):
+    """The history's loss is objective + rho/2 ||W - Z + U||^2: a larger rho gives a larger first-epoch loss."""
+    data, small = tiny
+    losses = {}
+    for rho in (1e-9, 50.0):
+        model = fresh(data)
+        losses[rho] = prune(model, small, admm_params(admm_rho=rho, epochs=1, objective="benign"))[0]["loss"]
+    assert losses[50.0] > losses[1e-9] + 1.0
+
+
+def test_admm_penalty_value_and_projection():
+    from pipeline.masking import MaskedLinear
+    from pipeline.pruning import admm_penalty, admm_project
+
+    t = torch.tensor([[0.1, -3.0, 0.5], [2.0, -0.2, 0.0]])
+    (z,) = admm_project([t], 0.34)  # ceil(0.34 * 6) = 3 entries stay
+    assert torch.equal(z, torch.tensor([[0.0, -3.0, 0.0], [2.0, 0.0, 0.0]]) + torch.tensor([[0, 0, 0.5], [0, 0, 0]]))
+    layer = MaskedLinear(3, 2)
+    layer.register_buffer("admm_z", torch.zeros(2, 3))
+    layer.register_buffer("admm_u", torch.ones(2, 3))
+    expected = 0.5 * 4.0 * float(((layer.weight.detach() + 1) ** 2).sum())
+    assert abs(float(admm_penalty([("l", layer)], 4.0)) - expected) < 1e-5
+
+
+def test_admm_resumes_bit_for_bit(tiny, tmp_path):
+    """Z, U and the update count travel in the training loop's resume state: a run killed in its third epoch and
+    rerun ends with the uninterrupted run's weights and mask."""
+    from torch.utils.data import Dataset
+
+    data, small = tiny
+
+    class Killed(Dataset):
+        def __init__(self, limit: int) -> None:
+            self.left = limit
+
+        def __len__(self) -> int:
+            return len(small)
+
+        def __getitem__(self, i):
+            self.left -= 1
+            if self.left < 0:
+                raise KeyboardInterrupt
+            return small[i]
+
+    p = admm_params(epochs=4, objective="benign", admm_update_every=1)
+    whole = fresh(data)
+    prune(whole, small, p)
+    with pytest.raises(KeyboardInterrupt):
+        prune(fresh(data), Killed(2 * len(small) + 40), p, resume_dir=tmp_path)
+    resumed = fresh(data)
+    history = prune(resumed, Killed(2 * len(small)), p, resume_dir=tmp_path)  # epochs 3 and 4 only
+    assert len(history) == 4
+    for (n, a), (_, b) in zip(masked_layers(whole), masked_layers(resumed)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_mask, b.weight_mask), n

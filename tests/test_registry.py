@@ -31,7 +31,7 @@ def test_registries_hold_what_the_params_schema_offers():
     assert {"digits", "cifar10", "svhn", "imagefolder"} <= set(DATASETS.names())
     assert {"cnn_small", "cnn_large", "vgg16_bn", "wrn_28_4", "resnet18"} <= set(MODELS.names())
     assert {"benign", "pgd", "trades", "ibp", "crown-ibp", "mixtrain", "smoothing"} <= set(OBJECTIVES.names())
-    assert set(PRUNE_METHODS.names()) == {"hydra", "lwm", "random"}
+    assert set(PRUNE_METHODS.names()) == {"hydra", "lwm", "random", "admm"}
 
 
 def test_a_name_registers_once():
