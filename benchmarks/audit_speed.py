@@ -149,8 +149,164 @@ def art_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alph
 PEERS = {"plain": plain_pgd, "torchattacks": torchattacks_pgd, "art": art_pgd}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --suite autoattack: the whole audit and its attack part against AutoAttack and torchattacks' PGD
+# ---------------------------------------------------------------------------------------------------------------
+
+def fashion_model(work: Path, epochs: int, threads: int) -> tuple[nn.Module, np.ndarray, np.ndarray]:
+    """CNN-small PGD-trained on Fashion-MNIST (eps 0.1, PGD-10, ``epochs`` over the 60,000 training images) by
+    this script (cached in ``work``), and the test split."""
+    from pipeline.config import DataParams, TrainParams
+    from pipeline.data import as_arrays, load_dataset
+    from pipeline.masking import plain_copy
+    from pipeline.models import build_model
+    from pipeline.training import train
+
+    data = load_dataset(DataParams(name="fashion_mnist"))
+    model = build_model("cnn_small", data.info)
+    weights = work / f"fashion_cnn_small_pgd_{epochs}.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    else:
+        t = time.perf_counter()
+        train(model, data.train, TrainParams(objective="pgd", epochs=epochs, batch_size=128, lr=0.05, eps=0.1,
+                                             attack_steps=10, eps_ramp=0.0))
+        print(f"trained the Fashion-MNIST model in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        torch.save(model.state_dict(), weights)
+    x, y = as_arrays(data.test)
+    return plain_copy(model).eval(), x, y
+
+
+def resnet18_model(work: Path, x_tr: np.ndarray, y_tr: np.ndarray) -> nn.Module:
+    """torchvision's ResNet-18 (10 classes) at 32x32, trained briefly (one benign epoch on ``x_tr``)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    weights = work / "resnet18_32.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+    else:
+        opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
+        xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr)
+        model.train()
+        for i in range(0, len(xt), 128):
+            loss = F.cross_entropy(model(xt[i:i + 128]), yt[i:i + 128])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save(model.state_dict(), weights)
+    return model.eval()
+
+
+def to_rgb32(x: np.ndarray) -> np.ndarray:
+    """28x28 grey images -> 3 x 32 x 32 (zero padding, the grey value in every channel)."""
+    x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    return np.ascontiguousarray(np.repeat(x, 3, axis=1))
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, confirm) -> torch.Tensor:
+    """torchattacks' AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square 5000), judged on the deployed
+    numerics (``confirm``: onnxruntime); returns the robust flags."""
+    import torchattacks
+
+    atk = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    x_adv = atk(x, y)
+    return torch.as_tensor(confirm(x_adv.numpy()).argmax(1) == y.numpy()) & \
+        torch.as_tensor(confirm(x.numpy()).argmax(1) == y.numpy())
+
+
+def torchattacks_pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int,
+                        confirm) -> torch.Tensor:
+    """torchattacks.PGD (cross-entropy, random start) once per restart; robust unless some restart's final iterate
+    is misclassified on the deployed numerics."""
+    import torchattacks
+
+    robust = torch.as_tensor(confirm(x.numpy()).argmax(1) == y.numpy())
+    atk = torchattacks.PGD(model, eps=eps, alpha=default_step_size(eps, steps), steps=steps, random_start=True)
+    for r in range(restarts):
+        torch.manual_seed(r)
+        robust &= torch.as_tensor(confirm(atk(x, y).numpy()).argmax(1) == y.numpy())
+    return robust
+
+
+def autoattack_suite(args: argparse.Namespace) -> dict:
+    """Per model: ours (attack part: every attack, no verifier; whole audit: defaults), AutoAttack standard, and
+    at the peers' budget (``--peer-budget``) ours PGD alone against torchattacks' PGD; same examples, threads."""
+    from pipeline.onnx_io import export_onnx, ort_logits, ort_session
+    from pipeline.onnx_load import load_onnx
+
+    torch.set_num_threads(args.threads)
+    work = args.work
+    models = []
+    if "default" in args.models and Path("models/quantized.onnx").exists():
+        x_tr, y_tr, x_te, y_te = digits_arrays()
+        models.append(("default pipeline int8 (digits)", Path("models/quantized.onnx"),
+                       load_onnx(Path("models/quantized.onnx")).eval(), x_te[:args.n], y_te[:args.n], 0.1))
+    if "fashion" in args.models or "resnet18" in args.models:
+        fashion, fx, fy = fashion_model(work, args.fashion_epochs, args.threads)
+        if "fashion" in args.models:
+            path = work / "fashion_cnn_small.onnx"
+            export_onnx(fashion, path, (1, 28, 28))
+            models.append(("Fashion-MNIST CNN-small, PGD-trained here", path, fashion, fx[:args.n], fy[:args.n], 0.1))
+        if "resnet18" in args.models:
+            from pipeline.data import as_arrays, load_dataset
+            from pipeline.config import DataParams
+
+            tr = load_dataset(DataParams(name="fashion_mnist")).train
+            xr, yr = as_arrays(tr, limit=5000, seed=0)
+            resnet = resnet18_model(work, to_rgb32(xr), yr)
+            path = work / "resnet18_32.onnx"
+            export_onnx(resnet, path, (3, 32, 32))
+            models.append(("torchvision ResNet-18 at 32x32 (one benign epoch, 5k Fashion-MNIST images)", path,
+                           resnet, to_rgb32(fx[:args.resnet_n]), fy[:args.resnet_n], args.resnet_eps))
+    rows = []
+    p_steps, p_restarts = (int(v) for v in args.peer_budget.split("x"))
+    for name, path, module, x, y, eps in models:
+        for prm in module.parameters():
+            prm.requires_grad_(False)
+        session = ort_session(path, threads=args.threads)
+        confirm = lambda xs: ort_logits(session, xs)  # noqa: E731
+        xs, ys = torch.as_tensor(x), torch.as_tensor(y)
+        line: dict = dict(model=name, n=len(x), eps=eps)
+        base = dict(eps=eps, threads=args.threads, n_examples=None, batch_size=args.batch_size)
+        heavy = "ResNet" in name
+        runs = [("ours_attacks", AuditParams(**base, ibp=False, crown=False, alpha_crown=False, bab=False))]
+        if not heavy:
+            runs.append(("ours_audit", AuditParams(**base)))
+        runs.append(("ours_pgd_peer_budget", AuditParams(**base, steps=p_steps, restarts=p_restarts, attacks=["pgd"],
+                                                         ibp=False, crown=False, alpha_crown=False, bab=False)))
+        for label, params in runs:
+            rep = run_audit(path, x, y, params, progress=False)
+            line[label] = dict(seconds=rep.seconds["total"], robust=rep.robust_accuracy,
+                               verified=rep.verified_accuracy, decided=rep.decided,
+                               attacks=[a.model_dump() for a in rep.attacks],
+                               parts={k: v for k, v in rep.seconds.items() if k != "total"})
+            print(name, label, line[label], file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        robust = autoattack(module, xs, ys, eps, confirm)
+        line["autoattack"] = dict(seconds=time.perf_counter() - t, robust=float(robust.float().mean()))
+        print(name, "autoattack", line["autoattack"], file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        robust = torchattacks_pgd_ce(module, xs, ys, eps, p_steps, p_restarts, confirm)
+        line["torchattacks_pgd_peer_budget"] = dict(seconds=time.perf_counter() - t, robust=float(robust.float().mean()))
+        print(name, "torchattacks pgd", line["torchattacks_pgd_peer_budget"], file=sys.stderr, flush=True)
+        rows.append(line)
+    return dict(suite="autoattack", threads=args.threads, peer_budget=args.peer_budget,
+                machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                load_average=os.getloadavg(), rows=rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", choices=("pgd", "autoattack"), default="pgd",
+                    help="pgd: PGD speed against peers and the exits' ablation; autoattack: the audit against "
+                         "AutoAttack standard and torchattacks' PGD on three models")
+    ap.add_argument("--models", default="default,fashion,resnet18", help="autoattack suite: the models")
+    ap.add_argument("--fashion-epochs", type=int, default=3, help="autoattack suite: PGD-training epochs")
+    ap.add_argument("--resnet-n", type=int, default=50, help="autoattack suite: examples for ResNet-18")
+    ap.add_argument("--resnet-eps", type=float, default=2 / 255, help="autoattack suite: eps for ResNet-18")
+    ap.add_argument("--peer-budget", default="50x10", help="autoattack suite: PGD steps x restarts for both")
     ap.add_argument("--model", type=Path, default=Path("models/quantized.onnx"))
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--peer-n", type=int, default=20, help="examples for peers at the large budget")
@@ -164,6 +320,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.suite == "autoattack":
+        _write(autoattack_suite(args), args.out)
+        return
     x_tr, y_tr, x_te, y_te = digits_arrays()
     x, y = x_te[:args.n], y_te[:args.n]
 
@@ -230,12 +389,16 @@ def main() -> None:
         print("ablation", label, ablation[label], file=sys.stderr, flush=True)
     result = dict(model=model_name, eps=args.eps, threads=args.threads, machine=platform.processor() or platform.machine(),
                   cpus=os.cpu_count(), load_average=os.getloadavg(), rows=rows, ablation=ablation)
+    _write(result, args.out)
+
+
+def _write(result: dict, out: Path | None) -> None:
     print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.out)
+        os.replace(tmp, out)
 
 
 if __name__ == "__main__":

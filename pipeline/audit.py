@@ -1,22 +1,27 @@
-"""The robustness audit of a deployed ONNX classifier: clean accuracy, verified accuracy, PGD robust accuracy.
+"""The robustness audit of a deployed ONNX classifier: clean accuracy, verified accuracy, robust accuracy.
 
-One function, :func:`run_audit`, behind both ``hydra-pipe audit MODEL.onnx`` and the pipeline's audit stage:
+One function, :func:`run_audit`, behind both ``hydra-pipe audit MODEL.onnx`` and the pipeline's audit stage. Each
+step runs only on what the steps before it left undecided (neither proven robust nor broken), cheapest first:
 
 1. clean accuracy on the deployed numerics (onnxruntime);
-2. IBP and CROWN verified accuracy (Gowal et al. 2018; Zhang et al. 2018) on the same graph loaded into torch,
-   and the logit bounds; when an op of the graph has no bound rule (LRN, a Softmax inside the network, ...)
-   verification is skipped and the report names the ops (``verification_blocked_by``), the attacks still run;
-3. PGD with restarts (Madry et al. 2018, :func:`pipeline.attacks.pgd_attack`) on the examples not verified, with
-   gradients straight through the graph's rounding and every adversarial example confirmed by onnxruntime;
-4. the Square attack (Andriushchenko et al. 2020) on what PGD left robust: gradient-free, so an example it
-   breaks and PGD did not is a sign of gradient masking. The report says so;
-5. optionally, the same verifiers and a smaller PGD at each radius of ``sweep_eps`` (robust accuracy vs eps).
+2. IBP and CROWN (Gowal et al. 2018; Zhang et al. 2018) on the same graph loaded into torch, and the logit
+   bounds; when an op of the graph has no bound rule (LRN, a Softmax inside the network, ...) verification is
+   skipped and the report names the ops (``verification_blocked_by``), the attacks still run;
+3. APGD-CE and APGD-T (Croce & Hein 2020, AutoAttack's pair), on an int8 graph on its float twin too;
+4. alpha-CROWN (Xu et al. 2021), then branch and bound (beta-CROWN's idea, Wang et al. 2021);
+5. the card's PGD (Madry et al. 2018, ``steps`` x ``restarts``), gradients straight through the graph's rounding;
+6. the Square attack (Andriushchenko et al. 2020): gradient-free, so an example it breaks after every gradient
+   attack failed is a sign of gradient masking. The report says so;
+7. optionally, the verifiers and a smaller PGD at each radius of ``sweep_eps`` (robust accuracy vs eps).
+
+Every candidate an attack finds is confirmed by onnxruntime, and so is every iterate whose torch margin is within
+``confirm_margin`` of the boundary: an example counts as robust only if onnxruntime classifies it correctly and no
+attack found a point of the ball that onnxruntime misclassifies; a verified example is robust (the bounds are
+sound), so it is not attacked. The report keeps, per attack, how many examples it broke first, the verified /
+broken / undecided counts, and each accuracy's 95% Clopper-Pearson interval.
 
 With a journal folder, each finished part's per-example verdicts are kept on disk (:class:`_Journal`), so an audit
 killed after ten minutes resumes where it stopped and reports exactly what an uninterrupted run reports.
-
-An example counts as robust only if onnxruntime classifies it correctly and no attack found a point of the ball
-that onnxruntime misclassifies; a verified example is robust (the bounds are sound), so it is not attacked.
 """
 
 from __future__ import annotations
@@ -36,13 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.attacks import pgd_attack, robustness_curves, square_attack
-from pipeline.audit_report import AuditReport, EpsPoint, SmoothingSummary, SquareSummary
-from pipeline.bounds import certify
+from pipeline.attacks import apgd_attack, pgd_attack, robustness_curves, square_attack
+from pipeline.audit_report import (AttackSummary, AuditReport, BabSummary, EpsPoint, SmoothingSummary, SquareSummary,
+                                   clopper_pearson)
+from pipeline.bounds import branch_and_bound, certify
 from pipeline.bounds.ops import verification_blockers
-from pipeline.config import AuditParams
+from pipeline.config import ATTACK_ORDER, AuditParams
 from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.onnx_io import ort_logits, ort_session
+from pipeline.graph import float_twin
 from pipeline.onnx_load import load_onnx
 from pipeline.reporting import atomic_write_bytes, progress_bar
 from pipeline.runtime import default_device, num_threads
@@ -61,7 +68,10 @@ journal, so a resumed audit equals an uninterrupted one bit for bit. Each chunk 
 slowest rows alone), so much smaller chunks would cost speed; the pipeline's digits audit (90 undecided examples,
 163 per chunk) is one chunk. The chunks are also what ``workers`` processes share (:class:`_Pool`): they do not
 depend on the number of workers, so neither do the verdicts."""
-JOURNAL_FORMAT = 2
+BAB_BLOCK = 4
+"""Examples per branch-and-bound task: each gets ``audit.bab_seconds`` at most, so a block is a journal entry of
+a few of them (a resumed audit loses at most one block's work)."""
+JOURNAL_FORMAT = 3
 """Bump when what a journal entry holds, or how a part is computed, changes: older entries then no longer match."""
 
 
@@ -213,9 +223,17 @@ class _Deployed:
     classes: int
     clean_correct: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict)
+    _twin: list = field(default_factory=list)  # the float twin, built once when first asked for
 
     def logits(self, xs: np.ndarray) -> np.ndarray:
         return ort_logits(self.session, xs)
+
+    @property
+    def twin(self) -> torch.nn.Module | None:
+        """The graph without rounding (:func:`pipeline.graph.float_twin`), None when nothing in it rounds."""
+        if not self._twin:
+            self._twin.append(float_twin(self.graph))
+        return self._twin[0]
 
 
 def _load(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int | None, source: str) -> _Deployed:
@@ -257,12 +275,16 @@ def _load(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int | None, s
                      {"load": load_seconds, "clean": time.perf_counter() - t})
 
 
+ATTACK_NAMES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "pgd": "PGD", "square": "Square"}
+
+
 @dataclass(frozen=True)
 class _Task:
     """A part of the audit that any process computes alone and journals as one entry: a block of one verifier's
-    bounds (``kind`` ibp, crown or alpha-crown) or a chunk of PGD (``pgd``). It holds all its verdicts depend on (the
-    examples by their index in the whole set, the params, the bounds batch), so a worker gives the entry the
-    audit's own process would, and the blocks and chunks are the same however many processes share them."""
+    bounds (``kind`` ibp, crown, alpha-crown or bab) or a chunk of one attack (``kind`` apgd-ce, apgd-t, pgd or
+    square, on ``model`` graph or twin). It holds all its verdicts depend on (the examples by their index in the
+    whole set, the params, the bounds batch), so a worker gives the entry the audit's own process would, and the
+    blocks and chunks are the same however many processes share them."""
 
     part: str  # its journal part
     kind: str
@@ -270,6 +292,11 @@ class _Task:
     rows: np.ndarray  # long: the examples, by their index in the whole set
     batch: int = 0  # examples per bounds call: a block is one or a few of the one-process audit's calls
     want_bounds: bool = False  # keep the logit bounds (ibp, crown)
+    model: str = "graph"  # what an attack runs on: "graph" or "twin" (the graph without rounding)
+
+    @property
+    def is_attack(self) -> bool:
+        return self.kind in ATTACK_NAMES
 
     @property
     def keeps_bounds(self) -> bool:
@@ -277,14 +304,45 @@ class _Task:
 
     def shapes(self, classes: int) -> dict[str, tuple[int, ...]]:
         n = len(self.rows)
-        if self.kind == "pgd":
+        if self.is_attack:
             return {"break_step": (n,), "break_restart": (n,)}
+        if self.kind == "bab":
+            return {"verified": (n,), "undecided": (n,)}
         return {"verified": (n,), **({"lower": (n, classes), "upper": (n, classes)} if self.keeps_bounds else {})}
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return ("settled", "rejected", "rejected_examples", "row_steps", "seconds") if self.kind == "pgd" else \
-            ("seconds",)
+        if self.is_attack:
+            return ("settled", "rejected", "rejected_examples", "row_steps", "near_boundary", "seconds")
+        return ("seconds",)
+
+
+def _attack_chunk(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+                  p: AuditParams, confirm, progress) -> tuple[dict[str, np.ndarray], dict]:
+    """One chunk of attack ``kind`` on ``model``, its breaks confirmed by ``confirm``: the per-example verdicts
+    (``break_step``, ``break_restart``; -1 = never) and the figures."""
+    eps, common = p.threat.eps, dict(seed=p.seed, confirm=confirm, threads=p.threads, index=ids,
+                                     confirm_margin=p.confirm_margin)
+    if kind == "square":
+        sq = square_attack(model, x, y, eps, norm=p.norm, queries=p.square_queries, restarts=p.square_restarts,
+                           progress=progress, **common)
+        broken = sq.broken.cpu().numpy()
+        never = np.full(len(x), -1, dtype=np.int64)
+        return ({"break_step": np.where(broken, sq.queries_used.cpu().numpy(), never),
+                 "break_restart": np.where(broken, 0, never)},
+                {"settled": {}, "rejected": sq.rejected, "rejected_examples": int(sq.rejected_examples),
+                 "row_steps": int(sq.queries_used.sum()), "near_boundary": sq.near_boundary_checked})
+    if kind == "pgd":
+        res = pgd_attack(model, x, y, eps, norm=p.norm, steps=p.steps, restarts=p.restarts, step_size=p.step_size,
+                         loss=p.loss, batch_size=p.batch_size, progress=progress, **common)
+    else:
+        targeted = kind == "apgd-t"
+        res = apgd_attack(model, x, y, eps, norm=p.norm, steps=p.apgd_steps, restarts=p.apgd_restarts,
+                          targets=p.apgd_targets, loss="dlr-targeted" if targeted else "ce",
+                          batch_size=p.batch_size, progress=progress, **common)
+    return ({"break_step": res.break_step.cpu().numpy(), "break_restart": res.break_restart.cpu().numpy()},
+            {"settled": res.settled, "rejected": res.rejected, "rejected_examples": res.rejected_examples,
+             "row_steps": res.row_steps, "near_boundary": res.near_boundary_checked})
 
 
 def _compute(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, task: _Task,
@@ -292,15 +350,19 @@ def _compute(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, task: _Tas
     """The journal entry of ``task``: its per-example verdicts (arrays) and its figures (JSON)."""
     t, p = time.perf_counter(), task.params
     ids = torch.as_tensor(task.rows, dtype=torch.long, device=xt.device)
-    if task.kind == "pgd":
-        res = pgd_attack(deployed.graph, xt[ids], yt[ids], p.threat.eps, norm=p.norm, steps=p.steps,
-                         restarts=p.restarts, step_size=p.step_size, loss=p.loss, batch_size=p.batch_size,
-                         seed=p.seed, confirm=deployed.logits, threads=p.threads, index=ids, progress=progress)
-        return ({"break_step": res.break_step.cpu().numpy(), "break_restart": res.break_restart.cpu().numpy()},
-                {"settled": res.settled, "rejected": res.rejected, "rejected_examples": res.rejected_examples,
-                 "row_steps": res.row_steps, "seconds": time.perf_counter() - t})
+    if task.is_attack:
+        model = deployed.graph if task.model == "graph" else deployed.twin
+        out, meta = _attack_chunk(task.kind, model, xt[ids], yt[ids], ids, p, deployed.logits, progress)
+        return out, {**meta, "seconds": time.perf_counter() - t}
+    dtype = torch.float64 if p.float64 else torch.float32
+    if task.kind == "bab":
+        res = branch_and_bound(deployed.graph, xt[ids], yt[ids], p.threat, time_budget_s=p.bab_seconds,
+                               max_domains=p.bab_domains, dtype=dtype, progress=progress)
+        verified = (res.verified & deployed.clean_correct[ids]).cpu().numpy()
+        return ({"verified": verified, "undecided": (res.undecided.cpu().numpy() & ~verified)},
+                {"seconds": time.perf_counter() - t})
     cert = certify(deployed.graph, xt[ids], yt[ids], p.threat, task.kind, batch_size=task.batch,
-                   logit_bounds=task.keeps_bounds, progress=progress)
+                   logit_bounds=task.keeps_bounds, progress=progress, dtype=dtype)
     # sound bounds and onnxruntime agree; the AND guards against a disagreement
     out = {"verified": (cert.verified & deployed.clean_correct[ids]).cpu().numpy()}
     if task.keeps_bounds:
@@ -464,10 +526,9 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
     the journal once the report is written (:func:`discard_journal`).
 
     ``params.workers`` > 1 shards the examples across that many worker processes (:class:`_Pool`): the blocks of
-    bounds and the chunks of PGD are the one-process audit's, each computed by a worker into the journal (a
-    temporary one without ``journal``), and this process merges them as it merges a resumed audit's entries;
-    Square (one random stream over its whole batch) runs here on the merged remainder. The report is the
-    one-process report, but ``seconds``. A worker's failure is one :class:`HydraPipeError` line.
+    bounds and the chunks of every attack are the one-process audit's, each computed by a worker into the journal
+    (a temporary one without ``journal``), and this process merges them as it merges a resumed audit's entries.
+    The report is the one-process report, but ``seconds``. A worker's failure is one :class:`HydraPipeError` line.
     """
     t_total = time.perf_counter()
     x, y = _validate(x, y, source)
@@ -492,8 +553,12 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
             parts = _Parts(book, deployed, xt, yt, pool)
             with _Progress(progress) as bars:
                 verified = _verify(deployed, xt, yt, params, bars, fields, arrays, seconds, want_bounds, parts)
-                if params.steps > 0:
+                attacked = params.steps > 0 and bool(params.attacks)
+                if attacked:
                     _attack(deployed, xt, yt, params, verified, bars, fields, seconds, parts)
+                else:
+                    _late_verify(deployed, xt, params, bars, fields, seconds, parts, verified, deployed.clean_correct)
+                _decided(deployed.clean_correct, verified, attacked, fields)
                 if params.sweep_eps:
                     fields["eps_sweep"] = _sweep(deployed, xt, yt, params, bars, seconds, parts)
             aborted = False
@@ -525,10 +590,25 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
                        seconds={k: round(v, 3) for k, v in seconds.items()})
 
 
+def _decided(clean_correct: torch.Tensor, verified: torch.Tensor, attacked: bool, fields: dict) -> None:
+    """Verified, broken and undecided counts, and each accuracy's 95% Clopper-Pearson interval over the n
+    examples (the report's ``decided`` and ``confidence_intervals``)."""
+    n = len(clean_correct)
+    proven = int((verified & clean_correct).sum())
+    robust = round(fields["robust_accuracy"] * n) if attacked and fields.get("robust_accuracy") is not None \
+        else int(clean_correct.sum())
+    fields["decided"] = {"verified": proven, "broken": n - robust, "undecided": robust - proven}
+    figures = {"clean_accuracy": int(clean_correct.sum()) / n, **{
+        k: fields[k] for k in ("pgd_robust_accuracy", "robust_accuracy", "verified_accuracy")
+        if fields.get(k) is not None}}
+    fields["confidence_intervals"] = {k: list(clopper_pearson(round(v * n), n)) for k, v in figures.items()}
+
+
 def _verify(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
             fields: dict, arrays: dict[str, np.ndarray], seconds: dict[str, float], want_bounds: bool,
             parts: _Parts, part: str = "") -> torch.Tensor:
-    """IBP, CROWN, then alpha-CROWN on what they left; returns the verified mask, fills the figures and bounds.
+    """IBP and CROWN (alpha-CROWN and branch and bound come later, on what the cheap attacks leave:
+    :func:`_late_verify`); returns the verified mask, fills the figures and bounds.
     Each verifier runs in blocks of rows, each block a part of the journal (named ``part`` + its method + its
     block) computed by ``parts``.
 
@@ -538,7 +618,7 @@ def _verify(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Aud
     """
     n = len(xt)
     verified = torch.zeros(n, dtype=torch.bool, device=xt.device)
-    if not (params.ibp or params.crown or params.alpha_crown):
+    if not (params.ibp or params.crown or params.alpha_crown or params.bab):
         return verified
     blocked = verification_blockers(deployed.graph.nodes)
     if blocked:
@@ -599,23 +679,53 @@ def _run_verifiers(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, para
                 arrays[f"{method}_{side}"] = np.concatenate([out[side] for _, out, _ in mine])
         fields[f"{method}_verified_accuracy"] = _fraction(ver)
         seconds[method] = sum(meta["seconds"] for _, _, meta in mine)
-    if params.alpha_crown:
-        # only where CROWN did not already verify: alpha-CROWN is never looser, so the rest are verified anyway
-        todo = (clean_correct & ~verified).nonzero().squeeze(1).cpu().numpy()
-        tasks = _blocks("alpha-crown", part + "alpha_crown", params, todo, batch)
-        bar = bars.task(_BAR["alpha-crown"], len(todo)) if len(todo) else (lambda done, total: None)
-        results = parts.map(tasks, _Tick(tasks, {"alpha-crown": (bar, 0, len(todo))}))
-        alpha = verified & clean_correct
-        for t, (out, _) in zip(tasks, results):
-            alpha[torch.as_tensor(t.rows, device=dev)] = torch.as_tensor(out["verified"], device=dev)
-        verified |= alpha
-        fields["alpha_crown_verified_accuracy"] = _fraction(alpha)
-        seconds["alpha_crown"] = sum(meta["seconds"] for _, meta in results)
+
+
+def _late_verify(deployed: _Deployed, xt: torch.Tensor, params: AuditParams, bars: _Progress, fields: dict,
+                 seconds: dict[str, float], parts: _Parts, verified: torch.Tensor, undecided: torch.Tensor,
+                 part: str = "", bab: bool = True) -> None:
+    """alpha-CROWN, then branch and bound, on the ``undecided`` examples only (what IBP and CROWN did not prove and
+    the attacks before did not break): the costly verifiers run where nothing cheaper decided. ``verified`` is
+    updated in place. An example an attack broke is never provable (the bounds are sound), so running them after
+    the attacks changes no verified figure, only their cost."""
+    if "verified_accuracy" not in fields:  # no verifier ran, or the graph has an op without a bound rule
+        return
+    dev, batch = xt.device, _bounds_batch(deployed.graph, xt[:1])
+    try:
+        if params.alpha_crown:
+            todo = (undecided & ~verified).nonzero().squeeze(1).cpu().numpy()
+            tasks = _blocks("alpha-crown", part + "alpha_crown", params, todo, batch)
+            bar = bars.task(_BAR["alpha-crown"], len(todo)) if len(todo) else (lambda done, total: None)
+            results = parts.map(tasks, _Tick(tasks, {"alpha-crown": (bar, 0, len(todo))}))
+            for t, (out, _) in zip(tasks, results):
+                verified[torch.as_tensor(t.rows, device=dev)] |= torch.as_tensor(out["verified"], device=dev)
+            fields["alpha_crown_verified_accuracy"] = _fraction(verified)
+            seconds["alpha_crown"] = sum(meta["seconds"] for _, meta in results)
+        if bab and params.bab:
+            todo = (undecided & ~verified).nonzero().squeeze(1).cpu().numpy()
+            tasks = [_Task(f"{part}bab-{k}", "bab", params, todo[i:i + BAB_BLOCK])
+                     for k, i in enumerate(range(0, len(todo), BAB_BLOCK))]
+            bar = bars.task("branch and bound", len(todo)) if len(todo) else (lambda done, total: None)
+            results = parts.map(tasks, _Tick(tasks, {"bab": (bar, 0, len(todo))}))
+            proven = left = 0
+            for t, (out, _) in zip(tasks, results):
+                verified[torch.as_tensor(t.rows, device=dev)] |= torch.as_tensor(out["verified"], device=dev)
+                proven += int(out["verified"].sum())
+                left += int(out["undecided"].sum())
+            spent = sum(meta["seconds"] for _, meta in results)
+            fields["bab_verified_accuracy"] = _fraction(verified)
+            fields["bab"] = BabSummary(attacked=len(todo), verified=proven, undecided=left,
+                                       domains_per_example=params.bab_domains,
+                                       seconds_per_example=params.bab_seconds)
+            seconds["bab"] = spent
+    except UnsupportedOpError:  # IBP and CROWN ran, so every op has a rule; a refused form stops only these
+        pass
+    fields["verified_accuracy"] = _fraction(verified)
 
 
 @dataclass
 class _PGDVerdicts:
-    """PGD's per-example verdicts over all N examples, merged from its chunks (``AttackResult``'s fields)."""
+    """An attack's per-example verdicts over all N examples, merged from its chunks (``AttackResult``'s fields)."""
 
     robust: torch.Tensor  # bool [N]: clean-correct and never broken (verified examples included)
     break_step: torch.Tensor  # long [N]: -1 never; 0 for clean mistakes
@@ -624,93 +734,133 @@ class _PGDVerdicts:
     rejected: int
     rejected_examples: int
     row_steps: int
+    near_boundary: int
     seconds: float
 
 
-def _pgd_chunks(deployed: _Deployed, params: AuditParams, verified: torch.Tensor, part: str) -> list[_Task]:
-    """PGD's tasks: the clean-correct, unverified examples in chunks of ``PGD_CHUNK_BATCHES`` attack batches."""
-    todo = (deployed.clean_correct & ~verified).nonzero().squeeze(1).cpu().numpy()
-    chunk = max(1, PGD_CHUNK_BATCHES * params.batch_size // params.restarts)
-    return [_Task(f"{part}-{c}", "pgd", params, todo[start:start + chunk])
+def _chunks(kind: str, params: AuditParams, todo: np.ndarray, part: str, model: str = "graph") -> list[_Task]:
+    """An attack's tasks: the ``todo`` examples in chunks of ``PGD_CHUNK_BATCHES`` attack batches of rows."""
+    rows = {"pgd": params.restarts, "apgd-ce": params.apgd_restarts,
+            "apgd-t": params.apgd_restarts * params.apgd_targets, "square": params.square_restarts}[kind]
+    chunk = max(1, PGD_CHUNK_BATCHES * params.batch_size // rows)
+    return [_Task(f"{part}-{c}", kind, params, todo[start:start + chunk], model=model)
             for c, start in enumerate(range(0, len(todo), chunk))]
 
 
-def _pgd_merge(deployed: _Deployed, verified: torch.Tensor, tasks: list[_Task],
-               results: list[tuple[dict[str, np.ndarray], dict]]) -> _PGDVerdicts:
-    """The chunks' verdicts over all N examples."""
+def _pgd_chunks(deployed: _Deployed, params: AuditParams, verified: torch.Tensor, part: str) -> list[_Task]:
+    """PGD's tasks (the eps sweep's): the clean-correct, unverified examples."""
+    todo = (deployed.clean_correct & ~verified).nonzero().squeeze(1).cpu().numpy()
+    return _chunks("pgd", params, todo, part)
+
+
+def _merge(deployed: _Deployed, settled_before: torch.Tensor, tasks: list[_Task],
+           results: list[tuple[dict[str, np.ndarray], dict]]) -> _PGDVerdicts:
+    """The chunks' verdicts over all N examples; the examples none of them attacked are robust unless
+    ``settled_before`` (broken earlier, clean mistakes included) says otherwise (broken at step 0, restart 0)."""
     clean_correct = deployed.clean_correct
     n, dev = len(clean_correct), clean_correct.device
     break_step = torch.full((n,), -1, dtype=torch.long, device=dev)
-    break_step[~clean_correct] = 0  # the clean input is in the ball: a clean mistake breaks at step 0, restart 0
+    break_step[settled_before] = 0  # the clean input is in the ball: a clean mistake breaks at step 0, restart 0
     break_restart = break_step.clone()
-    settled = dict(verification=int(verified.sum()), clean_wrong=int((~clean_correct).sum()), broken=0,
-                   convergence=0, full_budget=0)
-    totals = dict(rejected=0, rejected_examples=0, row_steps=0, seconds=0.0)
+    settled = dict(clean_wrong=int((~clean_correct).sum()), broken=0, convergence=0, full_budget=0)
+    totals = dict(rejected=0, rejected_examples=0, row_steps=0, near_boundary=0, seconds=0.0)
     for task, (out, meta) in zip(tasks, results):
         ids = torch.as_tensor(task.rows, dtype=torch.long, device=dev)
         break_step[ids] = torch.as_tensor(out["break_step"], device=dev)
         break_restart[ids] = torch.as_tensor(out["break_restart"], device=dev)
         # the chunk's own clean check (onnxruntime on the chunk) normally finds no mistake: todo is clean-correct
-        for key in ("clean_wrong", "broken", "convergence", "full_budget"):
-            settled[key] += meta["settled"][key]
+        for key in ("broken", "convergence", "full_budget"):
+            settled[key] += meta["settled"].get(key, 0)
         for key in totals:
             totals[key] += meta[key]
     robust = clean_correct & (break_restart < 0)
     return _PGDVerdicts(robust, break_step, break_restart, settled, **totals)
 
 
-def _pgd(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
-         parts: _Parts, part: str, progress: Callable[[int, int], None]) -> _PGDVerdicts:
-    """PGD (``params.steps`` x ``params.restarts``) on the clean-correct, unverified examples, in chunks of
-    ``PGD_CHUNK_BATCHES`` attack batches, each chunk a part of the journal.
+def _pgd_merge(deployed: _Deployed, verified: torch.Tensor, tasks: list[_Task],
+               results: list[tuple[dict[str, np.ndarray], dict]]) -> _PGDVerdicts:
+    res = _merge(deployed, ~deployed.clean_correct, tasks, results)
+    res.settled = {"verification": int(verified.sum()), **res.settled}
+    return res
 
-    Every example's verdict is independent of the others': its random starts are seeded by its index in the whole
-    set (``index=``), which chunking keeps, so the merged verdicts and the curves (counts over examples) are the
-    same however the chunks were split between runs or processes.
-    """
-    n = len(xt)
-    tasks = _pgd_chunks(deployed, params, verified, part)
-    done = n - sum(len(t.rows) for t in tasks)
-    progress(done, n)
-    results = parts.map(tasks, _Tick(tasks, {"pgd": (progress, done, n)}))
-    return _pgd_merge(deployed, verified, tasks, results)
+
+def _budget(kind: str, params: AuditParams) -> str:
+    if kind == "pgd":
+        return f"{params.steps} steps x {params.restarts} restarts"
+    if kind == "apgd-ce":
+        return f"{params.apgd_steps} steps x {params.apgd_restarts} restarts"
+    if kind == "apgd-t":
+        return f"{params.apgd_steps} steps x {params.apgd_restarts} restarts x {params.apgd_targets} targets"
+    return f"{params.square_queries} queries x {params.square_restarts} restarts"  # square
 
 
 def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, verified: torch.Tensor,
             bars: _Progress, fields: dict, seconds: dict[str, float], parts: _Parts) -> None:
-    """PGD on what is not verified, then Square on what PGD left robust; every break confirmed by onnxruntime.
-    Square draws one random stream (and one window per query) for its whole batch, so it runs in this process on
-    the merged remainder even when the workers ran PGD: its verdicts are the one-process audit's."""
-    n, eps = len(xt), params.threat.eps
-    res = _pgd(deployed, xt, yt, params, verified, parts, "pgd", bars.task("PGD (examples settled)", n))
-    seconds["pgd"] = res.seconds
-    robust = res.robust.clone()
-    by_restart, by_step = robustness_curves(robust, res.break_restart, res.break_step, params.steps, params.restarts)
-    fields.update(
-        pgd_robust_accuracy=_fraction(robust),
-        step_size=params.step_size or params.threat.step_size(params.steps),
-        robust_accuracy_by_restart=by_restart,
-        robust_accuracy_by_step={str(k): v for k, v in by_step.items()},
-        settled=res.settled, rejected_candidates=res.rejected, rejected_examples=res.rejected_examples,
-        attack_work=res.row_steps / max(n * params.restarts * params.steps, 1),
-    )
-    todo = (robust & ~verified).nonzero().squeeze(1)
-    if params.square_queries > 0 and params.norm == "linf" and len(todo):
-
-        def square() -> tuple[dict[str, np.ndarray], dict]:
-            t = time.perf_counter()
-            sq = square_attack(deployed.graph, xt[todo], yt[todo], eps, queries=params.square_queries,
-                               seed=params.seed, confirm=deployed.logits, threads=params.threads)
-            return {"broken": sq.broken.cpu().numpy()}, {"rejected": sq.rejected, "seconds": time.perf_counter() - t}
-
-        out, meta = parts.book.run("square", square, {"broken": (len(todo),)}, ("rejected", "seconds"))
-        seconds["square"] = meta["seconds"]
-        broken = torch.as_tensor(out["broken"], device=xt.device)
-        extra = int(broken.sum())
-        robust[todo[broken]] = False
-        fields["square"] = SquareSummary(queries=params.square_queries, attacked=len(todo), broken_beyond_pgd=extra,
-                                         gradient_masking_suspected=extra > 0, rejected_candidates=meta["rejected"])
+    """The attacks of ``params.attacks`` in :data:`~pipeline.config.ATTACK_ORDER`, each on what the verifiers and
+    the attacks before it left undecided, every break confirmed by onnxruntime; alpha-CROWN and branch and bound
+    run on what the cheap attacks (APGD) left, before the card's PGD, so the costliest attack runs on the fewest
+    examples. On an int8 graph the APGD attacks also run on its float twin (``params.float_twin``). Every
+    example's verdict depends on it alone (its random streams are seeded by its index in the whole set), so
+    chunks, workers and batch sizes change nothing."""
+    n, dev = len(xt), xt.device
+    clean_correct = deployed.clean_correct
+    broken = ~clean_correct
+    # APGD-T's targeted DLR loss needs 4 classes (AutoAttack's); Square needs queries
+    chosen = [k for k in ATTACK_ORDER if k in params.attacks and (k != "square" or params.square_queries > 0)
+              and (k != "apgd-t" or deployed.classes >= 4)]
+    summaries: list[AttackSummary] = []
+    pgd_res = None
+    late_done = False
+    twin = deployed.twin if params.float_twin else None
+    for kind in chosen:
+        if kind in ("pgd", "square") and not late_done:
+            _late_verify(deployed, xt, params, bars, fields, seconds, parts, verified, clean_correct & ~broken)
+            late_done = True
+        if kind == "square" and pgd_res is None:
+            fields["pgd_robust_accuracy"] = _fraction(clean_correct & ~broken)
+        for model in ("graph", "twin") if kind.startswith("apgd") and twin is not None else ("graph",):
+            todo = (clean_correct & ~broken & ~verified).nonzero().squeeze(1).cpu().numpy()
+            label = ATTACK_NAMES[kind] + (" float twin" if model == "twin" else "")
+            tasks = _chunks(kind, params, todo, kind if model == "graph" else f"{kind}-twin", model)
+            bar = bars.task(f"{label} (examples settled)", n)
+            base = n - len(todo)
+            bar(base, n)
+            results = parts.map(tasks, _Tick(tasks, {kind: (bar, base, n)}))
+            res = _merge(deployed, broken, tasks, results)
+            newly = res.break_restart.ge(0) & ~broken
+            summaries.append(AttackSummary(name=kind, model="float twin" if model == "twin" else "graph",
+                                           budget=_budget(kind, params), attacked=len(todo), broken=int(newly.sum()),
+                                           rejected_candidates=res.rejected, near_boundary_checked=res.near_boundary))
+            seconds[kind + ("_twin" if model == "twin" else "")] = res.seconds
+            if kind == "pgd":
+                pgd_res = res
+            elif kind == "square":
+                fields["square"] = SquareSummary(queries=params.square_queries, attacked=len(todo),
+                                                 broken_beyond_pgd=int(newly.sum()),
+                                                 gradient_masking_suspected=bool(newly.any()),
+                                                 rejected_candidates=res.rejected)
+            broken |= newly
+        if kind != "square":
+            fields["pgd_robust_accuracy"] = _fraction(clean_correct & ~broken)
+    if not late_done:
+        _late_verify(deployed, xt, params, bars, fields, seconds, parts, verified, clean_correct & ~broken)
+    robust = clean_correct & ~broken
+    fields["attacks"] = summaries
     fields["robust_accuracy"] = _fraction(robust)
+    if pgd_res is not None:
+        # PGD's curves: examples broken before it (or clean mistakes) count as broken at step 0, restart 0
+        by_restart, by_step = robustness_curves(pgd_res.robust, pgd_res.break_restart, pgd_res.break_step,
+                                                params.steps, params.restarts)
+        earlier = sum(a.broken for a in summaries if a.name.startswith("apgd"))
+        fields.update(step_size=params.step_size or params.threat.step_size(params.steps),
+                      robust_accuracy_by_restart=by_restart,
+                      robust_accuracy_by_step={str(k): v for k, v in by_step.items()},
+                      settled={"verification": int(verified.sum()), "earlier_attacks": earlier, **pgd_res.settled},
+                      rejected_candidates=sum(a.rejected_candidates for a in summaries),
+                      rejected_examples=pgd_res.rejected_examples,
+                      attack_work=pgd_res.row_steps / max(n * params.restarts * params.steps, 1))
+    else:
+        fields["rejected_candidates"] = sum(a.rejected_candidates for a in summaries)
 
 
 def _sweep(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: AuditParams, bars: _Progress,
@@ -730,6 +880,8 @@ def _sweep(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Audi
         figures: dict = {}
         times: dict[str, float] = {}
         verified = _verify(deployed, xt, yt, p, quiet, figures, {}, times, False, parts, f"sweep{i}-")
+        _late_verify(deployed, xt, p, quiet, figures, times, parts, verified, deployed.clean_correct,
+                     f"sweep{i}-", bab=False)
         radii.append((p, figures, times, verified, _pgd_chunks(deployed, p, verified, f"sweep{i}-pgd")
                       if p.steps > 0 else []))
         tick(i + 1, 2 * total)

@@ -19,13 +19,42 @@ class _Model(BaseModel):
 
 
 class SquareSummary(_Model):
-    """The gradient-free Square attack (Andriushchenko et al. 2020) on what PGD left robust."""
+    """The gradient-free Square attack (Andriushchenko et al. 2020) on what the gradient attacks left robust."""
 
     queries: int
-    attacked: int = Field(description="examples PGD left robust and unverified")
+    attacked: int = Field(description="examples the gradient attacks left robust and unverified")
     broken_beyond_pgd: int = Field(description="of those, broken by Square: a sign of gradient masking")
     gradient_masking_suspected: bool
     rejected_candidates: int = Field(description="points the torch graph misclassified but onnxruntime did not")
+
+
+class AttackSummary(_Model):
+    """One attack of the audit, run on what the verifiers and the attacks before it left undecided."""
+
+    name: str = Field(description="apgd-ce, apgd-t, pgd or square")
+    model: str = Field(description="what it attacked: graph (the deployed graph in torch, straight-through "
+                                   "rounding) or float twin (the graph without rounding)")
+    budget: str = Field(description="steps x restarts (targets), or queries x restarts")
+    attacked: int = Field(description="examples it ran on")
+    broken: int = Field(description="examples it broke first (confirmed on onnxruntime)")
+    rejected_candidates: int = Field(description="points the torch graph misclassified but onnxruntime did not")
+    near_boundary_checked: int = Field(0, description="iterates confirmed on onnxruntime because their torch margin "
+                                                      "was near 0 (audit.confirm_margin)")
+
+    @property
+    def key(self) -> str:
+        """Its entry in the report's ``seconds``."""
+        return self.name + ("_twin" if self.model == "float twin" else "")
+
+
+class BabSummary(_Model):
+    """Branch and bound (beta-CROWN's idea, Wang et al. 2021) on what the attacks and alpha-CROWN left undecided."""
+
+    attacked: int = Field(description="examples it ran on")
+    verified: int = Field(description="of those, proven robust")
+    undecided: int = Field(description="of those, out of time or domains")
+    domains_per_example: int = Field(description="the per-example budget of bounded domains (audit.bab_domains)")
+    seconds_per_example: float = Field(description="the per-example time cap (audit.bab_seconds)")
 
 
 class SmoothingSummary(_Model):
@@ -80,8 +109,21 @@ class AuditReport(_Model):
     verification_blocked_by: list[str] = Field(
         default_factory=list, description="op types without a bound rule: no verification ran (verified figures "
         "null), the attacks did")
-    pgd_robust_accuracy: float | None = Field(None, description="no PGD iterate misclassified on onnxruntime")
-    robust_accuracy: float | None = Field(None, description="after every attack (PGD, then Square)")
+    bab_verified_accuracy: float | None = Field(
+        None, description="proven by branch and bound or by a method before it")
+    pgd_robust_accuracy: float | None = Field(
+        None, description="no iterate of the gradient attacks (APGD-CE, APGD-T, PGD) misclassified on onnxruntime")
+    robust_accuracy: float | None = Field(None, description="after every attack (the gradient attacks, then Square)")
+    attacks: list[AttackSummary] = Field(
+        default_factory=list, description="per attack, in the order they ran: name, model, budget, attacked, broken "
+        "(first), rejected_candidates, near_boundary_checked (times in seconds); the verdict is the worst case over all")
+    bab: BabSummary | None = Field(None, description="branch and bound: attacked, verified, undecided, budgets")
+    decided: dict[str, int] = Field(
+        default_factory=dict, description="examples proven robust (verified), shown breakable (broken, clean "
+        "mistakes included) and neither (undecided): the audit's uncertainty")
+    confidence_intervals: dict[str, list[float]] = Field(
+        default_factory=dict, description="95% Clopper-Pearson interval of each accuracy over the n audited "
+        "examples (what n examples can tell about the population they were drawn from)")
     step_size: float | None = Field(None, description="PGD's constant step")
     robust_accuracy_by_restart: list[float] = Field(default_factory=list, description="with restarts 1..k")
     robust_accuracy_by_step: dict[str, float] = Field(default_factory=dict, description="steps -> robust accuracy")
@@ -114,14 +156,15 @@ class AuditReport(_Model):
     def verified_method(self) -> str:
         """The verifiers that ran, joined by + (ibp+crown+alpha-crown), or none."""
         ran = [name for name, v in (("ibp", self.ibp_verified_accuracy), ("crown", self.crown_verified_accuracy),
-                                    ("alpha-crown", self.alpha_crown_verified_accuracy)) if v is not None]
+                                    ("alpha-crown", self.alpha_crown_verified_accuracy),
+                                    ("bab", self.bab_verified_accuracy)) if v is not None]
         return "+".join(ran) or "none"
 
     def headline(self) -> dict[str, float | int | str | None]:
         """The figures a deployed model carries about itself (ONNX metadata, model card)."""
         keys = ("n", "eps", "norm", "steps", "restarts", "loss", "step_size", "seed", "clean_accuracy",
                 "pgd_robust_accuracy", "robust_accuracy", "ibp_verified_accuracy", "crown_verified_accuracy",
-                "alpha_crown_verified_accuracy", "verified_accuracy")
+                "alpha_crown_verified_accuracy", "bab_verified_accuracy", "verified_accuracy")
         dump = self.model_dump(mode="json")
         return {k: dump[k] for k in keys}
 
@@ -138,6 +181,18 @@ class AuditReport(_Model):
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             raise HydraPipeError(f"{path}: not an audit report ({where}: {err['msg']})") from None
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) ``level`` confidence interval of a proportion, ``k`` successes in ``n`` trials."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return (0.0, 1.0)
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return (round(lo, 4), round(hi, 4))
 
 
 def _pct(v: float | None) -> str:
@@ -157,7 +212,14 @@ def render_report(report: AuditReport):
     def s(k: str) -> str:
         return f"{sec[k]:.1f} s" if k in sec else ""
 
-    table.add_row("clean accuracy", _pct(report.clean_accuracy), "onnxruntime")
+    ci = report.confidence_intervals
+
+    def pct(key: str) -> str:
+        v = getattr(report, key)
+        band = ci.get(key)
+        return _pct(v) + (f" [{100 * band[0]:.1f}, {100 * band[1]:.1f}]" if band and v is not None else "")
+
+    table.add_row("clean accuracy", pct("clean_accuracy"), "onnxruntime; [95% Clopper-Pearson interval]")
     if report.stripped_output_ops:
         table.add_row("stripped output ops", ", ".join(report.stripped_output_ops),
                       "attacks and bounds run on the logits; onnxruntime compared by argmax")
@@ -167,27 +229,39 @@ def render_report(report: AuditReport):
     table.add_row("CROWN verified", _pct(report.crown_verified_accuracy), s("crown"))
     if report.alpha_crown_verified_accuracy is not None:
         table.add_row("alpha-CROWN verified", _pct(report.alpha_crown_verified_accuracy), s("alpha_crown"))
+    if report.bab is not None:
+        b = report.bab
+        table.add_row("branch and bound verified", _pct(report.bab_verified_accuracy),
+                      f"{b.verified} of {b.attacked} proven, {b.undecided} out of budget "
+                      f"({b.domains_per_example} domains or {b.seconds_per_example:g} s each); {s('bab')}")
+    if report.verified_accuracy is not None:
+        table.add_row("verified (best proof)", pct("verified_accuracy"), report.verified_method)
+    for a in report.attacks:
+        where = "" if a.model == "graph" else f", {a.model}"
+        table.add_row(f"{a.name} ({a.budget}{where})", f"{a.broken} broken",
+                      f"of {a.attacked} attacked; {a.rejected_candidates} rejected by onnxruntime, "
+                      f"{a.near_boundary_checked} near-boundary checks; {s(a.key)}")
     if report.pgd_robust_accuracy is not None:
         st = report.settled
-        table.add_row(f"PGD robust ({report.steps} x {report.restarts})", _pct(report.pgd_robust_accuracy),
-                      f"{s('pgd')}; settled: {st.get('verification', 0)} verified, {st.get('clean_wrong', 0)} clean-wrong, "
-                      f"{st.get('broken', 0)} broken, {st.get('convergence', 0)} converged, "
+        table.add_row("robust to the gradient attacks", pct("pgd_robust_accuracy"),
+                      f"PGD settled: {st.get('broken', 0)} broken, {st.get('convergence', 0)} converged, "
                       f"{st.get('full_budget', 0)} full budget; work {100 * (report.attack_work or 0):.1f}% of plain PGD")
         curve = report.robust_accuracy_by_restart
         if curve:
             marks = sorted({1, 10, len(curve)} & set(range(1, len(curve) + 1)))
-            table.add_row("  by restarts", " / ".join(_pct(curve[k - 1]) for k in marks),
+            table.add_row("  by PGD restarts", " / ".join(_pct(curve[k - 1]) for k in marks),
                           "after " + ", ".join(str(k) for k in marks) + " restarts")
-        table.add_row("  rejected by onnxruntime", str(report.rejected_candidates or 0),
-                      f"candidates on {report.rejected_examples or 0} examples")
         sq = report.square
-        if sq:
-            flag = "[bold red]gradient masking suspected[/]" if sq.gradient_masking_suspected else "no sign of masking"
-            table.add_row(f"Square attack ({sq.queries} queries)", str(sq.broken_beyond_pgd),
-                          f"broken beyond PGD, {flag}; {s('square')}")
-        table.add_row("robust accuracy (all attacks)", _pct(report.robust_accuracy), "")
-    else:
-        table.add_row("PGD robust", "-", "steps = 0: no attack")
+        if sq and sq.gradient_masking_suspected:
+            table.add_row("Square attack", str(sq.broken_beyond_pgd),
+                          "[bold red]broken beyond the gradient attacks: gradient masking suspected[/]")
+        table.add_row("robust accuracy (all attacks)", pct("robust_accuracy"), "worst case per example")
+    elif not report.attacks:
+        table.add_row("robust accuracy", "-", "no attack ran")
+    if report.decided:
+        d = report.decided
+        table.add_row("decided", f"{d.get('undecided', 0)} undecided",
+                      f"{d.get('verified', 0)} proven robust, {d.get('broken', 0)} broken (clean mistakes included)")
     if report.eps_sweep:
         table.add_row("eps sweep", "PGD robust", s("sweep"))
     for pt in report.eps_sweep:

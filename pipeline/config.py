@@ -35,10 +35,16 @@ class ComputeParams(Strict):
 
 
 class DataParams(Strict):
-    name: Literal["digits", "cifar10", "svhn", "imagefolder"] = "digits"
-    root: str | None = Field(None, description="folder of a torchvision dataset or an image folder; unused for digits")
+    name: Literal["digits", "fashion_mnist", "mnist", "cifar10", "svhn", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="folder of the dataset's files (nothing is downloaded); unused for "
+                                               "digits; fashion_mnist defaults to /usr/share/datasets/fashion-mnist")
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="digits: stratified held-out fraction")
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of digits' test split and of every validation split")
+    validation: Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, union_mode="left_to_right",
+        description="validation split carved (stratified, seeded by split_seed) from the training data: a count, or "
+                    "a fraction in (0, 1); null = the dataset's default (5,000 for fashion_mnist and mnist, none for "
+                    "the others); 0 = none. It calibrates the int8 model; the test split is the audit's")
     image_size: int | None = Field(None, gt=0, description="imagefolder: side of the centre crop")
 
 
@@ -88,7 +94,7 @@ class TrainParams(Strict):
 
 
 class PruneParams(TrainParams):
-    method: Literal["hydra", "lwm", "random"] = "hydra"
+    method: Literal["hydra", "lwm", "random", "admm"] = "hydra"
     granularity: Literal["weight", "filter"] = Field(
         "weight", description="weight: unstructured masks; filter: whole output channels (pipeline.structured)")
     keep_ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each pruned layer's weights kept")
@@ -106,6 +112,13 @@ class PruneParams(TrainParams):
     weight_decay: float = Field(0.0, ge=0.0)
     epochs: int = Field(20, ge=0)
     eps_ramp: float = Field(0.05, ge=0.0, le=1.0, description="short: the pretrained model is already robust (HYDRA)")
+    # admm (Ye et al., ICCV 2019): the weights train with the objective + rho/2 ||W - Z + U||^2 for `epochs` epochs
+    admm_rho: float = Field(0.01, gt=0.0, allow_inf_nan=False,
+                            description="admm: initial penalty weight rho of ||W - Z + U||^2 (paper's code: 1e-3..1e-2)")
+    admm_rho_growth: float = Field(1.3, ge=1.0, allow_inf_nan=False,
+                                   description="admm: rho is multiplied by this at every Z, U update")
+    admm_update_every: int = Field(2, ge=1, description="admm: epochs between Z, U updates (Z = top-k of W + U per "
+                                                        "layer, U += W - Z)")
 
     @model_validator(mode="after")
     def _schedule_in_range(self) -> "PruneParams":
@@ -127,6 +140,12 @@ class QuantizeParams(Strict):
     per_channel: bool = True
 
 
+Attack = Literal["apgd-ce", "apgd-t", "pgd", "square"]
+ATTACK_ORDER: tuple[Attack, ...] = ("apgd-ce", "apgd-t", "pgd", "square")
+"""The audit's attacks in the order they run: the cheap gradient attacks first, the card's PGD on what they left,
+then the gradient-free Square (an example only it breaks points at gradient masking)."""
+
+
 class AuditParams(Strict):
     eps: float = Field(0.1, ge=0.0, allow_inf_nan=False)
     norm: Norm = "linf"
@@ -142,7 +161,28 @@ class AuditParams(Strict):
     batch_size: int = Field(4096, gt=0, description="memory budget: examples x restarts in one attack batch")
     # numpy's SeedSequence refuses negative seeds, torch's generators those past 64 bits
     seed: int = Field(0, ge=0, lt=2 ** 64, description="seed of the random starts, of Square and of smoothing")
-    square_queries: int = Field(1000, ge=0, description="Square attack queries (gradient-masking check); 0 = off")
+    attacks: list[Attack] = Field(
+        default_factory=lambda: list(ATTACK_ORDER),
+        description="the attacks that run, always cheapest first (apgd-ce, apgd-t, pgd, square), each on what the "
+                    "verifiers and the attacks before it left undecided; pgd is the card's steps x restarts")
+    apgd_steps: int = Field(100, ge=1, description="APGD iterations per restart (AutoAttack: 100)")
+    apgd_restarts: int = Field(1, ge=1, description="APGD-CE random restarts (AutoAttack standard: 1)")
+    apgd_targets: int = Field(9, ge=1, description="APGD-T target classes, the top ones of the clean logits (AutoAttack: 9)")
+    float_twin: bool = Field(True, description="int8 graphs: APGD also attacks the float twin (the graph without "
+                                               "rounding); every break is confirmed on the deployed model")
+    confirm_margin: float = Field(0.1, ge=0.0, allow_inf_nan=False,
+                                  description="also confirm on onnxruntime every iterate whose torch logit margin is "
+                                              "below this, not only the ones torch misclassifies; 0 = off")
+    square_queries: int = Field(5000, ge=0, description="Square attack queries per restart (AutoAttack: 5000); 0 = off")
+    square_restarts: int = Field(1, ge=1, description="Square attack restarts")
+    bab: bool = Field(True, description="branch and bound (beta-CROWN style) on what the attacks and alpha-CROWN "
+                                        "left undecided, before the card's PGD")
+    bab_domains: int = Field(200, ge=1, description="branch and bound's budget per example, in bounded domains "
+                                                     "(deterministic: the same verdicts on any machine)")
+    bab_seconds: float = Field(10.0, gt=0.0, allow_inf_nan=False,
+                               description="branch and bound's time cap per example: a safety net; when it binds "
+                                           "before bab_domains, the verdict depends on the machine's speed")
+    float64: bool = Field(False, description="compute the bounds in float64 (slower; for ill-conditioned networks)")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
     workers: int = Field(1, ge=1, le=1024, description="processes the examples are sharded across (CPU cores, or "
                          "one per GPU), each with threads // workers threads; the figures equal one process's")
@@ -159,6 +199,12 @@ class AuditParams(Strict):
         default_factory=list, description="radii of the eps sweep (robust accuracy vs eps); [] = no sweep")
     sweep_steps: int = Field(100, ge=0, description="PGD steps per restart at each swept eps; 0 = no attack")
     sweep_restarts: int = Field(5, ge=1, description="PGD random restarts at each swept eps")
+
+    @model_validator(mode="after")
+    def _attacks_once(self) -> "AuditParams":
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks lists an attack twice: {self.attacks}")
+        return self
 
     @property
     def threat(self) -> ThreatModel:

@@ -155,8 +155,9 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
-_MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "batch_size", "seed",
-               "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal", "workers")
+_MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "batch_size", "seed",
+               "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal", "workers", "attacks",
+               "float64")
 
 
 @app.command("audit")
@@ -174,6 +175,12 @@ def audit(
     crown: Annotated[bool, typer.Option("--crown/--no-crown", help="CROWN verified accuracy")] = True,
     alpha_crown: Annotated[bool, typer.Option("--alpha-crown/--no-alpha-crown",
                                               help="alpha-CROWN on what CROWN left unverified")] = True,
+    bab: Annotated[bool, typer.Option("--bab/--no-bab", help="branch and bound on what alpha-CROWN and the cheap "
+                                                             "attacks left undecided")] = True,
+    float64: Annotated[bool, typer.Option("--float64", help="compute the bounds in float64")] = False,
+    attacks: Annotated[Optional[str], typer.Option(
+        help="the attacks to run, e.g. apgd-ce,apgd-t (default all: apgd-ce, apgd-t, pgd, square; they run "
+             "cheapest first whatever the order given)")] = None,
     batch_size: Annotated[int, typer.Option(help="memory budget: examples x restarts per attack batch")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of the random starts")] = 0,
     smoothing_sigma: Annotated[Optional[float], typer.Option(
@@ -182,7 +189,7 @@ def audit(
     bounds_out: Annotated[Optional[Path], typer.Option(help="IBP / CROWN logit bounds (.npz)")] = None,
     fail_under: Annotated[Optional[str], typer.Option(
         help="release gate, e.g. robust=0.6,verified=0.4: exit code 3 when a figure of the report is below its "
-             "floor (names: clean, pgd, robust, verified, ibp, crown, alpha_crown)")] = None,
+             "floor (names: clean, pgd, robust, verified, ibp, crown, alpha_crown, bab)")] = None,
     sweep_eps: Annotated[Optional[str], typer.Option(
         help="robust accuracy vs eps, e.g. 0.05,0.1,0.2: the verifiers and a 100 x 5 PGD at each radius "
              "(the report's eps_sweep)")] = None,
@@ -194,7 +201,8 @@ def audit(
              "one process's but for its seconds")] = 1,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Audit a model: clean accuracy, PGD robust accuracy (worst case per example), IBP / CROWN verified accuracy.
+    """Audit a model: clean accuracy, robust accuracy under APGD-CE, APGD-T, PGD and Square (worst case per example,
+    confirmed on onnxruntime), verified accuracy by IBP, CROWN, alpha-CROWN and branch and bound.
 
     Without MODEL: the pipeline's audit stage on the quantized model, settings from params.yaml's `audit`.
     """
@@ -225,9 +233,11 @@ def audit(
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
     try:
-        settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown, alpha_crown=alpha_crown,
-                               batch_size=batch_size, seed=seed, n_examples=None, smoothing_sigma=smoothing_sigma,
-                               sweep_eps=sweep, workers=workers)
+        chosen = {} if attacks is None else {"attacks": parse_attacks(attacks)}
+        settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown,
+                               alpha_crown=alpha_crown, bab=bab, float64=float64, batch_size=batch_size, seed=seed,
+                               n_examples=None, smoothing_sigma=smoothing_sigma, sweep_eps=sweep, workers=workers,
+                               **chosen)
     except ValidationError as e:
         err = e.errors()[0]
         option = str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
@@ -250,7 +260,7 @@ GATE_EXIT_CODE = 3
 
 _GATE_FIGURES = {"clean": "clean_accuracy", "pgd": "pgd_robust_accuracy", "robust": "robust_accuracy",
                  "verified": "verified_accuracy", "ibp": "ibp_verified_accuracy", "crown": "crown_verified_accuracy",
-                 "alpha_crown": "alpha_crown_verified_accuracy"}
+                 "alpha_crown": "alpha_crown_verified_accuracy", "bab": "bab_verified_accuracy"}
 
 
 def parse_floors(spec: str) -> dict[str, float]:
@@ -270,6 +280,18 @@ def parse_floors(spec: str) -> dict[str, float]:
     if not floors:
         raise HydraPipeError("--fail-under: expected NAME=FLOOR[,NAME=FLOOR...], e.g. robust=0.6,verified=0.4")
     return floors
+
+
+def parse_attacks(spec: str) -> list[str]:
+    """``apgd-ce,pgd`` -> ["apgd-ce", "pgd"]; an unknown name is one line listing the choices."""
+    from pipeline.config import ATTACK_ORDER
+
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    bad = [name for name in names if name not in ATTACK_ORDER]
+    if bad or not names:
+        raise HydraPipeError(f"--attacks: {', '.join(bad) or repr(spec)}: expected names from "
+                             f"{', '.join(ATTACK_ORDER)}, separated by commas")
+    return list(dict.fromkeys(names))
 
 
 def parse_sweep(spec: str) -> list[float]:

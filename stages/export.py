@@ -91,23 +91,31 @@ produces)."""
 def _figures(audit: AuditReport) -> str:
     """Every figure of the audit with the method that produced it: attacks give upper bounds, verifiers lower."""
     square = audit.square
+    ci = audit.confidence_intervals
+    attacks = ", ".join(f"{a.name} ({a.budget}{', float twin' if a.model == 'float twin' else ''})"
+                        for a in audit.attacks) or "none"
     rows = [("clean accuracy", audit.clean_accuracy, "onnxruntime on this int8 graph"),
-            ("robust accuracy, PGD", audit.pgd_robust_accuracy,
-             f"PGD, {audit.steps} steps x {audit.restarts} random restarts, {audit.loss} loss, worst case per image"),
+            ("robust accuracy, gradient attacks", audit.pgd_robust_accuracy,
+             "APGD-CE, APGD-T and PGD, each on what the ones before left, worst case per image"),
             ("robust accuracy, all attacks", audit.robust_accuracy,
-             f"PGD, then the gradient-free Square attack ({square.queries} queries)" if square else "PGD"),
+             f"{attacks}; every break confirmed on onnxruntime"),
             ("verified, IBP", audit.ibp_verified_accuracy, "interval bound propagation"),
             ("verified, CROWN", audit.crown_verified_accuracy, "CROWN (backward linear bounds)"),
             ("verified, alpha-CROWN", audit.alpha_crown_verified_accuracy,
              "alpha-CROWN (optimised ReLU slopes), with what the methods before it proved"),
+            ("verified, branch and bound", audit.bab_verified_accuracy,
+             "branch and bound on ReLU splits, with what the methods before it proved"),
             ("Verified robust accuracy", audit.verified_accuracy, f"`{audit.verified_method}`: proven by any of them")]
+    rows = [(name, v, how + (f"; 95% interval [{_pct(ci[key][0])}, {_pct(ci[key][1])}]" if key in ci else ""))
+            for (name, v, how), key in zip(rows, ("clean_accuracy", "pgd_robust_accuracy", "robust_accuracy", "",
+                                                  "", "", "", "verified_accuracy"))]
     sm = audit.smoothing
     if sm:
         rows += [(f"certified, smoothed model, L2 radius {r}", v,
                   f"randomized smoothing (Cohen et al.'s CERTIFY), sigma {sm.sigma:g}, n {sm.n}, alpha {sm.alpha:g}")
                  for r, v in sm.certified_accuracy.items()]
     table = "\n".join(f"| {name} | {_pct(v)} | {how} |" for name, v, how in rows)
-    warning = (f" Square broke {square.broken_beyond_pgd} images PGD did not: the gradients of this model may be "
+    warning = (f" Square broke {square.broken_beyond_pgd} images the gradient attacks did not: the gradients of this model may be "
                "masked, so trust the verified figures more.") if square and square.gradient_masking_suspected else ""
     return f"""**How robust it is, as deployed** (audit of these exact int8 numerics on {audit.n} test images, under the
 threat model above). Attacks give upper bounds on true robustness (a stronger attack could lower them); verified

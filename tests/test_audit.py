@@ -102,19 +102,22 @@ def test_steps_zero_runs_no_attack_and_crown_can_be_off(mlp, tmp_path):
 @pytest.mark.parametrize("eps", [0.05, 0.1])
 def test_alpha_crown_verifies_at_least_what_crown_does_and_can_be_off(mlp, eps):
     x, y = _data(mlp)
-    on = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0), progress=False)
+    on = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0, bab=False), progress=False)
     assert on.crown_verified_accuracy <= on.alpha_crown_verified_accuracy == on.verified_accuracy
     assert on.alpha_crown_verified_accuracy <= on.clean_accuracy
-    off = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0, alpha_crown=False), progress=False)
+    off = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0, alpha_crown=False, bab=False), progress=False)
     assert off.alpha_crown_verified_accuracy is None
     assert off.verified_accuracy == off.crown_verified_accuracy  # crown >= ibp by construction
+    bab = run_audit(mlp, x, y, AuditParams(eps=eps, steps=0), progress=False)  # on what alpha-CROWN left
+    assert on.alpha_crown_verified_accuracy <= bab.bab_verified_accuracy == bab.verified_accuracy
+    assert bab.bab.attacked == round((on.clean_accuracy - on.alpha_crown_verified_accuracy) * 40)
 
 
 def test_l2_audit_runs_and_is_bounded_by_clean(mlp):
     x, y = _data(mlp, n=20)
     report = run_audit(mlp, x, y, AuditParams(eps=0.3, norm="l2", **FAST), progress=False)
-    assert report.pgd_robust_accuracy <= report.clean_accuracy
-    assert report.square is None  # Square is L-inf only
+    assert report.robust_accuracy <= report.pgd_robust_accuracy <= report.clean_accuracy
+    assert [a.name for a in report.attacks] == ["apgd-ce", "apgd-t", "pgd", "square"]  # Square has an L2 form
 
 
 @pytest.mark.parametrize("change, words", [
@@ -162,7 +165,7 @@ def test_the_report_round_trips_through_its_json_and_names_its_proofs(mlp, tmp_p
 
     x, y = _data(mlp, n=10)
     report = run_audit(mlp, x, y, AuditParams(eps=0.05, steps=0, crown=False), progress=False)
-    assert report.verified_method == "ibp+alpha-crown"
+    assert report.verified_method == "ibp+alpha-crown+bab"
     path = tmp_path / "audit.json"
     path.write_text(report.model_dump_json())
     again = AuditReport.read(path)
@@ -351,8 +354,8 @@ def test_sweep_radii_are_validated():
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.3)])
-def test_pgd_in_chunks_gives_the_verdicts_of_one_pass(mlp, monkeypatch, norm, eps):
-    """Random starts are seeded by each example's index in the whole set, so chunks change nothing."""
+def test_attacks_in_chunks_give_the_verdicts_of_one_pass(mlp, monkeypatch, norm, eps):
+    """Random streams are seeded by each example's index in the whole set, so chunks change nothing."""
     import pipeline.audit as audit
 
     x, y = _data(mlp, n=60)
@@ -361,7 +364,7 @@ def test_pgd_in_chunks_gives_the_verdicts_of_one_pass(mlp, monkeypatch, norm, ep
     monkeypatch.setattr(audit, "PGD_CHUNK_BATCHES", 10 ** 6)
     whole = run_audit(mlp, x, y, params, progress=False)
     assert chunked.model_dump(exclude={"seconds"}) == whole.model_dump(exclude={"seconds"})
-    assert chunked.settled["broken"] > 0
+    assert sum(a.broken for a in chunked.attacks) > 0 and chunked.attacks[0].attacked > 8  # several chunks
 
 
 def test_a_model_whose_input_does_not_fit_the_data_is_one_line(mlp):

@@ -19,7 +19,8 @@ from tests.test_audit import _data, _mlp_onnx
 
 torch.set_num_threads(1)
 
-# PGD (chunks of 4 * 8 // 4 = 8 examples), Square, alpha-CROWN and a two-radius sweep, in several parts each
+# the attacks (PGD: chunks of 4 * 8 // 4 = 8 examples), alpha-CROWN, branch and bound and a two-radius sweep,
+# in several parts each
 PARAMS = dict(eps=0.06, steps=40, restarts=4, batch_size=8, square_queries=60, sweep_eps=[0.02, 0.1],
               sweep_steps=20, sweep_restarts=2)
 
@@ -70,7 +71,8 @@ def test_two_workers_report_exactly_what_one_process_does(workload, monkeypatch)
     assert 0 < one.ibp_verified_accuracy < one.crown_verified_accuracy < one.alpha_crown_verified_accuracy
     assert one.verified_accuracy < one.clean_accuracy
     undecided = round((one.clean_accuracy - one.verified_accuracy) * one.n)
-    assert undecided > 8 and one.settled["broken"] > 0 and one.square is not None and one.square.attacked > 0
+    assert undecided > 8 and sum(a.broken for a in one.attacks) > 0 and one.bab.attacked > 0
+    assert one.attacks[0].attacked > 32  # APGD-CE in two chunks or more (4 * 8 // 1 = 32 examples each)
     assert [p.pgd_robust for p in one.eps_sweep][0] > [p.pgd_robust for p in one.eps_sweep][1]
 
 

@@ -195,7 +195,7 @@ def test_filter_pipeline_ships_a_narrower_compact_graph(tmp_path, monkeypatch):
                if i.data_type == onnx.TensorProto.INT8}
     assert sorted(s[0] for s in weights.values() if len(s) == 4) == [8, 16]  # conv filters 16 -> 8, 32 -> 16
     meta = {p.key: p.value for p in onnx.load("deploy/model.onnx").metadata_props}
-    assert meta["granularity"] == "filter" and meta["encoding"] == "delta" and meta["verified_method"] == "ibp+alpha-crown"
+    assert meta["granularity"] == "filter" and meta["encoding"] == "delta" and meta["verified_method"] == "ibp+alpha-crown+bab"
     assert json.loads(meta["channels_per_layer"])["1"] == "8/16"
     assert json.loads(meta["audit"])["steps"] == 2
     assert (tmp_path / "deploy/model.onnx.xz").stat().st_size < (tmp_path / "deploy/model.onnx").stat().st_size
