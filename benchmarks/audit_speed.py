@@ -212,7 +212,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, c
 
     atk = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
     x_adv = atk(x, y)
-    return torch.as_tensor(confirm(x_adv.numpy()).argmax(1) == y.numpy()) & \
+    return torch.as_tensor(confirm(x_adv.detach().numpy()).argmax(1) == y.numpy()) & \
         torch.as_tensor(confirm(x.numpy()).argmax(1) == y.numpy())
 
 
@@ -226,7 +226,7 @@ def torchattacks_pgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     atk = torchattacks.PGD(model, eps=eps, alpha=default_step_size(eps, steps), steps=steps, random_start=True)
     for r in range(restarts):
         torch.manual_seed(r)
-        robust &= torch.as_tensor(confirm(atk(x, y).numpy()).argmax(1) == y.numpy())
+        robust &= torch.as_tensor(confirm(atk(x, y).detach().numpy()).argmax(1) == y.numpy())
     return robust
 
 

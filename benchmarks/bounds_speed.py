@@ -6,6 +6,10 @@ trained for a few epochs on digits (verification cost depends on the number of u
 so that load from other processes affects both alike.
 
     python benchmarks/bounds_speed.py [--threads 1] [--batch 32] [--repeats 3] [--budget 0.5] [--wall] [--eps 0.01]
+    python benchmarks/bounds_speed.py --suite per-example --eps 0.004 --epochs 1
+
+``--suite per-example``: seconds per example of CROWN and alpha-CROWN (last-layer and all-layer slopes) on
+CNN-small and CNN-large at 28x28 and torchvision's ResNet-18 at 32x32, briefly trained on Fashion-MNIST.
 """
 
 from __future__ import annotations
@@ -92,8 +96,75 @@ def _time(fn, forward, budget: float = 0.5, min_repeats: int = 3) -> tuple[float
     return best_fn, best_fwd
 
 
+def _per_example_models(epochs: int) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor, int]]:
+    """CNN-small and CNN-large at 28x28 (``epochs`` benign epochs on 5,000 Fashion-MNIST images) and torchvision's
+    ResNet-18 at 32x32 (the same images padded, in three channels), with test images; the batch per call."""
+    import torchvision
+
+    from pipeline.config import DataParams
+    from pipeline.data import as_arrays, load_dataset
+    from pipeline.models import build_model
+
+    data = load_dataset(DataParams(name="fashion_mnist"))
+    x_tr, y_tr = (torch.from_numpy(a) for a in as_arrays(data.train, limit=5000, seed=0))
+    x_te, y_te = (torch.from_numpy(a) for a in as_arrays(data.test, limit=64, seed=0))
+    rgb32 = lambda x: torch.nn.functional.pad(x, (2, 2, 2, 2)).repeat(1, 3, 1, 1)  # noqa: E731
+    nets = []
+    for name, model, to_input, batch in (
+            ("cnn_small 28x28", build_model("cnn_small", data.info), lambda x: x, 16),
+            ("cnn_large 28x28", build_model("cnn_large", data.info), lambda x: x, 4),
+            ("torchvision resnet18 32x32", torchvision.models.resnet18(num_classes=10), rgb32, 1)):
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        for _ in range(epochs):
+            for i in torch.randperm(len(x_tr)).split(128):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(to_input(x_tr[i])), y_tr[i]).backward()
+                opt.step()
+        nets.append((name, model.eval(), to_input(x_te[:batch]), y_te[:batch], batch))
+    return nets
+
+
+def per_example(args: argparse.Namespace) -> None:
+    """Seconds per example of CROWN, alpha-CROWN (final-layer slopes) and full alpha-CROWN (every layer's slopes,
+    intermediate bounds re-optimised) on the margins, at eps ``--eps``."""
+    from pipeline.bounds.alpha import alpha_crown_bounds as alpha
+
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"eps {args.eps}, {args.alpha_iterations} alpha iterations, wall time")
+    print("| network | batch | CROWN s/example | alpha-CROWN (last layer) s/example | alpha-CROWN (all layers) "
+          "s/example | verified CROWN / alpha last / alpha all |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, model, x, y, batch in _per_example_models(args.epochs):
+        graph = as_graph(model)
+        for prm in graph.parameters():
+            prm.requires_grad_(False)
+        x_lo, x_hi = (x - args.eps).clamp(0, 1), (x + args.eps).clamp(0, 1)
+        spec = margin_spec(y, 10)
+        t = time.perf_counter()
+        with torch.no_grad():
+            crown = margin_lower_bounds(graph, x_lo, x_hi, y, "crown")
+        t_crown = time.perf_counter() - t
+        results = [crown]
+        times = [t_crown]
+        for intermediate in (False, True):
+            t = time.perf_counter()
+            with torch.enable_grad():
+                lo = alpha(graph, x_lo, x_hi, spec, iterations=args.alpha_iterations, lower_only=True,
+                           intermediate=intermediate)[0]
+            times.append(time.perf_counter() - t)
+            results.append(lo)
+        counts = " / ".join(str(int((r > 0).all(1).sum())) for r in results)
+        print(f"| {name} | {batch} | " + " | ".join(f"{t / batch:.3g}" for t in times) + f" | {counts} of {batch} |",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("multiples", "per-example"), default="multiples",
+                    help="multiples: cost as multiples of a forward pass on digits networks; per-example: seconds "
+                         "per example on CNN-small, CNN-large (28x28) and ResNet-18 (32x32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="at least this many timed runs per method")
@@ -107,6 +178,9 @@ def main() -> None:
     if args.wall or args.threads > 1:
         CLOCK = time.perf_counter
     torch.set_num_threads(args.threads)
+    if args.suite == "per-example":
+        per_example(args)
+        return
     x, y = _digits(args.batch)
     x_lo, x_hi = (x - args.eps).clamp(0, 1), (x + args.eps).clamp(0, 1)
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "

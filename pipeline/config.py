@@ -135,7 +135,8 @@ class FinetuneParams(TrainParams):
 
 
 class QuantizeParams(Strict):
-    calibration_size: int = Field(256, gt=0, description="training images used to calibrate activation ranges")
+    calibration_size: int = Field(256, gt=0, description="images used to calibrate activation ranges (the validation split "
+                                                           "when the dataset has one, else training images)")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
 
@@ -177,9 +178,9 @@ class AuditParams(Strict):
     square_restarts: int = Field(1, ge=1, description="Square attack restarts")
     bab: bool = Field(True, description="branch and bound (beta-CROWN style) on what the attacks and alpha-CROWN "
                                         "left undecided, before the card's PGD")
-    bab_domains: int = Field(200, ge=1, description="branch and bound's budget per example, in bounded domains "
+    bab_domains: int = Field(50, ge=1, description="branch and bound's budget per example, in bounded domains "
                                                      "(deterministic: the same verdicts on any machine)")
-    bab_seconds: float = Field(10.0, gt=0.0, allow_inf_nan=False,
+    bab_seconds: float = Field(2.0, gt=0.0, allow_inf_nan=False,
                                description="branch and bound's time cap per example: a safety net; when it binds "
                                            "before bab_domains, the verdict depends on the machine's speed")
     float64: bool = Field(False, description="compute the bounds in float64 (slower; for ill-conditioned networks)")

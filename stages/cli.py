@@ -130,6 +130,10 @@ for _name in ("pretrain", "prune", "finetune", "quantize"):
     _stage(_name)
 
 
+BUILT_IN_DATA = ("digits", "fashion_mnist")
+"""Datasets ``--data`` takes by name (their test split): the ones that need no ``data.root``."""
+
+
 def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
     """``DATA`` of the audit contract: a .npz with ``x`` and ``y``, or a built-in dataset's test split."""
     import numpy as np
@@ -137,11 +141,12 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.config import DataParams
     from pipeline.data import as_arrays, load_dataset
 
-    if spec == "digits":
-        return as_arrays(load_dataset(DataParams(name="digits")).test)
+    if spec in BUILT_IN_DATA:  # their test split; fashion_mnist from Debian's folder (one line when absent)
+        return as_arrays(load_dataset(DataParams(name=spec)).test)
     path = Path(spec)
     if not path.exists():
-        raise HydraPipeError(f"--data: {spec} is neither an existing .npz file nor a built-in dataset (digits)")
+        raise HydraPipeError(f"--data: {spec} is neither an existing .npz file nor a built-in dataset "
+                             f"({', '.join(BUILT_IN_DATA)})")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]
@@ -166,7 +171,8 @@ def audit(
     ctx: typer.Context,
     model: Annotated[Optional[Path], typer.Argument(help="an ONNX classifier; omit to run the pipeline's audit stage")] = None,
     data: Annotated[Optional[str], typer.Option(
-        help=".npz with x (N x C x H x W, [0, 1]) and y, or 'digits' (required with MODEL)")] = None,
+        help=".npz with x (N x C x H x W, [0, 1]) and y, or 'digits' / 'fashion_mnist' (the test split) "
+             "(required with MODEL)")] = None,
     eps: Annotated[Optional[float], typer.Option(help="perturbation radius (inputs in [0, 1]) (required with MODEL)")] = None,
     steps: Annotated[int, typer.Option(help="PGD steps; 0 runs no attack")] = 1000,
     restarts: Annotated[int, typer.Option(help="PGD random restarts")] = 100,
