@@ -26,19 +26,20 @@ Add/Sub/Mul/Div with a constant, Add/Sub of two tensors, Sum, AveragePool, Globa
 Transpose that keep the batch dimension, Pad, Concat, Relu, LeakyRelu, Clip, MaxPool, QuantizeLinear,
 DequantizeLinear, Constant. Anything else raises :class:`UnsupportedOpError` naming the op and the node.
 
-How CROWN handles ops without a linear relaxation here (MaxPool, Clip, LeakyRelu, Mul of two tensors): the
-backward pass stops at that node and bounds its contribution with the node's interval box (a "cut"), which is
-sound because each term of the linear bound is bounded separately.
+How CROWN handles ops without a linear relaxation here (Clip, LeakyRelu, Mul of two tensors): the backward pass
+stops at that node and bounds its contribution with the node's interval box (a "cut"), which is sound because each
+term of the linear bound is bounded separately. MaxPool has a linear relaxation (auto_LiRPA's ``BoundMaxPool``:
+the input with the largest lower bound below, exact above when it dominates its window).
 
 Quantized graphs (QuantizeLinear -> DequantizeLinear, as onnxruntime's QDQ format writes them):
 - IBP: ``q(v) = clip(round(v), qmin, qmax)`` with ``v = x / s + z`` is monotone, so the box's endpoints are
   rounded and clipped. The endpoints are widened by ``QUANT_TOL`` quanta before rounding because onnxruntime's
   fused integer kernels (QLinearConv, QLinearAveragePool) and our float arithmetic may break an exact tie
   ``k + 0.5`` differently; without the widening the bounds could miss the deployed model's output.
-- CROWN: within the clip range ``round(v)`` lies in ``[v - 1/2, v + 1/2]``, so ``q`` has the linear bounds
-  ``v -/+ (1/2 + QUANT_TOL)`` (slope ``1 / s``). Where the box reaches past the clip range on one side, the
-  line on that side is invalid and the constant bound ``q(v_lo)`` (lower) or ``q(v_hi)`` (upper) is used; where
-  both are valid, the one with the better mean over the box is chosen (like the adaptive ReLU slope).
+- CROWN: the staircase lies between ``clip(v -/+ (1/2 + QUANT_TOL), q(v_lo), q(v_hi))``; each side's line is the
+  tightest chord of that envelope over the box (where the box crosses qmin or qmax, a chord instead of a
+  constant), or the constant ``q(v_lo)`` / ``q(v_hi)`` where that has the better mean over the box. A
+  QuantizeLinear on the network input gets its exact interval (its coordinates vary independently).
   DequantizeLinear is affine and exact.
 
 Layout: :mod:`pipeline.bounds.ops` holds one rule per op (its IBP rule and its CROWN rule side by side, like
