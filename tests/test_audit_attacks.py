@@ -113,3 +113,22 @@ def test_only_the_float_twin_finds_the_int8_graphs_adversarial_example(tmp_path)
     twin = [a for a in found.attacks if a.model == "float twin"]
     assert [a.name for a in twin] == ["apgd-ce"] and twin[0].broken == 1
     assert found.verified_accuracy == 0.0  # the bounds never proved what an attack breaks
+
+
+def test_the_cli_takes_the_attack_set_and_refuses_an_unknown_name_in_one_line(mlp, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    x, y = _data(mlp, n=12)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    base = ["audit", str(mlp), "--data", str(tmp_path / "d.npz"), "--eps", "0.1", "--steps", "20", "--restarts", "2",
+            "--no-bab", "--out", str(tmp_path / "r.json")]
+    bad = CliRunner().invoke(app, base + ["--attacks", "apgd-ce,fab"])
+    assert bad.exit_code == 2 and "fab" in bad.output and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r.json").exists()
+    ok = CliRunner().invoke(app, base + ["--attacks", "apgd-t,apgd-ce"])
+    assert ok.exit_code == 0, ok.output
+    assert [a["name"] for a in json.loads((tmp_path / "r.json").read_text())["attacks"]] == ["apgd-ce", "apgd-t"]
