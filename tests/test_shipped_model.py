@@ -32,7 +32,8 @@ TINY = {"pretrain": {"epochs": 1, "objective": "benign"},
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """The six stages on digits with tiny budgets (CROWN and alpha-CROWN on, as in the default run)."""
+    """The six stages on digits with tiny budgets (CROWN, alpha-CROWN and branch and bound on, as in the default
+    run)."""
     d = tmp_path_factory.mktemp("shipped")
     (d / "params.yaml").write_text(yaml.safe_dump(TINY))
     with pytest.MonkeyPatch.context() as mp:
@@ -58,9 +59,9 @@ def test_card_states_preprocessing_labels_threat_model_and_every_verified_figure
     assert "N x C x H x W = batch x 1 x 8 x 8" in card and "normalisation is inside the graph" in card
     assert ", ".join(f"{i} `{i}`" for i in range(10)) in card  # labels, index and name
     assert "L-inf" in card and f"eps = {audit['eps']:g}" in card and "input range [0, 1]" in card
-    for name, key in (("IBP", "ibp"), ("CROWN", "crown"), ("alpha-CROWN", "alpha_crown")):
+    for name, key in (("IBP", "ibp"), ("CROWN", "crown"), ("alpha-CROWN", "alpha_crown"), ("branch and bound", "bab")):
         assert f"| verified, {name} | {100 * audit[f'{key}_verified_accuracy']:.1f}% |" in card
-    assert f"`{audit['verified_method']}`" in card and audit["verified_method"] == "ibp+crown+alpha-crown"
+    assert f"`{audit['verified_method']}`" in card and audit["verified_method"] == "ibp+crown+alpha-crown+bab"
     assert f"hydra-pipe {pipeline.__version__}" in card
 
 
@@ -92,7 +93,7 @@ def test_metadata_states_labels_input_and_stores_each_figure_once(meta):
     audit = json.loads(meta["audit"])
     assert {"ibp_verified_accuracy", "crown_verified_accuracy", "alpha_crown_verified_accuracy",
             "verified_accuracy", "eps", "norm"} <= set(audit)
-    assert meta["verified_method"] == "ibp+crown+alpha-crown"
+    assert meta["verified_method"] == "ibp+crown+alpha-crown+bab"
     assert not set(audit) & set(meta)  # no audit figure repeated at the top level
 
 
