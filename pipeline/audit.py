@@ -816,8 +816,6 @@ def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Aud
         if kind in ("pgd", "square") and not late_done:
             _late_verify(deployed, xt, params, bars, fields, seconds, parts, verified, clean_correct & ~broken)
             late_done = True
-        if kind == "square" and pgd_res is None:
-            fields["pgd_robust_accuracy"] = _fraction(clean_correct & ~broken)
         for model in ("graph", "twin") if kind.startswith("apgd") and twin is not None else ("graph",):
             todo = (clean_correct & ~broken & ~verified).nonzero().squeeze(1).cpu().numpy()
             label = ATTACK_NAMES[kind] + (" float twin" if model == "twin" else "")
@@ -840,11 +838,12 @@ def _attack(deployed: _Deployed, xt: torch.Tensor, yt: torch.Tensor, params: Aud
                                                  gradient_masking_suspected=bool(newly.any()),
                                                  rejected_candidates=res.rejected)
             broken |= newly
-        if kind != "square":
+        if kind != "square":  # Square runs last: after it, robust_accuracy; before it, the gradient attacks'
             fields["pgd_robust_accuracy"] = _fraction(clean_correct & ~broken)
     if not late_done:
         _late_verify(deployed, xt, params, bars, fields, seconds, parts, verified, clean_correct & ~broken)
     robust = clean_correct & ~broken
+    fields.setdefault("pgd_robust_accuracy", _fraction(clean_correct))  # Square alone: no gradient attack ran
     fields["attacks"] = summaries
     fields["robust_accuracy"] = _fraction(robust)
     if pgd_res is not None:

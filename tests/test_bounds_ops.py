@@ -17,6 +17,7 @@ from pipeline.graph import Quantize, as_graph
 from pipeline.onnx_io import export_onnx, ort_logits, ort_session
 from pipeline.onnx_load import load_onnx
 from pipeline.threat import ThreatModel
+from tests.graphs import extreme_points
 
 DATA = Path(__file__).parent / "data" / "ibp"
 
@@ -215,23 +216,6 @@ def plain_int8(model: nn.Module | Path, folder: Path, shape: tuple[int, int, int
     return dst
 
 
-def _extreme_points(model: nn.Module, x_lo: torch.Tensor, x_hi: torch.Tensor, steps: int = 15) -> torch.Tensor:
-    """PGD (sign steps, straight-through rounding) to the lowest and highest value of every logit: [2K, N, ...]."""
-    with torch.no_grad():
-        k = model(x_lo[:1]).shape[1]
-    g = torch.Generator().manual_seed(0)
-    pts = (x_lo + torch.rand(2 * k, *x_lo.shape, generator=g) * (x_hi - x_lo)).requires_grad_(True)
-    sign = torch.cat([torch.eye(k), -torch.eye(k)]).view(2 * k, 1, k)
-    step = (x_hi - x_lo) / 4
-    for _ in range(steps):
-        out = model(pts.reshape(-1, *x_lo.shape[1:])).reshape(2 * k, len(x_lo), k)
-        (grad,) = torch.autograd.grad((out * sign).sum(), pts)
-        with torch.no_grad():
-            pts.add_(step * grad.sign()).clamp_(min=x_lo, max=x_hi)
-            step = step * 0.8
-    return pts.detach()
-
-
 @pytest.fixture(scope="module")
 def ort_int8(tmp_path_factory):
     """A small conv-ReLU-MaxPool-conv-ReLU-linear digits-like net and its onnxruntime int8 graph."""
@@ -273,7 +257,7 @@ def test_int8_bounds_contain_onnxruntime_at_sampled_tie_and_attacked_points(ort_
         u = torch.rand(300, *x.shape, generator=g)
         sampled = x_lo + u * (x_hi - x_lo)
         ties = torch.clamp((torch.floor(sampled / s_in) + 0.5) * s_in, x_lo, x_hi)  # the input's rounding ties
-        attacked = _extreme_points(model, x_lo, x_hi)
+        attacked = extreme_points(model, x_lo, x_hi, generator=torch.Generator().manual_seed(0))
         for pts in (sampled, ties, attacked):
             out = torch.from_numpy(ort_logits(session, pts.reshape(-1, 1, 8, 8).numpy())).reshape(len(pts), 6, -1)
             for lo, hi in boxes:

@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.bounds import crown_bounds, interval_bounds, margin_lower_bounds
 from pipeline.graph import Dequantize, Quantize, as_graph
+from tests.graphs import extreme_points
 
 PROPERTY = settings(deadline=None, derandomize=True, database=None, max_examples=100,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -92,27 +93,11 @@ def networks(draw):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(flat, classes)).eval(), shape
 
 
-def _attacked(model: nn.Module, x_lo: torch.Tensor, x_hi: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    """PGD (sign steps; straight-through rounding) to the lowest and highest value of every logit."""
-    with torch.no_grad():
-        k = model(x_lo[:1]).shape[1]
-    pts = (x_lo + torch.rand(2 * k, *x_lo.shape) * (x_hi - x_lo)).requires_grad_(True)
-    sign = torch.cat([torch.eye(k), -torch.eye(k)]).view(2 * k, 1, k)
-    step = (x_hi - x_lo) / 4
-    for _ in range(steps):
-        out = model(pts.reshape(-1, *x_lo.shape[1:])).reshape(2 * k, len(x_lo), k)
-        (grad,) = torch.autograd.grad((out * sign).sum(), pts)
-        with torch.no_grad():
-            pts.add_(step * grad.sign())
-            pts.copy_(torch.maximum(torch.minimum(pts, x_hi), x_lo))
-            step = step * 0.75
-    return pts.detach()
-
-
 def _points(model: nn.Module, x_lo: torch.Tensor, x_hi: torch.Tensor) -> torch.Tensor:
     """Uniform points, corners, the input quantization's rounding ties and PGD's extremes: [P, N, ...]."""
     u = torch.rand(256, *x_lo.shape)
-    pts = [x_lo + u * (x_hi - x_lo), torch.where(u[:64] < 0.5, x_lo, x_hi), _attacked(model, x_lo, x_hi)]
+    pts = [x_lo + u * (x_hi - x_lo), torch.where(u[:64] < 0.5, x_lo, x_hi),
+           extreme_points(model, x_lo, x_hi, steps=10)]
     first = model[0] if isinstance(model, nn.Sequential) else None
     if isinstance(first, Quantize):
         s = float(first.scale)
