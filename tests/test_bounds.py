@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -357,3 +358,57 @@ def test_alpha_crown_with_every_relu_behind_a_cut_is_crown():
         crown = crown_bounds(net, x_lo, x_hi)
     alpha = alpha_crown_bounds(net, x_lo, x_hi, iterations=5)
     torch.testing.assert_close(alpha, crown)
+
+
+
+def test_crown_work_budget_falls_back_to_ibp_layers_per_example():
+    """``max_work`` caps each example's multiply-adds for the intermediate bounds: 0 tightens nothing (CROWN-IBP's
+    bound), None is full CROWN, and a budget in between is decided per example: an example gets in a batch what
+    it gets alone, and some budget fits the narrow box's tightening but not the wide box's. Always sound."""
+    net = random_net(3, conv=True)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    eps = torch.tensor([0.002, 0.05, 0.002, 0.05]).view(4, 1, 1, 1)  # few and many unstable neurons
+    x_lo, x_hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    with torch.no_grad():
+        full = crown_bounds(net, x_lo, x_hi, max_work=None)
+        none = crown_bounds(net, x_lo, x_hi, max_work=0)
+        crown_ibp = crown_bounds(net, x_lo, x_hi, intermediate="ibp")
+    for k in (0, 1):
+        assert torch.allclose(none[k], crown_ibp[k], atol=1e-6)
+    assert (full[0] >= none[0] - 1e-5).all() and (full[1] <= none[1] + 1e-5).all()
+    assert bool((full[1] - full[0] < none[1] - none[0] - 1e-4).any()), "tightening changed nothing: test is void"
+    split = False
+    for budget in (1e3, 1e4, 1e5, 1e6, 1e7):
+        with torch.no_grad():
+            batch = crown_bounds(net, x_lo, x_hi, max_work=budget)
+            alone = [crown_bounds(net, x_lo[i:i + 1], x_hi[i:i + 1], max_work=budget) for i in range(4)]
+        for i in range(4):
+            assert torch.allclose(batch[0][i], alone[i][0][0], atol=1e-5)
+            assert torch.allclose(batch[1][i], alone[i][1][0], atol=1e-5)
+        assert (batch[0] >= none[0] - 1e-5).all() and (batch[1] <= none[1] + 1e-5).all()
+        assert (batch[0] <= full[0] + 1e-5).all() and (batch[1] >= full[1] - 1e-5).all()
+        is_full = [torch.allclose(batch[0][i], full[0][i], atol=1e-6) for i in range(4)]
+        split |= is_full[0] and not is_full[1]
+    assert split, "no budget fitted the narrow box's tightening but not the wide box's"
+
+
+def test_in_place_relus_give_the_bounds_of_plain_ones():
+    """torchvision's models use ``nn.ReLU(inplace=True)``: run on a box it must not overwrite the pre-activation
+    box that the backward pass relaxes it by (it did: CROWN-IBP bounds of torchvision's ResNet-18 excluded outputs
+    of the network by 0.8)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 8),
+                          nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        plain[1].running_mean.uniform_(-0.5, 0.5)
+    inplace = copy.deepcopy(plain)
+    inplace[2].inplace = inplace[5].inplace = True
+    x = torch.rand(2, 1, 8, 8)
+    x_lo, x_hi = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    with torch.no_grad():
+        for kind in ("crown", "ibp"):
+            ref, got = crown_bounds(plain, x_lo, x_hi, intermediate=kind), crown_bounds(inplace, x_lo, x_hi,
+                                                                                         intermediate=kind)
+            assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+        ref, got = interval_bounds(plain, x_lo, x_hi), interval_bounds(inplace, x_lo, x_hi)
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])

@@ -81,6 +81,8 @@ class Boxes(dict):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.dense: dict[str, Tensor | None] = {}
+        self.tightened: dict[str, Tensor] = {}
+        """CROWN's tightened neurons by value (bool, the value's shape): alpha-CROWN optimises the same ones."""
 
     @property
     def input_name(self) -> str | None:
