@@ -183,6 +183,11 @@ class AuditParams(Strict):
     bab_seconds: float = Field(2.0, gt=0.0, allow_inf_nan=False,
                                description="branch and bound's time cap per example: a safety net; when it binds "
                                            "before bab_domains, the verdict depends on the machine's speed")
+    bab_shortfall: float | None = Field(0.25, ge=0.0, allow_inf_nan=False,
+                                        description="branch and bound searches only examples whose root bound "
+                                                    "falls short of zero by at most this share of its distance to "
+                                                    "the margin at the box centre (pipeline.bounds.bab."
+                                                    "BAB_SHORTFALL); null = every example")
     float64: bool = Field(False, description="compute the bounds in float64 (slower; for ill-conditioned networks)")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
     workers: int = Field(1, ge=1, le=1024, description="processes the examples are sharded across (CPU cores, or "

@@ -41,7 +41,7 @@ def test_bab_is_sound_and_complete_on_a_two_input_net(eps):
     with torch.no_grad():
         y = net(x).argmax(1)
     threat = ThreatModel(eps)
-    res = branch_and_bound(net, x, y, threat, time_budget_s=20.0)
+    res = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=None)  # search every example
     grid = _grid_min_margin(net, x, y, threat)
     assert torch.equal(res.verified | res.falsified | res.undecided, torch.ones(40, dtype=torch.bool))
     assert not (res.verified & res.falsified).any() and not (res.verified & res.undecided).any()
@@ -93,3 +93,34 @@ def test_bab_rejects_bad_input():
         branch_and_bound(net, x, y, ThreatModel(0.1), time_budget_s=0)
     with pytest.raises(HydraPipeError, match="3 inputs but 2 labels"):
         branch_and_bound(net, x, y[:2], ThreatModel(0.1))
+
+
+def test_bab_searches_only_examples_within_reach():
+    """``max_shortfall`` skips the search of examples whose root bound is too far from zero: they stay at the
+    root (one domain, undecided); the others get what an ungated run gives them."""
+    from pipeline.bounds import margin_spec
+    from pipeline.bounds.alpha import alpha_crown_bounds, shortfall
+
+    net = _two_input_net()
+    x = torch.rand(40, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    threat = ThreatModel(0.3)
+    lo, hi = threat.box(x)
+    spec = margin_spec(y, 3)
+    root = alpha_crown_bounds(net, lo, hi, spec, lower_only=True, target=0.0, intermediate=False)[0]
+    gap = shortfall(net, lo, hi, spec, root)
+    full = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=None)
+    gate = 0.5 * float(gap[full.verified & (gap > 0)].max())  # below the farthest example the search proves
+    gated = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=gate)
+    far = gap > gate
+    assert far.any() and (full.verified & far).any(), "the gate must skip something the search would prove"
+    assert (gated.domains[far] == 1).all() and not gated.verified[far].any()
+    assert torch.equal(gated.verified[~far], full.verified[~far])
+
+
+def test_the_audit_gates_branch_and_bound_as_the_library_does():
+    from pipeline.bounds.bab import BAB_SHORTFALL
+    from pipeline.config import AuditParams
+
+    assert AuditParams().bab_shortfall == BAB_SHORTFALL

@@ -97,6 +97,7 @@ def initial_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, splits: Splits
         boxes = _crown_boxes(graph, x_lo, x_hi, "crown", max_elements, _refiner(splits, reference))
     out = Boxes({k: Box(lo=b.lo.detach(), hi=b.hi.detach()) for k, b in boxes.items()})
     out.dense = getattr(boxes, "dense", {})
+    out.tightened = getattr(boxes, "tightened", {})
     return out
 
 
@@ -149,7 +150,10 @@ def optimized_bounds(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, rows: Tenso
     for node in graph.nodes:
         name = node.output
         if intermediate and name in consumers and name not in exact:
-            order, valid = _select(_unstable(consumers[name], boxes0[name]))
+            chosen = _unstable(consumers[name], boxes0[name])
+            if name in boxes0.tightened:  # CROWN's work budget left some neurons at their IBP bounds: so do we
+                chosen = chosen & boxes0.tightened[name]
+            order, valid = _select(chosen)
             if order.shape[1]:
                 spec, start_rows = _row_spec(order, valid, boxes0[name])
                 starts[name] = _Start(spec, start_rows, order, valid)
@@ -219,7 +223,7 @@ def optimized_bounds(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, rows: Tenso
                 bound, boxes = bound_pass(record)
                 keep(bound, boxes)
     boxes_out = Boxes(best)
-    boxes_out.dense = boxes0.dense
+    boxes_out.dense, boxes_out.tightened = boxes0.dense, boxes0.tightened
     return Optimized(lower, boxes_out, {k: v.detach().expand(n, *v.shape[1:]) for k, v in rec.items()})
 
 
@@ -252,7 +256,7 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
         for i in range(0, n, group):
             part = slice(i, i + group)
             sub = Boxes({k: Box(lo=b.lo[part], hi=b.hi[part]) for k, b in boxes.items()})
-            sub.dense = boxes.dense
+            sub.dense, sub.tightened = boxes.dense, {k: t[part] for k, t in boxes.tightened.items()}
             best.append(optimized_bounds(graph, x_lo[part], x_hi[part], rows if rows.shape[0] == 1 else rows[part],
                                          sub, iterations=iterations, lr=lr, target=target,
                                          intermediate=intermediate).lower)
@@ -261,3 +265,19 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
         lo = torch.maximum(best_rows[:, :m], ibp_lo)
         hi = -_backward(graph, graph.output_name, -spec, boxes) if lower_only else -best_rows[:, m:]
         return lo, torch.minimum(hi, ibp_hi)
+
+
+def shortfall(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, lower: Tensor) -> Tensor:
+    """How far each example's worst row is from being proved, scale-free: ``-lb / (m - lb)`` for the row with the
+    lowest lower bound ``lb`` ([N, M] ``lower`` of ``spec`` [N or 1, M, K] . logits) and ``m`` its value at the box's
+    centre, which no lower bound can pass. Below 0: proved; 1: the bound is as far below zero as the centre is
+    above it (or the centre is not above zero at all). The two-stage alpha-CROWN and branch and bound spend their
+    costly work only on examples within reach by this measure."""
+    worst = lower.min(1)
+    with torch.no_grad():
+        logits = graph((x_lo + x_hi) / 2).to(spec.dtype)
+    centre = torch.einsum("nmk,nk->nm", spec.expand(len(lower), *spec.shape[1:]), logits)
+    centre = centre.gather(1, worst.indices.unsqueeze(1)).squeeze(1)
+    return torch.where(centre > 0, -worst.values / (centre - worst.values).clamp_min(1e-12),
+                       torch.ones_like(centre))
+
