@@ -22,14 +22,15 @@ from pipeline.runtime import sound_numerics
 
 DEFAULT_MAX_ELEMENTS = 1 << 25
 """Budget, in tensor elements, for one batch of CROWN coefficients (128 MiB in float32)."""
-DEFAULT_MAX_WORK = 4e10
-"""Budget per example, in multiply-adds (estimated by :func:`_tighten_work`), for CROWN's intermediate bounds.
-Tightening a layer costs two backward passes per unstable neuron through everything before it: on the project's
-CNNs (CNN-small ~4e8 per example on 28 x 28 Fashion-MNIST) it is far below the budget, but a 32 x 32 VGG-16 or
-ResNet-18 with 1e5 unstable neurons would need ~1e13 (hours per image on a CPU core). Layers are tightened front
-to back while the example's budget lasts; a layer that does not fit keeps its IBP bound (sound, looser), and
-the final bound is CROWN's backward pass all the same (CROWN-IBP's bound where nothing was tightened). At about
-2e9 multiply-adds per second on one core the budget is some 20 s per example."""
+DEFAULT_MAX_WORK = 1e12
+"""Budget per example, in multiply-adds (estimated with :func:`_node_work`), for CROWN's intermediate bounds.
+Tightening a layer costs two backward passes per unstable neuron through every node before it: about 9e8 per
+example for CNN-small on 28 x 28 Fashion-MNIST at eps 0.1, 1.7e11 for CNN-large at eps 0.004 (16 s on one core),
+9e11 for torchvision's ResNet-18 at 32 x 32 (about 100 s), far more for a 32 x 32 VGG-16 at eps 8/255. Layers are
+tightened front to back while the example's budget lasts; a layer that does not fit keeps its IBP bound (sound,
+but much looser: at 4e10, CNN-large's bounds lost every proof), and the final bound is CROWN's backward pass all
+the same (CROWN-IBP's bound where nothing was tightened). The budget caps CROWN at a minute or two per example on
+one core."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
