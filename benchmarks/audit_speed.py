@@ -297,6 +297,41 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
                 load_average=os.getloadavg(), rows=rows)
 
 
+_CONTENDERS = (("ours_attacks", "**ours, attacks** (APGD-CE, APGD-T, PGD 1000 x 100, Square 5000)"),
+               ("ours_audit", "**ours, whole audit** (defaults)"),
+               ("autoattack", "AutoAttack standard (torchattacks)"),
+               ("ours_pgd_peer_budget", "ours, PGD {budget}"),
+               ("torchattacks_pgd_peer_budget", "torchattacks PGD {budget}"))
+
+
+def autoattack_table(result: dict) -> str:
+    """benchmarks/README.md's table of an ``--suite autoattack`` result: per model and contender, wall seconds, the
+    ratio to AutoAttack, robust and verified accuracy, undecided examples; then where the time went."""
+    budget = result.get("peer_budget", "50x10").replace("x", " x ")
+    lines = ["| model (examples, eps) | contender | wall s | x AutoAttack | robust acc. | verified | undecided |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    notes = []
+    for row in result["rows"]:
+        label = f"{row['model']} ({row['n']}, {row['eps']:.3g})"
+        aa = row.get("autoattack", {}).get("seconds")
+        for key, name in _CONTENDERS:
+            c = row.get(key)
+            if c is None:
+                continue
+            ratio = f"{c['seconds'] / aa:.1f}" if aa else "-"
+            verified = f"{100 * c['verified']:.1f}%" if c.get("verified") is not None else "-"
+            undecided = str(c["decided"]["undecided"]) if c.get("decided") and c.get("verified") is not None else "-"
+            lines.append(f"| {label} | {name.format(budget=budget)} | {c['seconds']:.1f} | {ratio} | "
+                         f"{100 * c['robust']:.1f}% | {verified} | {undecided} |")
+        for key in ("ours_attacks", "ours_audit"):
+            if key in row:
+                parts = ", ".join(f"{k} {v:.1f} s" for k, v in row[key]["parts"].items() if v >= 0.5)
+                attack = sum(v for k, v in row[key]["parts"].items()
+                             if k.split("_")[0] in ("apgd-ce", "apgd-t", "pgd", "square"))
+                notes.append(f"- {row['model']}, {key.replace('_', ' ')}: {parts} (attacks {attack:.1f} s)")
+    return "\n".join(lines + ["", "Where the time went (seconds per part):"] + notes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", choices=("pgd", "autoattack"), default="pgd",
@@ -317,7 +352,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hydra_audit_bench")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="print benchmarks/README.md's table of an --suite autoattack results file, and exit")
     args = ap.parse_args()
+    if args.table is not None:
+        print(autoattack_table(json.loads(args.table.read_text())))
+        return
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.suite == "autoattack":
@@ -335,7 +375,7 @@ def main() -> None:
         weights = args.work / "cnn57k_pgd.pt"
         peer_model = cnn57k()
         if weights.exists():
-            peer_model.load_state_dict(torch.load(weights))
+            peer_model.load_state_dict(torch.load(weights, weights_only=True))
         else:
             t = time.perf_counter()
             peer_model = train_default(x_tr, y_tr)
