@@ -7,14 +7,16 @@ Bunel et al. ("Branch and Bound for Piecewise Linear Neural Network Verification
 
 A domain is the input box with some ReLU inputs ``z_i`` constrained to ``z_i >= 0`` (active) or ``z_i <= 0``
 (inactive). Its bound (:func:`pipeline.bounds.alpha.optimized_bounds`): the split neurons' boxes are clamped by
-their constraints, every later intermediate bound is recomputed by CROWN and then alpha-CROWN on the clamped boxes
-(intersected with the parent domain's, sound since a child is a subset of its parent), and the constraints enter
-the final bound with optimised multipliers ``beta`` (beta-CROWN). Each round takes the ``batch`` domains with the
+their constraints, every later intermediate bound is recomputed by CROWN on the clamped boxes (intersected with the
+parent domain's, sound since a child is a subset of its parent; their slopes optimised too with
+``intermediate=True``), and the constraints enter the final bound, whose slopes are optimised, with optimised
+multipliers ``beta`` (beta-CROWN). Each round takes the ``batch`` domains with the
 lowest bounds, splits each on the unstable neuron with the best *intercept* score (how much the chord's intercept
 costs the bound, BaBSR's main term, Bunel et al. 2020) and bounds all children in one call. A domain whose margin
 rows are all positive is dropped (proved); the example is verified when none is left. At each bound the corner of
 the box minimising the final linear bound is run through the network: a misclassified corner is a counterexample.
-The per-example time budget or domain limit ends the search undecided.
+The per-example time budget or domain limit ends the search undecided; examples whose root bound is far from a
+proof (:data:`BAB_SHORTFALL`) are not searched.
 
 Soundness: every bound is a sound lower bound of the margins over its domain, and the domains of an example always
 cover its box, so the minimum over the leaves of a row's bound is a sound bound of that row over the box.
@@ -43,7 +45,8 @@ BAB_SHORTFALL = 0.25
 :func:`pipeline.bounds.alpha.shortfall` of at most this. On the Fashion-MNIST benchmark model (the 41 examples
 CROWN, alpha-CROWN and APGD left undecided at eps 0.1; 2 s and 50 domains each) all 11 it proved had shortfalls of
 at most 0.19 at the root; the 23 above 0.25 took 59 of the 87 s and none was proved. Tested on one model only:
-the gate trades completeness for time, so ``--bab`` users who want every example searched pass None."""
+the gate trades completeness for time; ``max_shortfall=None`` (the audit: ``audit.bab_shortfall: null``)
+searches every example."""
 
 
 @dataclass

@@ -97,7 +97,8 @@ def _alpha_crown_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, y: Tens
 def _bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, y: Tensor,
                  intermediate: Literal["ibp", "crown"]) -> Tensor:
     """Branch and bound with beta-CROWN-style split constraints (:mod:`pipeline.bounds.bab`) with its default
-    budgets (10 s and 2000 domains per example): the minimum over its leaves of each margin's bound."""
+    budgets (10 s and 2000 domains per example, examples within ``BAB_SHORTFALL`` of a proof): the minimum over
+    its leaves of each margin's bound."""
     spec = margin_spec(y, _num_classes(graph, x_lo)).to(x_lo.dtype)
     return bab_margins(graph, x_lo, x_hi, spec)[0]
 
