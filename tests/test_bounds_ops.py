@@ -375,3 +375,26 @@ def test_crown_ibp_trains_resnet18():
     grads = [q.grad for q in net.parameters() if q.requires_grad and q.grad is not None]
     assert grads and all(bool(torch.isfinite(gr).all()) for gr in grads)
     assert any(float(gr.abs().sum()) > 0 for gr in grads)
+
+
+@pytest.mark.parametrize("stride,padding,size", [(2, 1, 28), (1, 0, 23), (3, 2, 20)])
+def test_one_channel_conv_is_pulled_back_as_its_transpose(stride, padding, size):
+    """A convolution on a one-channel input with a large enough input x output is pulled back by matmul + fold
+    (not the dense matrix, not a transposed conv): the coefficients must be exactly the transpose's."""
+    from pipeline.bounds.box import Box, Boxes
+    from pipeline.bounds.ops import ConvRule
+
+    torch.manual_seed(stride)
+    conv = nn.Conv2d(1, 16, 4, stride=stride, padding=padding)
+    graph = as_graph(nn.Sequential(conv))
+    node = graph.nodes[0]
+    x = torch.rand(2, 1, size, size)
+    out_shape = conv(x).shape
+    assert x[0].numel() * out_shape[1:].numel() > 1 << 18, "the dense matrix would be used: test is void"
+    boxes = Boxes({graph.input_name: Box(lo=x, hi=x + 0.1), node.output: Box(lo=conv(x), hi=conv(x))})
+    a = torch.randn(2, 5, *out_shape[1:])
+    (pulled,), bias = ConvRule().backward(node, a, boxes, None)
+    opad = [size - ((out_shape[2 + i] - 1) * stride - 2 * padding + 4) for i in range(2)]
+    ref = torch.nn.functional.conv_transpose2d(a.flatten(0, 1), conv.weight, None, stride, padding, opad)
+    torch.testing.assert_close(pulled, ref.view(2, 5, 1, size, size), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias, (a.sum((3, 4)) * conv.bias).sum(2), rtol=1e-5, atol=1e-5)
