@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipeline.bounds.box import Box, Boxes
 from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, _crown_boxes, _ibp_exact,
                                    _interval_spec_bounds, _merge, _relaxed_consumers, _row_spec, _select,
-                                   _spec_or_identity, _unstable)
+                                   _spec_or_identity, _unstable, _upstream)
 from pipeline.bounds.ops import rule_for
 from pipeline.bounds.relax import _relu_relaxation
 from pipeline.graph import GraphModule, Node, as_graph
@@ -57,14 +57,6 @@ class Optimized:
     """The tightest boxes seen (detached), split constraints applied."""
     record: dict[str, Tensor]
     """Coefficients [N, R, *shape] of the final rows at each Relu output and at the input, from the last pass."""
-
-
-def _upstream(graph: GraphModule) -> dict[str, set[str]]:
-    """For each value, the values it is computed from (itself included)."""
-    up: dict[str, set[str]] = {graph.input_name: {graph.input_name}}
-    for node in graph.nodes:
-        up[node.output] = {node.output}.union(*(up[i] for i in node.inputs))
-    return up
 
 
 def _clamp(box: Box, sign: Tensor) -> Box:

@@ -186,6 +186,14 @@ def _unstable(consumers: list[Node], box: Box) -> Tensor:
     return chosen
 
 
+def _upstream(graph: GraphModule) -> dict[str, set[str]]:
+    """For each value, the values it is computed from (itself included)."""
+    up: dict[str, set[str]] = {graph.input_name: {graph.input_name}}
+    for node in graph.nodes:
+        up[node.output] = {node.output}.union(*(up[i] for i in node.inputs))
+    return up
+
+
 def _node_work(node: Node, out: Box) -> int:
     """Multiply-adds of ``node`` per example, about: its output's size times the fan-in of its largest weight
     (a convolution's ``C_in k k``, a dense layer's inputs), 1 for an op without one. A backward pass of one
@@ -217,19 +225,19 @@ def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: L
     exact = _ibp_exact(graph)
     boxes = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
     spent = torch.zeros(x_lo.shape[0], dtype=torch.float64, device=x_lo.device)
-    own: dict[str, int] = {}  # each node's multiply-adds per example
-    ancestors: dict[str, set[str]] = {graph.input_name: set()}  # the nodes a value is computed by, itself included
+    up = _upstream(graph) if max_work is not None else {}
+    own = {graph.input_name: 0}  # each node's multiply-adds per example
     for node in graph.nodes:
         box = rule_for(node).ibp(node, [boxes[i] for i in node.inputs])
         if refine is not None:
             box = refine(node, box)
         boxes[node.output] = box
-        own[node.output] = _node_work(node, box)
-        ancestors[node.output] = {node.output}.union(*(ancestors[i] for i in node.inputs))
+        if max_work is not None:
+            own[node.output] = _node_work(node, box)
         if node.output in consumers and node.output not in exact:
             chosen = _unstable(consumers[node.output], box)
             if max_work is not None:  # a backward row from here crosses every node it is computed by, once
-                per_row = sum(own[a] for a in ancestors[node.output])
+                per_row = sum(own[a] for a in up[node.output])
                 cost = 2.0 * chosen.flatten(1).sum(1).to(spent.dtype) * per_row
                 fits = spent + cost <= max_work
                 spent = torch.where(fits, spent + cost, spent)
