@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
-from pipeline.graph import (LRN, Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Dequantize, Flatten,
+from pipeline.graph import (LRN, Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Conv2d, Dequantize, Flatten,
                             GraphModule, Node, Pad, Quantize, Reshape, Softmax, Sum, Transpose)
 from pipeline.onnx_io import read_proto
 
@@ -273,7 +273,7 @@ class _Loader:
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
             raise UnsupportedOpError("Conv with auto_pad SAME", node.name, self.path)
         pads = list(a.get("pads", [0, 0, 0, 0]))
-        conv = nn.Conv2d(w.shape[1] * a.get("group", 1), w.shape[0], tuple(w.shape[2:]),
+        conv = Conv2d(w.shape[1] * a.get("group", 1), w.shape[0], tuple(w.shape[2:]),
                          stride=tuple(a.get("strides", [1, 1])), dilation=tuple(a.get("dilations", [1, 1])),
                          groups=a.get("group", 1), bias=b is not None)
         inp = node.input[0]

@@ -463,3 +463,45 @@ def test_size_and_node_limits_are_checked_before_the_model_is_parsed(tmp_path, m
     for odd in (tmp_path, Path("/dev/zero")):  # never read to its end
         with pytest.raises(HydraPipeError, match="not a regular file"):
             read_proto(odd)
+
+
+@pytest.mark.parametrize("channels,stride,padding,dilation", [(1, 2, 1, 1), (3, 1, 0, 1), (2, 3, 2, 2)])
+def test_loaded_convolution_input_gradient_equals_torchs(tmp_path, channels, stride, padding, dilation):
+    """The loader's convolution gives an attack (frozen weights) the input gradient by matmul + col2im: the same as
+    torch's transposed convolution, and that path is the one taken."""
+    from pipeline.graph import Conv2d
+
+    torch.manual_seed(channels)
+    ref = nn.Sequential(nn.Conv2d(channels, 8, 3, stride=stride, padding=padding, dilation=dilation), nn.ReLU(),
+                        nn.Flatten(), nn.LazyLinear(5))
+    x = torch.rand(6, channels, 13, 13)
+    ref(x)
+    path = tmp_path / "c.onnx"
+    export_onnx(ref.eval(), path, (channels, 13, 13))
+    module = load_onnx(path).eval()
+    conv = next(n.module for n in module.nodes if n.op == "Conv")
+    assert isinstance(conv, Conv2d)
+    for p in list(module.parameters()) + list(ref.parameters()):
+        p.requires_grad_(False)
+    g = torch.randn(6, 5)
+    grads = []
+    for m in (ref, module):
+        xr = x.clone().requires_grad_(True)
+        z = m(xr)
+        grads.append(torch.autograd.grad(z, xr, g)[0])
+    xr = x.clone().requires_grad_(True)
+    assert type(conv(xr).grad_fn).__name__ == "_FoldGradConvBackward"
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_loaded_convolution_still_trains_its_weights(tmp_path):
+    """Where the weights need a gradient, the loader's convolution is torch's (the fast path gives none)."""
+    from pipeline.graph import Conv2d
+
+    conv = Conv2d(1, 4, 3, padding=1)
+    x = torch.rand(2, 1, 6, 6, requires_grad=True)
+    out = conv(x)
+    assert type(out.grad_fn).__name__ != "_FoldGradConvBackward"
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0

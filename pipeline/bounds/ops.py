@@ -24,7 +24,7 @@ from pipeline.bounds.box import Box, _as_rows, _dot, _from_rows, _unbroadcast, _
 from pipeline.bounds.relax import (_maxpool_relaxation, _quant_endpoints, _quant_relaxation, _relu_backward,
                                    _relu_relaxation)
 from pipeline.errors import UnsupportedOpError
-from pipeline.graph import Binary, ConstBinary, Node
+from pipeline.graph import Binary, ConstBinary, Node, conv_input_grad
 from pipeline.graph import affine_weight as effective_weight
 
 Pulled = tuple[list[Tensor | None], Tensor | float]
@@ -163,8 +163,7 @@ class ConvRule(OpRule):
             # back onto one input channel (a grey image): the kernel's transpose as one matmul, then col2im (fold),
             # about twice as fast as a transposed conv on CPU (28 x 28 Fashion-MNIST's first layer: 15 vs 28 us
             # per row)
-            cols = torch.matmul(w.reshape(w.shape[0], -1).T, rows.reshape(rows.shape[0], rows.shape[1], -1))
-            back = F.fold(cols, tuple(in_shape[2:]), tuple(w.shape[2:]), m.dilation, m.padding, m.stride)
+            back = conv_input_grad(rows, w, in_shape[2:], m.stride, m.padding, m.dilation)
             return [_from_rows(back, na, mm)], bias
         # transposed convolution; channels-last runs it about 1.5-2x faster on CPU for these shapes
         rows = rows.contiguous(memory_format=torch.channels_last)
