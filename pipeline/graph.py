@@ -90,13 +90,16 @@ class _FoldGradConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation):  # type: ignore[override]
         ctx.save_for_backward(weight)
         ctx.geometry = (x.shape[2:], stride, padding, dilation)
+        ctx.dtype = x.dtype
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        return conv_input_grad(g, weight, *ctx.geometry), None, None, None, None, None
+        # in the weights' precision (an autocast forward hands back a lower-precision g), returned in the input's
+        gx = conv_input_grad(g.to(weight.dtype), weight, *ctx.geometry).to(ctx.dtype)
+        return gx, None, None, None, None, None
 
 
 class Conv2d(nn.Conv2d):
@@ -109,7 +112,7 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.groups == 1 and self.in_channels <= FOLD_CHANNELS and self.padding_mode == "zeros"
-                and isinstance(self.padding, tuple) and x.device.type == "cpu" and x.requires_grad
+                and isinstance(self.padding, tuple) and x.dim() == 4 and x.device.type == "cpu" and x.requires_grad
                 and torch.is_grad_enabled() and not self.weight.requires_grad
                 and (self.bias is None or not self.bias.requires_grad)
                 and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
-from pipeline.graph import (LRN, Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Conv2d, Dequantize, Flatten,
-                            GraphModule, Node, Pad, Quantize, Reshape, Softmax, Sum, Transpose)
+from pipeline.graph import (LRN, Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Conv2d, Dequantize,
+                            Flatten, GraphModule, Node, Pad, Quantize, Reshape, Softmax, Sum, Transpose)
 from pipeline.onnx_io import read_proto
 
 
@@ -274,8 +274,8 @@ class _Loader:
             raise UnsupportedOpError("Conv with auto_pad SAME", node.name, self.path)
         pads = list(a.get("pads", [0, 0, 0, 0]))
         conv = Conv2d(w.shape[1] * a.get("group", 1), w.shape[0], tuple(w.shape[2:]),
-                         stride=tuple(a.get("strides", [1, 1])), dilation=tuple(a.get("dilations", [1, 1])),
-                         groups=a.get("group", 1), bias=b is not None)
+                      stride=tuple(a.get("strides", [1, 1])), dilation=tuple(a.get("dilations", [1, 1])),
+                      groups=a.get("group", 1), bias=b is not None)
         inp = node.input[0]
         if pads[:2] == pads[2:]:
             conv.padding = tuple(pads[:2])

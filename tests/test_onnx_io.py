@@ -505,3 +505,22 @@ def test_loaded_convolution_still_trains_its_weights(tmp_path):
     out.sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_loaded_convolution_input_gradient_under_autocast():
+    """Under a bf16 autocast the fast path hands back the input gradient in the input's dtype, close to fp32's."""
+    from pipeline.graph import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(1, 4, 3, stride=2, padding=1).requires_grad_(False)
+    x = torch.rand(3, 1, 9, 9)
+    g = torch.randn(3, 4, 5, 5)
+    grads = []
+    for enabled in (False, True):
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = conv(xr)
+        assert type(out.grad_fn).__name__ == "_FoldGradConvBackward"
+        grads.append(torch.autograd.grad(out, xr, g.to(out.dtype))[0])
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05)
