@@ -524,3 +524,18 @@ def test_loaded_convolution_input_gradient_under_autocast():
         grads.append(torch.autograd.grad(out, xr, g.to(out.dtype))[0])
     assert grads[1].dtype == torch.float32
     torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_onnxruntime_threads_sleep_between_runs(tmp_path, threads):
+    """The audit interleaves onnxruntime's confirmations with torch's attack steps: the session's thread pools must
+    not keep spinning on the cores after a run (onnxruntime's default), and the session still computes."""
+    path = tmp_path / "mlp.onnx"
+    _helper_mlp(path)
+    session = ort_session(path, threads=threads)
+    options = session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(ort_logits(session, x), load_onnx(path)(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
