@@ -539,3 +539,29 @@ def test_onnxruntime_threads_sleep_between_runs(tmp_path, threads):
     x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
     np.testing.assert_allclose(ort_logits(session, x), load_onnx(path)(torch.from_numpy(x)).detach().numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rounding", [True, False])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_quantize_straight_through_gradient(rounding, axis):
+    """The graph form's QuantizeLinear (and its float twin, without rounding): the values of
+    ``clip(round(x / scale) + zero, qmin, qmax)``, and the straight-through gradient ``grad / scale`` where the
+    unclipped value lies strictly inside ``(qmin, qmax)``, 0 where it is clipped or on a clip edge."""
+    from pipeline.graph import Quantize
+
+    scale = torch.tensor([0.125, 0.25, 0.5]) if axis else torch.tensor(0.25)
+    zero = torch.tensor([0.0, 10.0, 3.0]) if axis else torch.tensor(5.0)
+    m = Quantize(scale, zero, 0, 25, axis=axis)
+    m.rounding = rounding
+    x = torch.arange(-40, 80, dtype=torch.float32).view(4, 3, 10) / 8  # exact multiples: lands on both clip edges
+    x.requires_grad_(True)
+    out = m(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+    out.backward(g)
+    s, z = (scale.view(1, 3, 1), zero.view(1, 3, 1)) if axis else (scale, zero)
+    q = (x.detach() / s).round() + z if rounding else x.detach() / s + z
+    assert ((q == 0).any() and (q == 25).any() and ((q > 0) & (q < 25)).any() and (q < 0).any() and (q > 25).any())
+    assert torch.equal(out.detach(), q.clamp(0, 25))
+    assert torch.equal(x.grad, torch.where((q > 0) & (q < 25), g, 0) / s)
+    with torch.no_grad():
+        assert torch.equal(m(x), q.clamp(0, 25))

@@ -139,18 +139,27 @@ class _Search:
         self.broken = ~self.alive
         self.rejected = self.near_checked = 0
         self.rejected_ex = ~self.alive
+        self.version = 0  # counts the changes of ``alive``
 
     def offer(self, idx: torch.Tensor, xs: torch.Tensor) -> None:
         """Candidates ``xs`` for the examples ``idx``: keep the improvements, record the (confirmed) breaks."""
-        z = torch.cat([self.model(xs[i:i + self.batch_size]) for i in range(0, len(xs), self.batch_size)])
+        if len(xs) <= self.batch_size:
+            z = self.model(xs)
+        else:
+            z = torch.cat([self.model(xs[i:i + self.batch_size]) for i in range(0, len(xs), self.batch_size)])
         ys = self.y[idx]
         m = margins(z, ys)
         wrong = z.argmax(1) != ys
         self.low[idx] = torch.minimum(self.low[idx], m)
         check = wrong | (m < self.near)
+        if not check.any():  # most queries: nothing near the boundary, nothing to confirm
+            better = m < self.cur[idx]
+            take = idx[better]
+            self.best[take] = xs[better]
+            self.cur[take] = m[better]
+            return
         ok = torch.zeros_like(check)
-        if check.any():
-            ok[check] = deployed_wrong(self.confirm, xs[check], ys[check])
+        ok[check] = deployed_wrong(self.confirm, xs[check], ys[check])
         refused = wrong & ~ok
         self.rejected += int(refused.sum())
         self.near_checked += int((check & ~wrong).sum())
@@ -159,9 +168,11 @@ class _Search:
         better = hit | ((m < self.cur[idx]) & ~refused)  # a refused point is no improvement
         self.best[idx[better]] = xs[better]
         self.cur[idx[better]] = m[better]
-        self.adv[idx[hit]] = xs[hit]
-        self.broken[idx[hit]] = True
-        self.alive[idx[hit]] = False
+        if hit.any():
+            self.adv[idx[hit]] = xs[hit]
+            self.broken[idx[hit]] = True
+            self.alive[idx[hit]] = False
+            self.version += 1
 
 
 def _linf_start(x: torch.Tensor, eps: float, rngs: list[np.random.Generator], search: _Search) -> torch.Tensor:
@@ -192,20 +203,26 @@ def _l2_start(x: torch.Tensor, eps: float, rngs: list[np.random.Generator], thre
     return (x + eps * _unit(delta)).clamp(threat.lo, threat.hi)
 
 
-def _linf_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor, s: int) -> torch.Tensor:
-    """Each live example's best point with one random window set to ``x +- eps`` (one sign per channel)."""
-    x = search.x[live]
-    h, w = x.shape[-2], x.shape[-1]
+def _linf_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor, s: int,
+                     lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each live example's best point with one random window set to ``x +- eps`` (one sign per channel), clipped
+    to the box: the box's upper corner ``hi`` where the sign is +, ``lo`` where it is - (``lo``, ``hi``: the live
+    rows' box). Also whether the candidate differs from the best point (a window already at the drawn signs does
+    not)."""
+    h, w = lo.shape[-2], lo.shape[-1]
     top, left = _corner(u[:, 0], s, h), _corner(u[:, 1], s, w)
-    signs = (2 * bits - 1).to(x.dtype).view(len(live), -1, 1, 1) * search.threat.eps
-    cand = torch.where(_window(top, left, s, h, w), x + signs, search.best[live])
-    return torch.clamp(cand, search.lo[live], search.hi[live])
+    window = _window(top, left, s, h, w)
+    best = search.best[live]
+    corner = torch.where(bits.bool().view(len(live), -1, 1, 1), hi, lo)
+    moved = (window & (corner != best)).flatten(1).any(1)
+    return torch.where(window, corner, best), moved
 
 
-def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor, s: int) -> torch.Tensor:
+def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor,
+                   s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAttack's L2 update: the perturbation's mass in two random windows moves into the first, redrawn as the
     paper's pattern (random sign per channel, random orientation) plus the window's old content, and the total is
-    scaled back to the sphere of radius eps."""
+    scaled back to the sphere of radius eps. Also whether each differs from the best point."""
     eps = search.threat.eps
     x = search.x[live]
     c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
@@ -222,7 +239,8 @@ def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: t
     new = new / ((new ** 2).sum((-2, -1), keepdim=True).sqrt() + 1e-12)
     new = new * ((eps ** 2 - norm_img ** 2).clamp_min(0) / c + norm_both ** 2).sqrt()
     delta = torch.where(m1 > 0, new, delta * (1 - m2))
-    return (x + eps * _unit(delta)).clamp(search.threat.lo, search.threat.hi)
+    cand = (x + eps * _unit(delta)).clamp(search.threat.lo, search.threat.hi)
+    return cand, (cand != search.best[live]).flatten(1).any(1)
 
 
 @torch.no_grad()
@@ -274,10 +292,16 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
             spent = torch.ones(len(act), dtype=torch.long, device=dev)
             u = torch.zeros(len(act), QUERY_BLOCK, need, dtype=torch.float64, device=dev)
             bits = torch.zeros(len(act), QUERY_BLOCK, x.shape[1], dtype=torch.long, device=dev)
+            version, since = -1, 0  # the live rows' gathered state is rebuilt when ``alive`` changes
             for q in range(queries):
-                live = search.alive.nonzero().squeeze(1)
-                if not len(live):
-                    break
+                if search.version != version:
+                    if version >= 0:
+                        spent[live] += since
+                    version, since = search.version, 0
+                    live = search.alive.nonzero().squeeze(1)
+                    if not len(live):
+                        break
+                    lo, hi, u_live = search.lo[live], search.hi[live], None
                 if q % QUERY_BLOCK == 0:
                     # each live example's draws for the next block, from its own stream (one copy to the device)
                     order = live.tolist()
@@ -287,13 +311,21 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                                                            for i in order]), device=dev)
                     if progress:
                         progress(int(broken.sum() + search.broken.sum()), n)
+                    u_live = None
+                if u_live is None:  # the live rows' draws of this block
+                    u_live, bits_live = u[live], bits[live]
                 s = _side(_square_p(p_init, q, queries), h, w, norm)
-                make = _linf_candidates if norm == "linf" else _l2_candidates
-                cand = make(search, live, u[live, q % QUERY_BLOCK], bits[live, q % QUERY_BLOCK], s)
-                spent[live] += 1
-                moved = (cand != search.best[live]).flatten(1).any(1)
+                k = q % QUERY_BLOCK
+                if norm == "linf":
+                    cand, moved = _linf_candidates(search, live, u_live[:, k], bits_live[:, k], s, lo, hi)
+                else:
+                    cand, moved = _l2_candidates(search, live, u_live[:, k], bits_live[:, k], s)
+                since += 1
                 if moved.any():
                     search.offer(live[moved], cand[moved])
+            else:
+                if version >= 0:
+                    spent[live] += since
             hit = act[search.broken]
             broken[hit] = True
             adv[hit] = search.adv[search.broken]

@@ -171,10 +171,8 @@ def pgd_rule(threat: ThreatModel, alpha: float, loss: Loss = "margin") -> StepRu
 
 def margins(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The margin ``z_y - max_{j != y} z_j`` of every row (negative: misclassified)."""
-    rows = torch.arange(len(y), device=z.device)
-    other = z.detach().clone()
-    other[rows, y] = -torch.inf
-    return z.detach()[rows, y] - other.max(1).values
+    z, y = z.detach(), y[:, None]
+    return z.gather(1, y).squeeze(1) - z.scatter(1, y, -torch.inf).max(1).values
 
 
 def logit_grad(z: torch.Tensor, y: torch.Tensor, loss: Loss) -> tuple[torch.Tensor, torch.Tensor]:
