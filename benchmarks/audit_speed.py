@@ -291,6 +291,8 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
         robust = torchattacks_pgd_ce(module, xs, ys, eps, p_steps, p_restarts, confirm)
         line["torchattacks_pgd_peer_budget"] = dict(seconds=time.perf_counter() - t, robust=float(robust.float().mean()))
         print(name, "torchattacks pgd", line["torchattacks_pgd_peer_budget"], file=sys.stderr, flush=True)
+        line["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        line["load_average"] = os.getloadavg()
         rows.append(line)
     return dict(suite="autoattack", threads=args.threads, peer_budget=args.peer_budget,
                 machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
@@ -329,6 +331,9 @@ def autoattack_table(result: dict) -> str:
                 attack = sum(v for k, v in row[key]["parts"].items()
                              if k.split("_")[0] in ("apgd-ce", "apgd-t", "pgd", "square"))
                 notes.append(f"- {row['model']}, {key.replace('_', ' ')}: {parts} (attacks {attack:.1f} s)")
+    dates = [f"{row['model']} {row['measured']}" for row in result["rows"] if "measured" in row]
+    if dates:  # rows from different runs (--update): each row's contenders still ran back to back
+        notes.append(f"- measured: {'; '.join(dates)}")
     return "\n".join(lines + ["", "Where the time went (seconds per part):"] + notes)
 
 
@@ -352,6 +357,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hydra_audit_bench")
+    ap.add_argument("--update", action="store_true",
+                    help="autoattack suite: replace only the rows of the models run in --out, keep the others")
     ap.add_argument("--table", type=Path, default=None,
                     help="print benchmarks/README.md's table of an --suite autoattack results file, and exit")
     args = ap.parse_args()
@@ -361,7 +368,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.suite == "autoattack":
-        _write(autoattack_suite(args), args.out)
+        result = autoattack_suite(args)
+        if args.update and args.out is not None and args.out.exists():  # the other models' rows stay as measured
+            fresh = {row["model"]: row for row in result["rows"]}
+            kept = [fresh.pop(row["model"], row) for row in json.loads(args.out.read_text())["rows"]]
+            result["rows"] = kept + list(fresh.values())
+        _write(result, args.out)
         return
     x_tr, y_tr, x_te, y_te = digits_arrays()
     x, y = x_te[:args.n], y_te[:args.n]
