@@ -545,8 +545,8 @@ def test_onnxruntime_threads_sleep_between_runs(tmp_path, threads):
 @pytest.mark.parametrize("axis", [None, 1])
 def test_quantize_straight_through_gradient(rounding, axis):
     """The graph form's QuantizeLinear (and its float twin, without rounding): the values of
-    ``clip(round(x / scale) + zero, qmin, qmax)``, and the straight-through gradient ``grad / scale`` where the
-    unclipped value lies strictly inside ``(qmin, qmax)``, 0 where it is clipped or on a clip edge."""
+    ``clip(round(x / scale) + zero, qmin, qmax)``, and the straight-through gradient ``grad / scale`` wherever the
+    clip leaves the value as it is, its edges included (torch's clamp passes none there), 0 where it clips."""
     from pipeline.graph import Quantize
 
     scale = torch.tensor([0.125, 0.25, 0.5]) if axis else torch.tensor(0.25)
@@ -562,6 +562,7 @@ def test_quantize_straight_through_gradient(rounding, axis):
     q = (x.detach() / s).round() + z if rounding else x.detach() / s + z
     assert ((q == 0).any() and (q == 25).any() and ((q > 0) & (q < 25)).any() and (q < 0).any() and (q > 25).any())
     assert torch.equal(out.detach(), q.clamp(0, 25))
-    assert torch.equal(x.grad, torch.where((q > 0) & (q < 25), g, 0) / s)
+    assert torch.equal(x.grad, torch.where((q >= 0) & (q <= 25), g, 0) / s)
+    assert (x.grad[(q == 0) | (q == 25)] != 0).all()
     with torch.no_grad():
         assert torch.equal(m(x), q.clamp(0, 25))
