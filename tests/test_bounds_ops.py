@@ -12,7 +12,8 @@ from torch import nn
 
 from pipeline.bounds import certify, crown_bounds, interval_bounds, margin_lower_bounds
 from pipeline.bounds.ops import MaxPoolRule
-from pipeline.bounds.relax import _maxpool_relaxation, _quant_endpoints, _quant_relaxation
+from pipeline.bounds.box import Box
+from pipeline.bounds.relax import QUANT_TOL, _maxpool_relaxation, _quant_endpoints, _quant_relaxation
 from pipeline.graph import Quantize, as_graph
 from pipeline.onnx_io import export_onnx, ort_logits, ort_session
 from pipeline.onnx_load import load_onnx
@@ -180,6 +181,39 @@ def test_quant_chord_replaces_the_constant_where_the_box_crosses_the_clip():
     ls, lb, us, ub = _quant_relaxation(m, torch.tensor([1.0]), torch.tensor([9.0]))
     assert float(us) == pytest.approx(10.0) and float(ls) == pytest.approx(10.0)
     assert float(ub) == pytest.approx(0.51, abs=1e-4) and float(lb) == pytest.approx(-0.51, abs=1e-4)
+
+
+@pytest.mark.parametrize("rounding", [True, False])
+def test_quant_tightening_skips_only_boxes_whose_lines_do_not_depend_on_them(rounding):
+    """CROWN tightens a QuantizeLinear input only where its relaxation can depend on the bounds: boxes at least
+    QUANT_WIDE quanta wide and that far from both clip edges all get the same lines ``v -/+ h`` (slope 1 / s), so
+    they are skipped; narrow boxes and boxes near either edge (where the lines bend or turn constant) are not."""
+    from pipeline.bounds.ops import QuantizeRule
+    from pipeline.bounds.relax import QUANT_WIDE
+    from pipeline.graph import Node
+
+    m = Quantize(torch.tensor(0.1), torch.tensor(3.0), 0, 255)
+    m.rounding = rounding
+    gen = torch.Generator().manual_seed(0)
+    # random wide boxes inside [qmin + W, qmax - W] quanta (v = x / 0.1 + 3)
+    v_lo = QUANT_WIDE + torch.rand(500, generator=gen) * 200
+    v_hi = torch.minimum(v_lo + QUANT_WIDE + torch.rand(500, generator=gen) * 60, torch.tensor(255 - QUANT_WIDE))
+    wide = (v_lo - 3) * 0.1, (v_hi - 3) * 0.1
+    ls, lb, us, ub = _quant_relaxation(m, *wide)
+    h = 0.5 + QUANT_TOL if rounding else 0.0
+    torch.testing.assert_close(ls, torch.full_like(ls, 10.0))
+    torch.testing.assert_close(us, torch.full_like(us, 10.0))
+    torch.testing.assert_close(ub, torch.full_like(ub, 3.0 + h), atol=1e-3, rtol=0)  # in quanta: v + h, x / s + 3
+    torch.testing.assert_close(lb, torch.full_like(lb, 3.0 - h), atol=1e-3, rtol=0)
+    rule, node = QuantizeRule(), Node("q", "QuantizeLinear", m, ("x",), "y")
+    assert not rule.unstable(node, Box(lo=wide[0], hi=wide[1])).any()
+    # narrow (1.5 quanta), near the floor, near the ceiling, across the floor: tightened
+    v = torch.tensor([[100.0, 101.5], [1.0, 40.0], [200.0, 254.0], [-20.0, 30.0]])
+    x_lo, x_hi = (v[:, 0] - 3) * 0.1, (v[:, 1] - 3) * 0.1
+    assert rule.unstable(node, Box(lo=x_lo, hi=x_hi)).all()
+    # with rounding, a box within one level is exact: never tightened
+    one_level = Box(lo=torch.tensor([(100.1 - 3) * 0.1]), hi=torch.tensor([(100.3 - 3) * 0.1]))
+    assert bool(rule.unstable(node, one_level).any()) != rounding
 
 
 def test_float_twin_quantize_is_bounded_without_rounding_slack():

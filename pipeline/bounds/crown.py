@@ -211,8 +211,9 @@ def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: L
     Each tightened bound is intersected with its IBP bound (both are sound). Only neurons whose relaxation
     depends on their bounds are recomputed, per example: for a ReLU input the unstable neurons (a stable
     neuron's relaxation is exact whatever its bounds), for a QuantizeLinear input those whose box does not
-    round to a single level. ``refine(node, box)`` narrows each IBP box before (sound narrowings only: a
-    reference bound, the split constraints of a branch-and-bound domain).
+    round to a single level and is narrow or near a clip edge (:data:`pipeline.bounds.relax.QUANT_WIDE`).
+    ``refine(node, box)`` narrows each IBP box before (sound narrowings only: a reference bound, the split
+    constraints of a branch-and-bound domain).
 
     ``max_work``: each example's budget of multiply-adds for the tightening (:data:`DEFAULT_MAX_WORK`; None: no
     limit). A layer whose tightening would overrun an example's remaining budget keeps its IBP bound for that

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.bounds.box import Box, _as_rows, _dot, _from_rows, _unbroadcast, _value_const
-from pipeline.bounds.relax import (_maxpool_relaxation, _quant_endpoints, _quant_relaxation, _relu_backward,
-                                   _relu_relaxation)
+from pipeline.bounds.relax import (QUANT_WIDE, _maxpool_relaxation, _quant_endpoints, _quant_relaxation,
+                                   _relu_backward, _relu_relaxation)
 from pipeline.errors import UnsupportedOpError
 from pipeline.graph import Binary, ConstBinary, Node, conv_input_grad
 from pipeline.graph import affine_weight as effective_weight
@@ -541,8 +541,12 @@ class QuantizeRule(OpRule):
     relaxed = True
 
     def unstable(self, node: Node, box: Box) -> Tensor:
-        _, _, q_lo, q_hi = _quant_endpoints(node.module, box.lo, box.hi)
-        return q_lo < q_hi  # boxes that round to a single level are bounded exactly
+        """Whose relaxation can depend on their bounds: not a box that rounds to one level (bounded exactly), nor
+        one at least :data:`QUANT_WIDE` quanta wide and that far from both clip edges (the lines ``v -/+ h``)."""
+        m = node.module
+        v_lo, v_hi, q_lo, q_hi = _quant_endpoints(m, box.lo, box.hi)
+        lines = (v_hi - v_lo >= QUANT_WIDE) & (v_lo >= m.qmin + QUANT_WIDE) & (v_hi <= m.qmax - QUANT_WIDE)
+        return (q_lo < q_hi) & ~lines
 
     def ibp(self, node: Node, boxes: list[Box]) -> Box:
         b = boxes[0]
