@@ -102,6 +102,13 @@ class _FoldGradConv(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
+def _own_backward(x: torch.Tensor) -> bool:
+    """Whether a module may run its own autograd Function on ``x``: a gradient is wanted and no tracer or ONNX
+    exporter is recording the plain ops."""
+    return (x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export())
+
+
 class Conv2d(nn.Conv2d):
     """The convolution of graphs loaded from ONNX: ``nn.Conv2d``, except that where only its input needs a gradient
     (an attack: the weights are frozen), on CPU, reading at most ``FOLD_CHANNELS`` channels (the input image), the
@@ -112,10 +119,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.groups == 1 and self.in_channels <= FOLD_CHANNELS and self.padding_mode == "zeros"
-                and isinstance(self.padding, tuple) and x.dim() == 4 and x.device.type == "cpu" and x.requires_grad
-                and torch.is_grad_enabled() and not self.weight.requires_grad
-                and (self.bias is None or not self.bias.requires_grad)
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()):
+                and isinstance(self.padding, tuple) and x.dim() == 4 and x.device.type == "cpu" and _own_backward(x)
+                and not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)):
             return _FoldGradConv.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         return super().forward(x)
 
@@ -365,8 +370,7 @@ class Quantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self.params(x.dim())
-        if (x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing()
-                and not torch.onnx.is_in_onnx_export()):
+        if _own_backward(x):
             return _QuantizeSTE.apply(x, scale, zero, self.qmin, self.qmax, self.rounding)
         q = torch.round(x / scale) if self.rounding else x / scale
         return torch.clamp(q + zero, self.qmin, self.qmax)

@@ -128,7 +128,9 @@ def deployed_wrong(confirm: Confirm | None, xs: torch.Tensor, ys: torch.Tensor) 
 @torch.no_grad()
 def clean_logits(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     """The attacked model's logits at ``x``, ``batch`` examples per forward pass (call inside ``attack_mode``)."""
-    return torch.cat([model(x[i:i + batch]) for i in range(0, max(len(x), 1), batch)])  # [0, classes] if empty
+    if len(x) <= batch:  # one pass, no copy ([0, classes] if empty)
+        return model(x)
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 @dataclass

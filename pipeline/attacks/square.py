@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.attacks.engine import CONFIRM_MARGIN, Confirm, Progress, attack_threat, deployed_wrong
+from pipeline.attacks.engine import CONFIRM_MARGIN, Confirm, Progress, attack_threat, clean_logits, deployed_wrong
 from pipeline.attacks.steps import margins
 from pipeline.errors import HydraPipeError
 from pipeline.runtime import attack_mode, num_threads
@@ -143,32 +143,26 @@ class _Search:
 
     def offer(self, idx: torch.Tensor, xs: torch.Tensor) -> None:
         """Candidates ``xs`` for the examples ``idx``: keep the improvements, record the (confirmed) breaks."""
-        if len(xs) <= self.batch_size:
-            z = self.model(xs)
-        else:
-            z = torch.cat([self.model(xs[i:i + self.batch_size]) for i in range(0, len(xs), self.batch_size)])
+        z = clean_logits(self.model, xs, self.batch_size)
         ys = self.y[idx]
         m = margins(z, ys)
         wrong = z.argmax(1) != ys
         self.low[idx] = torch.minimum(self.low[idx], m)
         check = wrong | (m < self.near)
-        if not check.any():  # most queries: nothing near the boundary, nothing to confirm
-            better = m < self.cur[idx]
-            take = idx[better]
-            self.best[take] = xs[better]
-            self.cur[take] = m[better]
-            return
-        ok = torch.zeros_like(check)
-        ok[check] = deployed_wrong(self.confirm, xs[check], ys[check])
-        refused = wrong & ~ok
-        self.rejected += int(refused.sum())
-        self.near_checked += int((check & ~wrong).sum())
-        self.rejected_ex[idx[refused]] = True
-        hit = check & ok
-        better = hit | ((m < self.cur[idx]) & ~refused)  # a refused point is no improvement
+        better = m < self.cur[idx]
+        hit = None
+        if check.any():  # most queries have nothing near the boundary: nothing to confirm
+            ok = torch.zeros_like(check)
+            ok[check] = deployed_wrong(self.confirm, xs[check], ys[check])
+            refused = wrong & ~ok
+            self.rejected += int(refused.sum())
+            self.near_checked += int((check & ~wrong).sum())
+            self.rejected_ex[idx[refused]] = True
+            hit = check & ok
+            better = hit | (better & ~refused)  # a refused point is no improvement
         self.best[idx[better]] = xs[better]
         self.cur[idx[better]] = m[better]
-        if hit.any():
+        if hit is not None and hit.any():
             self.adv[idx[hit]] = xs[hit]
             self.broken[idx[hit]] = True
             self.alive[idx[hit]] = False
@@ -292,12 +286,10 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
             spent = torch.ones(len(act), dtype=torch.long, device=dev)
             u = torch.zeros(len(act), QUERY_BLOCK, need, dtype=torch.float64, device=dev)
             bits = torch.zeros(len(act), QUERY_BLOCK, x.shape[1], dtype=torch.long, device=dev)
-            version, since = -1, 0  # the live rows' gathered state is rebuilt when ``alive`` changes
+            version = -1  # the live rows' gathered state is rebuilt when ``alive`` changes
             for q in range(queries):
                 if search.version != version:
-                    if version >= 0:
-                        spent[live] += since
-                    version, since = search.version, 0
+                    version = search.version
                     live = search.alive.nonzero().squeeze(1)
                     if not len(live):
                         break
@@ -320,12 +312,9 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                     cand, moved = _linf_candidates(search, live, u_live[:, k], bits_live[:, k], s, lo, hi)
                 else:
                     cand, moved = _l2_candidates(search, live, u_live[:, k], bits_live[:, k], s)
-                since += 1
+                spent[live] += 1
                 if moved.any():
                     search.offer(live[moved], cand[moved])
-            else:
-                if version >= 0:
-                    spent[live] += since
             hit = act[search.broken]
             broken[hit] = True
             adv[hit] = search.adv[search.broken]
