@@ -124,3 +124,41 @@ def test_the_audit_gates_branch_and_bound_as_the_library_does():
     from pipeline.config import AuditParams
 
     assert AuditParams().bab_shortfall == BAB_SHORTFALL
+
+
+def test_a_childs_inherited_boxes_are_sound_and_within_its_parents():
+    """A child domain's boxes (:func:`pipeline.bounds.alpha.inherited_boxes`: the parent's, narrowed by the split
+    through IBP) contain every value the network takes on the child's inputs, lie within the parent's, and carry
+    the split forward."""
+    from pipeline.bounds.alpha import inherited_boxes, initial_boxes
+    from pipeline.bounds.bab import _relus
+    from pipeline.graph import as_graph
+
+    graph = as_graph(_two_input_net())
+    x = torch.tensor([[0.4, 0.6]])
+    lo, hi = ThreatModel(0.3).box(x)
+    root = initial_boxes(graph, lo, hi)
+    (z, _), (z2, _) = _relus(graph)
+    unstable = ((root[z].lo < 0) & (root[z].hi > 0))[0].nonzero().squeeze(1)
+    assert len(unstable) > 1
+    g = torch.Generator().manual_seed(0)
+    pts = lo + torch.rand(200_000, 2, generator=g) * (hi - lo)
+    env = {graph.input_name: pts}
+    with torch.no_grad():
+        for node in graph.nodes:
+            env[node.output] = node.module(*[env[i] for i in node.inputs])
+    narrowed = 0
+    for neuron in unstable.tolist():
+        for sign in (1, -1):
+            splits = {name: torch.zeros_like(root[name].lo, dtype=torch.int8) for name in (z, z2)}
+            splits[z][0, neuron] = sign
+            child = inherited_boxes(graph, lo, hi, splits, dict(root))
+            inside = sign * env[z][:, neuron] >= 0  # the child's inputs
+            assert inside.any()
+            for name, box in child.items():
+                assert (box.lo >= root[name].lo).all() and (box.hi <= root[name].hi).all()
+                v = env[name][inside]
+                assert (v >= box.lo - 1e-5).all() and (v <= box.hi + 1e-5).all(), name
+            assert (child[z].lo[0, neuron] >= 0) if sign > 0 else (child[z].hi[0, neuron] <= 0)
+            narrowed += int(((child[z2].hi - child[z2].lo) < (root[z2].hi - root[z2].lo) - 1e-6).sum())
+    assert narrowed > 0  # the split reaches the next layer's boxes

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.bounds.box import Box, Boxes
-from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, _crown_boxes, _ibp_exact,
+from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, _crown_boxes, _ibp, _ibp_exact,
                                    _interval_spec_bounds, _merge, _relaxed_consumers, _row_spec, _select,
                                    _spec_or_identity, _unstable, _upstream)
 from pipeline.bounds.ops import rule_for
@@ -90,6 +90,19 @@ def initial_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, splits: Splits
     out = Boxes({k: Box(lo=b.lo.detach(), hi=b.hi.detach()) for k, b in boxes.items()})
     out.dense = getattr(boxes, "dense", {})
     out.tightened = getattr(boxes, "tightened", {})
+    return out
+
+
+def inherited_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, splits: Splits, reference: dict[str, Box],
+                    dense: dict[str, Tensor | None] | None = None) -> Boxes:
+    """A branch-and-bound child's boxes without a backward pass: IBP front to back, each box intersected with the
+    parent's (``reference``: sound on the parent domain, which contains the child) and clamped by the split
+    constraints, so a split narrows the boxes after it as far as interval arithmetic carries it. ``dense``: the
+    convolutions' dense forms cached by an earlier bound of the same graph (see :class:`Boxes`)."""
+    with torch.no_grad():
+        boxes = _ibp(graph, x_lo, x_hi, _refiner(splits, reference))
+    out = Boxes({k: Box(lo=b.lo.detach(), hi=b.hi.detach()) for k, b in boxes.items()})
+    out.dense = dense if dense is not None else {}
     return out
 
 
