@@ -1,6 +1,6 @@
 """Verified accuracy of an int8 graph against its float graph: how much the QuantizeLinear relaxation costs.
 
-    .venv/bin/python benchmarks/int8_bounds.py [--eps 0.05] [--n 450] [--methods ibp,crown,alpha-crown] [--slack]
+    .venv/bin/python benchmarks/int8_bounds.py [--eps 0.05] [--n 450] [--methods ibp,crown,alpha-crown,bab] [--slack]
 
 Graphs: the oracle CNN of ``../shared/oracles/ibp`` (auto_LiRPA's reference network, trained on digits) quantized
 here by plain onnxruntime (``quantize_static``: QDQ, U8 activations, S8 per-channel weights, 256 training images
@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--n", type=int, default=450)
-    ap.add_argument("--methods", default="ibp,crown,alpha-crown")
+    ap.add_argument("--methods", default="ibp,crown,alpha-crown,bab")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--slack", action="store_true", help="also: accuracy under attack, rounding taken out per layer")
     args = ap.parse_args()

@@ -131,14 +131,14 @@ def test_a_childs_inherited_boxes_are_sound_and_within_its_parents():
     through IBP) contain every value the network takes on the child's inputs, lie within the parent's, and carry
     the split forward."""
     from pipeline.bounds.alpha import inherited_boxes, initial_boxes
-    from pipeline.bounds.bab import _relus
+    from pipeline.bounds.bab import _kinks
     from pipeline.graph import as_graph
 
     graph = as_graph(_two_input_net())
     x = torch.tensor([[0.4, 0.6]])
     lo, hi = ThreatModel(0.3).box(x)
     root = initial_boxes(graph, lo, hi)
-    (z, _), (z2, _) = _relus(graph)
+    (z, _, _), (z2, _, _) = _kinks(graph)
     unstable = ((root[z].lo < 0) & (root[z].hi > 0))[0].nonzero().squeeze(1)
     assert len(unstable) > 1
     g = torch.Generator().manual_seed(0)
@@ -162,3 +162,37 @@ def test_a_childs_inherited_boxes_are_sound_and_within_its_parents():
             assert (child[z].lo[0, neuron] >= 0) if sign > 0 else (child[z].hi[0, neuron] <= 0)
             narrowed += int(((child[z2].hi - child[z2].lo) < (root[z2].hi - root[z2].lo) - 1e-6).sum())
     assert narrowed > 0  # the split reaches the next layer's boxes
+
+
+def test_bab_splits_the_clip_floors_of_an_onnxruntime_int8_graph(tmp_path):
+    """onnxruntime fuses each ReLU into its activation's QuantizeLinear (U8, zero point 0: the clip floor), so the
+    oracle CNN's int8 graph has no Relu node left; branch and bound splits those floors instead, proves more than
+    alpha-CROWN, and nothing it proves is broken, nor is any bound above onnxruntime's margins at sampled points."""
+    from pipeline.attacks.pgd import pgd_attack
+    from pipeline.bounds.bab import _kinks
+    from pipeline.data import digits_arrays
+    from pipeline.onnx_io import ort_logits, ort_session
+    from pipeline.onnx_load import load_onnx
+    from tests.test_bounds_ops import DATA, plain_int8
+
+    x_train, _, x_test, y_test = digits_arrays()
+    path = plain_int8(DATA / "cnn.onnx", tmp_path, (1, 8, 8), x_train[:256])
+    graph = load_onnx(path)
+    assert not any(node.op == "Relu" for node in graph.nodes)
+    assert sum(k.quant is not None for k in _kinks(graph)) >= 3  # both convolutions and the dense layer
+    x, y = torch.from_numpy(x_test[:40]), torch.from_numpy(y_test[:40])
+    threat = ThreatModel(0.05)
+    alpha = certify(graph, x, y, threat, "alpha-crown", logit_bounds=False).verified
+    res = branch_and_bound(graph, x, y, threat, max_domains=60)
+    assert (res.verified >= alpha).all() and res.verified.sum() > alpha.sum()
+    attack = pgd_attack(graph, x, y, 0.05, steps=100, restarts=5)
+    assert not (res.verified & ~attack.robust).any()
+    session = ort_session(path, threads=1)
+    lo, hi = threat.box(x)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        pts = lo + torch.rand(x.shape, generator=g) * (hi - lo)
+        z = torch.from_numpy(ort_logits(session, pts.numpy()))
+        margins = z.gather(1, y[:, None]) - z  # [N, classes], 0 at the label
+        others = torch.stack([torch.cat([margins[i, :y[i]], margins[i, y[i] + 1:]]) for i in range(len(y))])
+        assert (res.lower <= others + 1e-4).all()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ from pipeline.bounds.alpha import Optimized, Splits, inherited_boxes, initial_bo
 from pipeline.bounds.box import Box
 from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, _relaxed_consumers
 from pipeline.errors import HydraPipeError
-from pipeline.graph import GraphModule, as_graph
+from pipeline.graph import GraphModule, Quantize, as_graph
 from pipeline.runtime import sound_numerics
 from pipeline.threat import ThreatModel
 
@@ -96,26 +97,54 @@ class _Domains:
                         {k: torch.cat([p.record[k] for p in parts]) for k in first.record})
 
 
-def _relus(graph: GraphModule) -> list[tuple[str, str]]:
-    """(input, output) value names of each Relu: the neurons branch and bound splits."""
-    return [(node.inputs[0], node.output) for node in graph.nodes if node.op == "Relu"]
+class _Kink(NamedTuple):
+    """A layer of neurons branch and bound may split at zero: its input and output value names, and the
+    QuantizeLinear for such a layer (None for a ReLU)."""
+
+    z: str
+    out: str
+    quant: Quantize | None
 
 
-def _branch(dom: _Domains, relus: list[tuple[str, str]]) -> tuple[list[tuple[int, int]], Tensor]:
-    """For each domain the unstable neuron to split, as (index into ``relus``, flat neuron index), chosen by the
+def floors_at_zero(m: Quantize) -> bool:
+    """Whether a QuantizeLinear's clip floor is its zero point (onnxruntime's U8 activations after a fused
+    Conv-Relu, zero point 0): then ``q(x) = qmin`` wherever ``x <= 0`` and ``q`` is not clipped at its floor
+    wherever ``x >= 0``, so splitting its input at zero removes the kink as a ReLU split does."""
+    return bool((m.zero_point == m.qmin).all())
+
+
+def _kinks(graph: GraphModule) -> list[_Kink]:
+    """The layers branch and bound splits: every Relu, and every QuantizeLinear whose clip floor is its zero point
+    (:func:`floors_at_zero`; onnxruntime fuses a Conv's ReLU into it, so without it an int8 graph has little or
+    nothing to split)."""
+    out = []
+    for node in graph.nodes:
+        if node.op == "Relu":
+            out.append(_Kink(node.inputs[0], node.output, None))
+        elif node.op == "QuantizeLinear" and floors_at_zero(node.module):
+            out.append(_Kink(node.inputs[0], node.output, node.module))
+    return out
+
+
+def _branch(dom: _Domains, kinks: list[_Kink]) -> tuple[list[tuple[int, int]], Tensor]:
+    """For each domain the unstable neuron to split, as (index into ``kinks``, flat neuron index), chosen by the
     intercept score ``sum_j max(-A_j, 0) * (-l u / (u - l))`` over the rows j still negative (``A``: the final
-    rows' coefficients at the ReLU output), plus a small share of ``|A| min(u, -l)`` (the lower slope's gap) to
-    break ties; and which domains have no unstable neuron left (bool [D])."""
+    rows' coefficients at the layer's output, the intercept in the output's units), plus a small share of
+    ``|A| min(u, -l)`` (the lower slope's gap) to break ties; and which domains have no unstable neuron left
+    (bool [D])."""
     d = len(dom)
     weight = (dom.lower <= 0).to(dom.lower.dtype)  # [D, M]
     scores = []
-    for z, out in relus:
-        lo, hi = dom.boxes[z].lo.reshape(d, -1), dom.boxes[z].hi.reshape(d, -1)
+    for z, out, quant in kinks:
+        box = dom.boxes[z]
+        lo, hi = box.lo.reshape(d, -1), box.hi.reshape(d, -1)
+        units = torch.ones_like(box.lo[:1])  # the output's units per unit of input (quanta for a QuantizeLinear)
+        units = (units if quant is None else units / quant.params(box.lo.dim())[0]).reshape(1, -1)
         unstable = (lo < 0) & (hi > 0)
         a = dom.record[out].reshape(d, weight.shape[1], -1) if out in dom.record else \
             lo.new_zeros(d, weight.shape[1], lo.shape[1])  # behind a cut: no coefficient reaches it
-        intercept = -lo * hi / (hi - lo).clamp_min(1e-12)
-        gap = torch.minimum(hi, -lo)
+        intercept = -lo * hi / (hi - lo).clamp_min(1e-12) * units
+        gap = torch.minimum(hi, -lo) * units
         s = torch.einsum("dm,dmk->dk", weight, a.clamp(max=0).neg()) * intercept \
             + 1e-3 * torch.einsum("dm,dmk->dk", weight, a.abs()) * gap + 1e-9 * gap  # every unstable neuron > 0
         scores.append(torch.where(unstable, s, torch.full_like(s, -1.0)))
@@ -133,13 +162,14 @@ def _branch(dom: _Domains, relus: list[tuple[str, str]]) -> tuple[list[tuple[int
     return choice, stuck
 
 
-def _children(dom: _Domains, choice: list[tuple[int, int]], relus: list[tuple[str, str]]) -> tuple[Splits, dict[str, Box], Tensor]:
+def _children(dom: _Domains, choice: list[tuple[int, int]], kinks: list[_Kink]
+              ) -> tuple[Splits, dict[str, Box], Tensor]:
     """The two children of each domain (first all the active ones, then the inactive ones): their split
     constraints, reference boxes (the parent's, clamped by the new split) and the parent's bounds."""
     d = len(dom)
     splits = {k: torch.cat([s, s]).clone() for k, s in dom.splits.items()}
     for j, (layer, idx) in enumerate(choice):
-        z = relus[layer][0]
+        z = kinks[layer].z
         splits[z].view(2 * d, -1)[j, idx] = 1
         splits[z].view(2 * d, -1)[d + j, idx] = -1
     boxes = {k: Box(lo=torch.cat([b.lo, b.lo]), hi=torch.cat([b.hi, b.hi])) for k, b in dom.boxes.items()}
@@ -180,7 +210,7 @@ def _search(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, root: 
     ("verified" | "falsified" | "undecided", margin lower bounds [M], domains bounded). ``per_domain``: a first
     guess of the seconds one domain's bound takes (then measured), so that a round does not overrun the deadline
     by much: a round splits at most as many domains as the time left allows."""
-    relus = _relus(graph)
+    kinks = _kinks(graph)
     keys = _keys(graph)
     leaves = torch.full_like(root.lower[0], float("inf"))  # the minimum over proved leaves, per row
     pool, bounded = root, 1
@@ -192,11 +222,11 @@ def _search(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, root: 
         fit = max(1, int(left / max(2 * per_domain, 1e-9)))  # each parent makes two children
         k = min(batch, len(pool), max(1, (max_domains - bounded) // 2), fit)
         parents, rest = pool.take(order[:k]), pool.take(order[k:])
-        choice, stuck = _branch(parents, relus)
+        choice, stuck = _branch(parents, kinks)
         if bool(stuck.any()):  # fully split and still negative: the relaxation cannot go further
             return "undecided", torch.minimum(leaves, pool.lower.amin(0)), bounded
-        splits, ref, parent_lower = _children(parents, choice, relus)
-        n = splits[relus[0][0]].shape[0]
+        splits, ref, parent_lower = _children(parents, choice, kinks)
+        n = splits[kinks[0].z].shape[0]
         xl, xh = x_lo.expand(n, *x_lo.shape[1:]), x_hi.expand(n, *x_hi.shape[1:])
         t = time.perf_counter()
         boxes0 = inherited_boxes(graph, xl, xh, splits, ref, dense)
@@ -238,7 +268,7 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
     ``max_shortfall``: only the examples whose root bound has at most this
     :func:`~pipeline.bounds.alpha.shortfall` are searched (:data:`BAB_SHORTFALL`; None: all)."""
     n = x_lo.shape[0]
-    relus = _relus(graph)
+    kinks = _kinks(graph)
     t0 = time.perf_counter()
     with sound_numerics(), torch.no_grad():
         boxes0 = initial_boxes(graph, x_lo, x_hi, max_elements=max_elements)
@@ -246,7 +276,7 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
                                 intermediate=intermediate)
         root_seconds = (time.perf_counter() - t0) / max(1, n)
         keys = _keys(graph)
-        splits = {z: torch.zeros(boxes0[z].shape, dtype=torch.int8, device=x_lo.device) for z, _ in relus}
+        splits = {k.z: torch.zeros(boxes0[k.z].shape, dtype=torch.int8, device=x_lo.device) for k in kinks}
         lower = root.lower.clone()
         status = torch.where((lower > 0).all(1), 1, 0)
         domains = torch.ones(n, dtype=torch.long)
@@ -254,7 +284,7 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
         searched = status == 0
         if max_shortfall is not None:
             searched &= shortfall(graph, x_lo, x_hi, spec, lower) <= max_shortfall
-        todo = torch.nonzero(searched).squeeze(1).tolist() if relus else []
+        todo = torch.nonzero(searched).squeeze(1).tolist() if kinks else []
         if progress is not None:
             progress(n - len(todo), n)
         for done, i in enumerate(todo, n - len(todo) + 1):

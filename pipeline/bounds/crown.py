@@ -81,7 +81,8 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
 
     ``lagrange`` ({value: [N, M, *shape]}) is added to a value's coefficients once they are complete (beta-CROWN's
     split multipliers, Wang et al. 2021: the bound becomes one of ``spec . target + sum(lagrange * value)``).
-    ``record``: when given, filled with the (complete) coefficients of the Relu outputs and of the input.
+    ``record``: when given, filled with the (complete) coefficients of the Relu and QuantizeLinear outputs and of
+    the input.
 
     ``rows`` ([N, R] indices into the rows of a batch-shared ``spec`` [1, U, ...]): the rows are pulled back
     once for the whole batch through the affine ops next to ``target`` and only split per example (row
@@ -113,7 +114,7 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
         linear = rule.is_linear(node)
         if is_shared and not linear:
             a, is_shared = split(a), False
-        if record is not None and node.op == "Relu":
+        if record is not None and node.op in ("Relu", "QuantizeLinear"):
             record[node.output] = a
         if not (linear or relaxed):  # a cut: bound this node's contribution by its box
             bias = bias + _concretize(a, boxes[node.output])
