@@ -11,8 +11,8 @@ References:
   Massively Parallel Incomplete Verifiers", ICLR 2021 (lower ReLU slopes of every layer optimised by projected
   gradient, the intermediate bounds recomputed from their own slopes).
 - Branch and bound: Bunel et al., "Branch and Bound for Piecewise Linear Neural Network Verification", JMLR 2020
-  (splits on unstable ReLUs, BaBSR's intercept score) with the per-split multipliers of beta-CROWN (Wang et al.,
-  NeurIPS 2021).
+  (splits on unstable ReLUs, and on the clip floors of int8 activations, BaBSR's intercept score) with the
+  per-split multipliers of beta-CROWN (Wang et al., NeurIPS 2021).
 
 What is bounded, over which set, and how are kept apart: a *model* (any module :func:`pipeline.graph.as_graph`
 accepts: our ``nn.Sequential`` models, residual models that ``torch.fx`` traces, an ``OnnxModule``), an input

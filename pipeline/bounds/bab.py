@@ -6,7 +6,11 @@ Bunel et al. ("Branch and Bound for Piecewise Linear Neural Network Verification
 ("Fast and Complete", ICLR 2021).
 
 A domain is the input box with some ReLU inputs ``z_i`` constrained to ``z_i >= 0`` (active) or ``z_i <= 0``
-(inactive). Its bound (:func:`pipeline.bounds.alpha.optimized_bounds`): a child's intermediate boxes are its
+(inactive). On an int8 graph the inputs of a QuantizeLinear whose clip floor is its zero point are split the same
+way (:func:`floors_at_zero`: onnxruntime fuses a Conv's ReLU into its U8 activation's quantization, leaving no Relu
+node): below zero the output is the floor, above it the staircase is not clipped there. On the oracle CNN quantized
+by plain onnxruntime (450 digits test images, eps 0.05) that took its int8 graph from 67.6% to 74.4% verified
+(float graph 83.1%), the shipped default model's from 88.0% to 88.7% (float 91.1%). Its bound (:func:`pipeline.bounds.alpha.optimized_bounds`): a child's intermediate boxes are its
 parent's (sound, since a child is a subset of its parent) with the new split's neuron clamped by its constraint and
 the clamp carried forward by interval arithmetic (:func:`pipeline.bounds.alpha.inherited_boxes`; no backward pass
 per intermediate layer, which CROWN on the clamped boxes would take: 4-5x more domains per second on the
