@@ -9,20 +9,21 @@ A domain is the input box with some ReLU inputs ``z_i`` constrained to ``z_i >= 
 (inactive). On an int8 graph the inputs of a QuantizeLinear whose clip floor is its zero point are split the same
 way (:func:`floors_at_zero`: onnxruntime fuses a Conv's ReLU into its U8 activation's quantization, leaving no Relu
 node): below zero the output is the floor, above it the staircase is not clipped there. On the oracle CNN quantized
-by plain onnxruntime (450 digits test images, eps 0.05) that took its int8 graph from 67.6% to 74.4% verified
-(float graph 83.1%), the shipped default model's from 88.0% to 88.7% (float 91.1%). Its bound (:func:`pipeline.bounds.alpha.optimized_bounds`): a child's intermediate boxes are its
-parent's (sound, since a child is a subset of its parent) with the new split's neuron clamped by its constraint and
-the clamp carried forward by interval arithmetic (:func:`pipeline.bounds.alpha.inherited_boxes`; no backward pass
-per intermediate layer, which CROWN on the clamped boxes would take: 4-5x more domains per second on the
-Fashion-MNIST CNN-small, see :func:`bab_margins`), and the constraints enter the final bound, whose slopes are
-optimised, with optimised multipliers ``beta`` (beta-CROWN); ``intermediate=True`` re-optimises the intermediate
-bounds per domain too. Each round takes the ``batch`` domains with the
-lowest bounds, splits each on the unstable neuron with the best *intercept* score (how much the chord's intercept
-costs the bound, BaBSR's main term, Bunel et al. 2020) and bounds all children in one call. A domain whose margin
-rows are all positive is dropped (proved); the example is verified when none is left. At each bound the corner of
-the box minimising the final linear bound is run through the network: a misclassified corner is a counterexample.
-The per-example time budget or domain limit ends the search undecided; examples whose root bound is far from a
-proof (:data:`BAB_SHORTFALL`) are not searched.
+by plain onnxruntime (450 digits test images, eps 0.05, ``benchmarks/int8_bounds.py``) that took its int8 graph
+from 67.6% to 74.2% verified (float graph 83.1%), the shipped default model's from 88.0% to 88.7% (float 91.1%).
+
+A domain's bound (:func:`pipeline.bounds.alpha.optimized_bounds`): a child's intermediate boxes are its parent's
+(sound, since a child is a subset of its parent) with the new split's neuron clamped by its constraint and the clamp
+carried forward by interval arithmetic (:func:`pipeline.bounds.alpha.inherited_boxes`; no backward pass per
+intermediate layer, which CROWN on the clamped boxes would take: 4-5x more domains per second on the Fashion-MNIST
+CNN-small, see :func:`bab_margins`), and the constraints enter the final bound, whose slopes are optimised, with
+optimised multipliers ``beta`` (beta-CROWN); ``intermediate=True`` re-optimises the intermediate bounds per domain
+too. Each round takes the ``batch`` domains with the lowest bounds, splits each on the unstable neuron with the best
+*intercept* score (how much the chord's intercept costs the bound, BaBSR's main term, Bunel et al. 2020) and bounds
+all children in one call. A domain whose margin rows are all positive is dropped (proved); the example is verified
+when none is left. At each bound the corner of the box minimising the final linear bound is run through the network:
+a misclassified corner is a counterexample. The per-example time budget or domain limit ends the search undecided;
+examples whose root bound is far from a proof (:data:`BAB_SHORTFALL`) are not searched.
 
 Soundness: every bound is a sound lower bound of the margins over its domain, and the domains of an example always
 cover its box, so the minimum over the leaves of a row's bound is a sound bound of that row over the box.
@@ -264,9 +265,9 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
     (:func:`pipeline.bounds.alpha.inherited_boxes`). Recomputing them by CROWN for every domain instead (as this
     search did before) costs 4-5x per domain: on the Fashion-MNIST benchmark model (the 40 examples APGD and
     alpha-CROWN left at eps 0.1, 4 s each, 1 thread) inheriting bounded 3-5x more domains and proved 17 instead
-    of 15, its bounds on the others higher; in the audit (shortfall gate on) 50 domains per example prove the same
-    13 in 22 instead of 38 s, and 200 domains prove 14 in 36 s. ``intermediate`` optimises the intermediate
-    slopes per domain too (alpha-CROWN on every layer, as the root of
+    of 15, its bounds on the others higher; in the audit (shortfall gate on, ``benchmarks/bab_budget.py``) 50 domains
+    per example prove the same 13 in 19-22 instead of 38 s, 100 (the audit's default) prove 14 in 24-26 s.
+    ``intermediate`` optimises the intermediate slopes per domain too (alpha-CROWN on every layer, as the root of
     :func:`pipeline.bounds.alpha.alpha_crown_bounds`), which on a network with many unstable neurons costs some
     15x per domain, so the search explores far fewer domains in its time budget. Off by default.
     ``max_shortfall``: only the examples whose root bound has at most this
