@@ -210,13 +210,12 @@ def _keys(graph: GraphModule) -> list[str]:
 
 def _search(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, root: _Domains, *, deadline: float,
             max_domains: int, batch: int, iterations: int, intermediate: bool, per_domain: float,
-            dense: dict[str, Tensor | None]) -> tuple[str, Tensor, int]:
+            dense: dict[str, Tensor | None], kinks: list[_Kink], keys: list[str]) -> tuple[str, Tensor, int]:
     """Branch and bound on one example (``x_lo``, ``x_hi`` [1, ...], ``spec`` [1, M, K]) from its root domain:
     ("verified" | "falsified" | "undecided", margin lower bounds [M], domains bounded). ``per_domain``: a first
     guess of the seconds one domain's bound takes (then measured), so that a round does not overrun the deadline
-    by much: a round splits at most as many domains as the time left allows."""
-    kinks = _kinks(graph)
-    keys = _keys(graph)
+    by much: a round splits at most as many domains as the time left allows. ``kinks``, ``keys``: the graph's
+    :func:`_kinks` and :func:`_keys`, found once for all its examples."""
     leaves = torch.full_like(root.lower[0], float("inf"))  # the minimum over proved leaves, per row
     pool, bounded = root, 1
     while len(pool):
@@ -301,7 +300,7 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
             verdict, lower[i], domains[i] = _search(
                 graph, x_lo[one], x_hi[one], spec[one] if spec.shape[0] > 1 else spec, dom,
                 deadline=t + time_budget_s, max_domains=max_domains, batch=batch, iterations=bab_iterations,
-                intermediate=intermediate, per_domain=root_seconds, dense=boxes0.dense)
+                intermediate=intermediate, per_domain=root_seconds, dense=boxes0.dense, kinks=kinks, keys=keys)
             status[i] = {"verified": 1, "falsified": -1, "undecided": 0}[verdict]
             seconds[i] += time.perf_counter() - t
             if progress is not None:
