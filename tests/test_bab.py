@@ -43,8 +43,8 @@ def test_bab_is_sound_and_complete_on_a_two_input_net(eps):
     threat = ThreatModel(eps)
     res = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=None)  # search every example
     grid = _grid_min_margin(net, x, y, threat)
-    assert torch.equal(res.verified | res.falsified | res.undecided, torch.ones(40, dtype=torch.bool))
-    assert not (res.verified & res.falsified).any() and not (res.verified & res.undecided).any()
+    statuses = torch.stack([res.verified, res.falsified, res.undecided, res.timed_out])
+    assert (statuses.sum(0) == 1).all()  # one status per example
     # sound: every verified example is robust on the grid, and its margin bounds are below the grid's
     assert (grid[res.verified] > 0).all()
     assert (res.lower.amin(1) <= grid + 1e-4).all()
@@ -131,14 +131,14 @@ def test_a_childs_inherited_boxes_are_sound_and_within_its_parents():
     through IBP) contain every value the network takes on the child's inputs, lie within the parent's, and carry
     the split forward."""
     from pipeline.bounds.alpha import inherited_boxes, initial_boxes
-    from pipeline.bounds.bab import _kinks
+    from pipeline.bounds.bab import find_kinks
     from pipeline.graph import as_graph
 
     graph = as_graph(_two_input_net())
     x = torch.tensor([[0.4, 0.6]])
     lo, hi = ThreatModel(0.3).box(x)
     root = initial_boxes(graph, lo, hi)
-    (z, _, _), (z2, _, _) = _kinks(graph)
+    (z, _, _), (z2, _, _) = find_kinks(graph)
     unstable = ((root[z].lo < 0) & (root[z].hi > 0))[0].nonzero().squeeze(1)
     assert len(unstable) > 1
     g = torch.Generator().manual_seed(0)
@@ -169,7 +169,7 @@ def test_bab_splits_the_clip_floors_of_an_onnxruntime_int8_graph(tmp_path):
     oracle CNN's int8 graph has no Relu node left; branch and bound splits those floors instead, proves more than
     alpha-CROWN, and nothing it proves is broken, nor is any bound above onnxruntime's margins at sampled points."""
     from pipeline.attacks.pgd import pgd_attack
-    from pipeline.bounds.bab import _kinks
+    from pipeline.bounds.bab import find_kinks
     from pipeline.data import digits_arrays
     from pipeline.onnx_io import ort_logits, ort_session
     from pipeline.onnx_load import load_onnx
@@ -179,7 +179,7 @@ def test_bab_splits_the_clip_floors_of_an_onnxruntime_int8_graph(tmp_path):
     path = plain_int8(DATA / "cnn.onnx", tmp_path, (1, 8, 8), x_train[:256])
     graph = load_onnx(path)
     assert not any(node.op == "Relu" for node in graph.nodes)
-    assert sum(k.quant is not None for k in _kinks(graph)) >= 3  # both convolutions and the dense layer
+    assert sum(k.quant is not None for k in find_kinks(graph)) >= 3  # both convolutions and the dense layer
     x, y = torch.from_numpy(x_test[:40]), torch.from_numpy(y_test[:40])
     threat = ThreatModel(0.05)
     alpha = certify(graph, x, y, threat, "alpha-crown", logit_bounds=False).verified
@@ -196,3 +196,68 @@ def test_bab_splits_the_clip_floors_of_an_onnxruntime_int8_graph(tmp_path):
         margins = z.gather(1, y[:, None]) - z  # [N, classes], 0 at the label
         others = torch.stack([torch.cat([margins[i, :y[i]], margins[i, y[i] + 1:]]) for i in range(len(y))])
         assert (res.lower <= others + 1e-4).all()
+
+
+def _slow_clock(monkeypatch: pytest.MonkeyPatch, factor: float) -> None:
+    """``time.perf_counter`` running ``factor`` times fast: the machine seems ``factor`` times slower."""
+    import time
+
+    real = time.perf_counter
+    start = real()
+    monkeypatch.setattr(time, "perf_counter", lambda: start + factor * (real() - start))
+
+
+def test_bab_verdicts_do_not_depend_on_the_machines_speed(monkeypatch):
+    """Rounds and budgets are counted in domains: on a machine 100x slower (the clock patched) with a time budget
+    that does not bind, every verdict, domain count and bound is the same; with one that runs out mid-search, each
+    example either gets that very result or is reported ``timed_out`` (never undecided for lack of time)."""
+    net = _two_input_net()
+    x = torch.rand(40, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    threat = ThreatModel(0.3)
+    budget = dict(max_domains=120, batch=16, max_shortfall=None)
+    normal = branch_and_bound(net, x, y, threat, time_budget_s=1e6, **budget)
+    assert not normal.timed_out.any() and (normal.domains > 1).sum() >= 5
+    _slow_clock(monkeypatch, 100.0)
+    slow = branch_and_bound(net, x, y, threat, time_budget_s=1e6, **budget)
+    assert slow.seconds.sum() > 10 * normal.seconds.sum()  # the clock did run slow
+    for field in ("verified", "falsified", "undecided", "timed_out", "domains", "lower"):
+        assert torch.equal(getattr(slow, field), getattr(normal, field)), field
+    searched = normal.domains > 1
+    cap = 0.25 * float(slow.seconds[searched].max())  # the longest searches run out of time
+    part = branch_and_bound(net, x, y, threat, time_budget_s=cap, **budget)
+    kept = ~part.timed_out
+    assert part.timed_out.any() and kept.any()
+    for field in ("verified", "falsified", "undecided", "domains", "lower"):
+        assert torch.equal(getattr(part, field)[kept], getattr(normal, field)[kept]), field
+    assert (part.domains[part.timed_out] < budget["max_domains"]).all()
+
+
+def test_bab_reports_a_search_stopped_by_the_time_budget_as_timed_out():
+    net = _two_input_net()
+    x = torch.rand(40, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    threat = ThreatModel(0.3)
+    normal = branch_and_bound(net, x, y, threat, max_domains=120, batch=16, max_shortfall=None)
+    tiny = branch_and_bound(net, x, y, threat, time_budget_s=1e-9, max_domains=120, batch=16, max_shortfall=None)
+    # every example the root bound leaves unproved is searched, and each search stops before its first round
+    assert torch.equal(tiny.verified, normal.verified & (normal.domains == 1))
+    assert torch.equal(tiny.timed_out, ~tiny.verified) and tiny.timed_out.any()
+    assert not tiny.undecided.any() and not tiny.falsified.any() and (tiny.domains == 1).all()
+    # one status per example
+    statuses = torch.stack([normal.verified, normal.falsified, normal.undecided, normal.timed_out])
+    assert (statuses.sum(0) == 1).all()
+
+
+def test_an_empty_domain_needs_its_bounds_to_cross_by_more_than_their_rounding():
+    """A domain counts as empty (and is dropped as proved) only when a bound crosses its opposite bound by more
+    than their float error, which grows with their magnitude: 1000.001 > 1000 is within float32 rounding of
+    values near 1000 (an ulp is 6e-5), so that domain may be non-empty and must stay."""
+    from pipeline.bounds.bab import empty_domains
+    from pipeline.bounds.box import Box
+
+    lo = torch.tensor([[0.0, 1000.001], [0.0, 1000.5], [0.5 + 2e-5, 0.0], [0.5 + 5e-6, 0.0], [-1e30, 0.0]])
+    hi = torch.tensor([[1.0, 1000.0], [1.0, 1000.0], [0.5, 1.0], [0.5, 1.0], [1e30, 1.0]])
+    assert empty_domains({"z": Box(lo=lo, hi=hi)}).tolist() == [False, True, True, False, False]

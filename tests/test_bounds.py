@@ -412,3 +412,35 @@ def test_in_place_relus_give_the_bounds_of_plain_ones():
             assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
         ref, got = interval_bounds(plain, x_lo, x_hi), interval_bounds(inplace, x_lo, x_hi)
         assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+def _constant_margin_net(margin: float) -> nn.Module:
+    """Logits ``(margin, 0)`` whatever the input: every bound of the margin is exactly ``margin``."""
+    net = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([margin, 0.0]))
+    return net.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_margin_bound_within_float32_rounding_of_zero_is_no_proof(dtype):
+    """A margin lower bound of +1e-9 is positive, but the deployed model's float32 rounding could take it below
+    zero: no method proves it (certify and branch and bound, also with float64 bounds); a margin of 1e-3, far
+    above that rounding (the slack), is proved by all."""
+    from pipeline.bounds import branch_and_bound, margin_slack
+    from pipeline.graph import as_graph
+
+    x = torch.rand(3, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(3, dtype=torch.long)
+    threat = ThreatModel(0.1)
+    for margin, proved in ((1e-9, False), (1e-3, True)):
+        net = _constant_margin_net(margin)
+        lo, hi = threat.box(x)
+        for method in ("ibp", "crown", "alpha-crown", "bab"):
+            bound = margin_lower_bounds(net, lo, hi, y, method)
+            assert (bound > 0).all() and (bound < 2 * margin).all()
+            assert certify(net, x, y, threat, method, dtype=dtype).verified.tolist() == [proved] * 3, (margin, method)
+        assert branch_and_bound(net, x, y, threat, dtype=dtype).verified.tolist() == [proved] * 3
+        slack = margin_slack(as_graph(net), lo, hi)
+        assert ((slack > 1e-9) & (slack < 1e-5)).all()

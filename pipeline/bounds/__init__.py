@@ -45,10 +45,13 @@ Quantized graphs (QuantizeLinear -> DequantizeLinear, as onnxruntime's QDQ forma
 Layout: :mod:`pipeline.bounds.ops` holds one rule per op (its IBP rule and its CROWN rule side by side, like
 auto_LiRPA's ``Bound*`` classes; adding an op or a relaxation is adding one class there), with the relaxations'
 math in :mod:`pipeline.bounds.relax`; :mod:`pipeline.bounds.crown` is the engine that runs them over a graph,
-:mod:`pipeline.bounds.alpha` alpha-CROWN (and beta-CROWN's split multipliers), :mod:`pipeline.bounds.bab` branch
-and bound, :mod:`pipeline.bounds.verify` margins, the registry of bound methods and the batched verification loop
-:func:`certify` (``dtype=torch.float64`` for float64 bounds). Every entry point runs under
-:func:`pipeline.runtime.sound_numerics` (no TF32, deterministic algorithms).
+:mod:`pipeline.bounds.alpha` alpha-CROWN (and beta-CROWN's split multipliers), :mod:`pipeline.bounds.spec` the
+margin specification, the bounds' precision and the slack a proof keeps for the deployed float32 rounding
+(:func:`margin_slack`), :mod:`pipeline.bounds.bab` branch and bound, :mod:`pipeline.bounds.verify` the registry of
+bound methods and the batched verification loop :func:`certify` (``dtype=torch.float64`` for float64 bounds). Each
+module imports only the ones before it in this list (box, relax, ops, crown, alpha, spec, bab, verify), and no
+underscore name of another. Every entry point runs under :func:`pipeline.runtime.sound_numerics` (no TF32,
+deterministic algorithms).
 """
 
 from pipeline.bounds.alpha import alpha_crown_bounds
@@ -56,9 +59,9 @@ from pipeline.bounds.bab import BabResult, branch_and_bound
 from pipeline.bounds.box import Box
 from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, crown_bounds, interval_bounds
 from pipeline.bounds.relax import QUANT_TOL
-from pipeline.bounds.verify import (BOUND_METHODS, Certificate, Method, certify, margin_lower_bounds, margin_spec,
-                                    verified)
+from pipeline.bounds.spec import margin_slack, margin_spec
+from pipeline.bounds.verify import BOUND_METHODS, Certificate, Method, certify, margin_lower_bounds, verified
 
 __all__ = ["BOUND_METHODS", "BabResult", "Box", "Certificate", "DEFAULT_MAX_ELEMENTS", "Method", "QUANT_TOL",
-           "alpha_crown_bounds", "branch_and_bound", "certify", "crown_bounds", "interval_bounds", "margin_lower_bounds", "margin_spec",
-           "verified"]
+           "alpha_crown_bounds", "branch_and_bound", "certify", "crown_bounds", "interval_bounds", "margin_lower_bounds",
+           "margin_slack", "margin_spec", "verified"]

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.bounds.box import Box, Boxes
-from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, _crown_boxes, _ibp, _ibp_exact,
-                                   _interval_spec_bounds, _merge, _relaxed_consumers, _row_spec, _select,
-                                   _spec_or_identity, _unstable, _upstream)
+from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, backward_bounds, check_box, crown_boxes, ibp_boxes,
+                                   ibp_exact_values, interval_spec_bounds, merge_bounds, relaxed_consumers, row_spec,
+                                   select_neurons, spec_or_identity, unstable_neurons, upstream_values)
 from pipeline.bounds.ops import rule_for
-from pipeline.bounds.relax import _relu_relaxation
+from pipeline.bounds.relax import relu_relaxation
 from pipeline.graph import GraphModule, Node, as_graph
 from pipeline.runtime import frozen, sound_numerics
 
@@ -38,7 +38,7 @@ Splits = dict[str, Tensor]
 
 @dataclass
 class _Start:
-    """A value whose selected neurons are rebounded each iteration: :func:`pipeline.bounds.crown._row_spec`'s
+    """A value whose selected neurons are rebounded each iteration: :func:`pipeline.bounds.crown.row_spec`'s
     spec and rows, and the selection to merge the result back."""
 
     spec: Tensor
@@ -86,7 +86,7 @@ def initial_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, splits: Splits
                   reference: dict[str, Box] | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Boxes:
     """CROWN's boxes (no gradients), narrowed by ``reference`` and the split constraints ``splits``."""
     with torch.no_grad():
-        boxes = _crown_boxes(graph, x_lo, x_hi, "crown", max_elements, _refiner(splits, reference))
+        boxes = crown_boxes(graph, x_lo, x_hi, "crown", max_elements, _refiner(splits, reference))
     out = Boxes({k: Box(lo=b.lo.detach(), hi=b.hi.detach()) for k, b in boxes.items()})
     out.dense = getattr(boxes, "dense", {})
     out.tightened = getattr(boxes, "tightened", {})
@@ -100,7 +100,7 @@ def inherited_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, splits: Spli
     constraints, so a split narrows the boxes after it as far as interval arithmetic carries it. ``dense``: the
     convolutions' dense forms cached by an earlier bound of the same graph (see :class:`Boxes`)."""
     with torch.no_grad():
-        boxes = _ibp(graph, x_lo, x_hi, _refiner(splits, reference))
+        boxes = ibp_boxes(graph, x_lo, x_hi, _refiner(splits, reference))
     out = Boxes({k: Box(lo=b.lo.detach(), hi=b.hi.detach()) for k, b in boxes.items()})
     out.dense = dense if dense is not None else {}
     return out
@@ -116,27 +116,28 @@ def _slopes(graph: GraphModule, boxes: dict[str, Box], before: set[str], rows: i
         box = boxes[node.inputs[0]]
         if not bool(((box.lo < 0) & (box.hi > 0)).any()):
             continue
-        init = _relu_relaxation(box.lo, box.hi)[0]
+        init = relu_relaxation(box.lo, box.hi)[0]
         out[node.output] = init.unsqueeze(1).expand(init.shape[0], rows, *init.shape[1:]).clone()
     return out
 
 
 def _example_cost(graph: GraphModule, boxes: dict[str, Box], rows: int, intermediate: bool) -> int:
     """Tensor elements one example's optimisation holds, about (coefficients and slopes of every start)."""
-    consumers, exact, up = _relaxed_consumers(graph), _ibp_exact(graph), _upstream(graph)
+    consumers, exact, up = relaxed_consumers(graph), ibp_exact_values(graph), upstream_values(graph)
     size = {k: math.prod(b.shape[1:]) for k, b in boxes.items()}
     cost = rows * sum(size.values())
     for name, cons in consumers.items():
         if name in exact or not intermediate:
             continue
-        k = int(_unstable(cons, boxes[name]).flatten(1).sum(1).max())
+        k = int(unstable_neurons(cons, boxes[name]).flatten(1).sum(1).max())
         cost += 2 * k * sum(size[v] for v in up[name])
     return cost
 
 
 def optimized_bounds(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, rows: Tensor, boxes0: Boxes, *,
                      iterations: int = 20, lr: float = 0.1, lr_beta: float = 0.05, splits: Splits | None = None,
-                     target: float | None = None, record: bool = False, intermediate: bool = True) -> Optimized:
+                     target: float | Tensor | None = None, record: bool = False, intermediate: bool = True
+                     ) -> Optimized:
     """Lower bounds [N, R] of ``rows`` ([N or 1, R, classes]) . logits over the box, by alpha-CROWN on every
     ReLU (and beta-CROWN's multipliers for ``splits``), starting from the CROWN boxes ``boxes0``
     (:func:`initial_boxes`, with the same splits).
@@ -145,22 +146,23 @@ def optimized_bounds(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, rows: Tenso
     the final rows' bounds over the slopes of every start, projected to [0, 1], and over the multipliers
     ``beta >= 0`` of the split constraints: with ``s z >= 0`` on the domain (``s`` the split's sign),
     ``f - beta s z <= f`` there, so a lower bound of ``f - beta s z`` over the box, computed with relaxations
-    valid on the domain, is one of ``f`` on the domain (beta-CROWN). ``target``: stop once every row is above it.
+    valid on the domain, is one of ``f`` on the domain (beta-CROWN). ``target`` (a number, or [N, 1] per example):
+    stop once every row is above it.
     ``intermediate=False`` keeps the intermediate bounds of ``boxes0`` and optimises the final rows' slopes only
     (several times faster). Gradients are taken inside; the graph's parameters are frozen meanwhile.
     """
     n, r = x_lo.shape[0], rows.shape[1]
-    consumers, exact, up = _relaxed_consumers(graph), _ibp_exact(graph), _upstream(graph)
+    consumers, exact, up = relaxed_consumers(graph), ibp_exact_values(graph), upstream_values(graph)
     starts: dict[str, _Start] = {}
     for node in graph.nodes:
         name = node.output
         if intermediate and name in consumers and name not in exact:
-            chosen = _unstable(consumers[name], boxes0[name])
+            chosen = unstable_neurons(consumers[name], boxes0[name])
             if name in boxes0.tightened:  # CROWN's work budget left some neurons at their IBP bounds: so do we
                 chosen = chosen & boxes0.tightened[name]
-            order, valid = _select(chosen)
+            order, valid = select_neurons(chosen)
             if order.shape[1]:
-                spec, start_rows = _row_spec(order, valid, boxes0[name])
+                spec, start_rows = row_spec(order, valid, boxes0[name])
                 starts[name] = _Start(spec, start_rows, order, valid)
     alphas = {name: _slopes(graph, boxes0, up[name], st.rows.shape[1]) for name, st in starts.items()}
     alphas[graph.output_name] = _slopes(graph, boxes0, up[graph.output_name], r)
@@ -176,7 +178,7 @@ def optimized_bounds(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, rows: Tenso
     refine = _refiner(splits, best)
     with torch.no_grad():
         rec: dict[str, Tensor] = {}
-        lower = _backward(graph, graph.output_name, rows, boxes0, record=rec if record else None)
+        lower = backward_bounds(graph, graph.output_name, rows, boxes0, record=rec if record else None)
 
     def bound_pass(want_record: bool) -> tuple[Tensor, Boxes]:
         boxes = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
@@ -185,14 +187,14 @@ def optimized_bounds(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, rows: Tenso
             box = refine(node, rule_for(node).ibp(node, [boxes[i] for i in node.inputs]))
             st = starts.get(node.output)
             if st is not None:
-                res = _backward(graph, node.output, st.spec, boxes, rows=st.rows, alphas=alphas[node.output])
+                res = backward_bounds(graph, node.output, st.spec, boxes, rows=st.rows, alphas=alphas[node.output])
                 k = st.rows.shape[1] // 2
-                box = _merge(box, st.order, st.valid, res[:, :k], -res[:, k:])
+                box = merge_bounds(box, st.order, st.valid, res[:, :k], -res[:, k:])
             boxes[node.output] = box
         lagrange = {name: -beta * signs[name] for name, beta in betas.items()}
         if want_record:
             rec.clear()
-        bound = _backward(graph, graph.output_name, rows, boxes, alphas=alphas[graph.output_name],
+        bound = backward_bounds(graph, graph.output_name, rows, boxes, alphas=alphas[graph.output_name],
                           lagrange=lagrange, record=rec if want_record else None)
         return bound, boxes
 
@@ -246,14 +248,14 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
     it exceeds ``target`` (0 for margins: nothing more to prove). ``intermediate=False``: the final rows' slopes
     only, on CROWN's intermediate bounds (the earlier, faster alpha-CROWN). Runs under :func:`sound_numerics`.
     """
-    _check_box(x_lo, x_hi)
+    check_box(x_lo, x_hi)
     graph = as_graph(model)
     with sound_numerics(), torch.no_grad():
         x_lo, x_hi = x_lo.detach(), x_hi.detach()
         boxes = initial_boxes(graph, x_lo, x_hi, max_elements=max_elements)
         out_box = boxes[graph.output_name]
         n, classes = out_box.shape[0], out_box.shape[1]
-        spec = _spec_or_identity(C, n, classes, x_lo).detach()
+        spec = spec_or_identity(C, n, classes, x_lo).detach()
         m = spec.shape[1]
         rows = spec if lower_only else torch.cat([spec, -spec], 1)
         group = max(1, max_elements // max(1, _example_cost(graph, boxes, rows.shape[1], intermediate)))
@@ -266,9 +268,9 @@ def alpha_crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor |
                                          sub, iterations=iterations, lr=lr, target=target,
                                          intermediate=intermediate).lower)
         best_rows = torch.cat(best) if best else torch.zeros(0, rows.shape[1], dtype=x_lo.dtype, device=x_lo.device)
-        ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
+        ibp_lo, ibp_hi = interval_spec_bounds(graph, spec, boxes)
         lo = torch.maximum(best_rows[:, :m], ibp_lo)
-        hi = -_backward(graph, graph.output_name, -spec, boxes) if lower_only else -best_rows[:, m:]
+        hi = -backward_bounds(graph, graph.output_name, -spec, boxes) if lower_only else -best_rows[:, m:]
         return lo, torch.minimum(hi, ibp_hi)
 
 

@@ -18,12 +18,19 @@ carried forward by interval arithmetic (:func:`pipeline.bounds.alpha.inherited_b
 intermediate layer, which CROWN on the clamped boxes would take: 4-5x more domains per second on the Fashion-MNIST
 CNN-small, see :func:`bab_margins`), and the constraints enter the final bound, whose slopes are optimised, with
 optimised multipliers ``beta`` (beta-CROWN); ``intermediate=True`` re-optimises the intermediate bounds per domain
-too. Each round takes the ``batch`` domains with the lowest bounds, splits each on the unstable neuron with the best
-*intercept* score (how much the chord's intercept costs the bound, BaBSR's main term, Bunel et al. 2020) and bounds
-all children in one call. A domain whose margin rows are all positive is dropped (proved); the example is verified
-when none is left. At each bound the corner of the box minimising the final linear bound is run through the network:
-a misclassified corner is a counterexample. The per-example time budget or domain limit ends the search undecided;
-examples whose root bound is far from a proof (:data:`BAB_SHORTFALL`) are not searched.
+too. Each round takes the ``batch`` domains with the lowest bounds (fewer only where the domain budget has less
+left), splits each on the unstable neuron with the best *intercept* score (how much the chord's intercept costs the
+bound, BaBSR's main term, Bunel et al. 2020) and bounds all children in one call. A domain whose margin rows are all
+above the example's slack (:func:`pipeline.bounds.spec.margin_slack`, the deployed model's float32 rounding) is
+dropped (proved); the example is verified when none is left. At each bound the corner of the box minimising the
+final linear bound is run through the network: a misclassified corner is a counterexample. The domain budget
+(``max_domains``) ends the search undecided; examples whose root bound is far from a proof (:data:`BAB_SHORTFALL`)
+are not searched.
+
+Budgets are counted in domains, never in measured time: the size of every round and the number of domains an
+example may bound depend on the budget and the problem only, so a verdict does not depend on the machine's speed or
+load. The time budget (``time_budget_s``) is a safety net: checked before each round, a search still running past it
+stops and its example is reported ``timed_out`` (neither proved nor out of domain budget), never silently undecided.
 
 Soundness: every bound is a sound lower bound of the margins over its domain, and the domains of an example always
 cover its box, so the minimum over the leaves of a row's bound is a sound bound of that row over the box.
@@ -41,7 +48,8 @@ from torch import Tensor, nn
 
 from pipeline.bounds.alpha import Optimized, Splits, inherited_boxes, initial_boxes, optimized_bounds, shortfall
 from pipeline.bounds.box import Box
-from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, _relaxed_consumers
+from pipeline.bounds.crown import DEFAULT_MAX_ELEMENTS, relaxed_consumers
+from pipeline.bounds.spec import margin_slack, margin_spec, precise, proved
 from pipeline.errors import HydraPipeError
 from pipeline.graph import GraphModule, Quantize, as_graph
 from pipeline.runtime import sound_numerics
@@ -66,7 +74,11 @@ class BabResult:
     falsified: Tensor
     """bool [N]: a point of the box (a corner found by the bounds) is misclassified."""
     undecided: Tensor
-    """bool [N]: neither, when the time budget or the domain limit ran out."""
+    """bool [N]: neither, when the domain budget ran out (or every neuron was split, or the search was skipped as
+    out of reach): a verdict that depends on the budget and the problem only."""
+    timed_out: Tensor
+    """bool [N]: neither, because the search stopped on the time budget (the safety net) with domain budget left;
+    disjoint from ``undecided``. Such a verdict depends on the machine's speed."""
     domains: Tensor
     """long [N]: domains bounded (1: alpha-CROWN's root alone)."""
     lower: Tensor
@@ -102,7 +114,7 @@ class _Domains:
                         {k: torch.cat([p.record[k] for p in parts]) for k in first.record})
 
 
-class _Kink(NamedTuple):
+class Kink(NamedTuple):
     """A layer of neurons branch and bound may split at zero: its input and output value names, and the
     QuantizeLinear for such a layer (None for a ReLU)."""
 
@@ -118,20 +130,20 @@ def floors_at_zero(m: Quantize) -> bool:
     return bool((m.zero_point == m.qmin).all())
 
 
-def _kinks(graph: GraphModule) -> list[_Kink]:
+def find_kinks(graph: GraphModule) -> list[Kink]:
     """The layers branch and bound splits: every Relu, and every QuantizeLinear whose clip floor is its zero point
     (:func:`floors_at_zero`; onnxruntime fuses a Conv's ReLU into it, so without it an int8 graph has little or
     nothing to split)."""
     out = []
     for node in graph.nodes:
         if node.op == "Relu":
-            out.append(_Kink(node.inputs[0], node.output, None))
+            out.append(Kink(node.inputs[0], node.output, None))
         elif node.op == "QuantizeLinear" and floors_at_zero(node.module):
-            out.append(_Kink(node.inputs[0], node.output, node.module))
+            out.append(Kink(node.inputs[0], node.output, node.module))
     return out
 
 
-def _branch(dom: _Domains, kinks: list[_Kink]) -> tuple[list[tuple[int, int]], Tensor]:
+def _branch(dom: _Domains, kinks: list[Kink]) -> tuple[list[tuple[int, int]], Tensor]:
     """For each domain the unstable neuron to split, as (index into ``kinks``, flat neuron index), chosen by the
     intercept score ``sum_j max(-A_j, 0) * (-l u / (u - l))`` over the rows j still negative (``A``: the final
     rows' coefficients at the layer's output, the intercept in the output's units), plus a small share of
@@ -167,7 +179,7 @@ def _branch(dom: _Domains, kinks: list[_Kink]) -> tuple[list[tuple[int, int]], T
     return choice, stuck
 
 
-def _children(dom: _Domains, choice: list[tuple[int, int]], kinks: list[_Kink]
+def _children(dom: _Domains, choice: list[tuple[int, int]], kinks: list[Kink]
               ) -> tuple[Splits, dict[str, Box], Tensor]:
     """The two children of each domain (first all the active ones, then the inactive ones): their split
     constraints, reference boxes (the parent's, clamped by the new split) and the parent's bounds."""
@@ -181,12 +193,21 @@ def _children(dom: _Domains, choice: list[tuple[int, int]], kinks: list[_Kink]
     return splits, boxes, torch.cat([dom.lower, dom.lower])
 
 
-def _empty(boxes: dict[str, Box]) -> Tensor:
-    """Domains proved empty: a bound (sound over the domain) crosses its opposite bound somewhere. bool [D]."""
+EMPTY_RTOL = 1e-5
+"""Relative tolerance of :func:`empty_domains`: a bound must cross its opposite bound by more than this share of
+their magnitude (at least 1) before a domain counts as empty."""
+
+
+def empty_domains(boxes: dict[str, Box]) -> Tensor:
+    """Domains proved empty: a bound (sound over the domain) crosses its opposite bound somewhere by more than the
+    float error of the two (``EMPTY_RTOL * max(1, |lo|, |hi|)``: rounding errors grow with the magnitudes compared,
+    so an absolute tolerance would take a non-empty domain with large bounds for empty and drop it unproved).
+    Outward: a non-finite bound never makes a domain empty. bool [D]."""
     first = next(iter(boxes.values()))
     out = torch.zeros(first.shape[0], dtype=torch.bool, device=first.lo.device)
     for b in boxes.values():
-        out |= (b.lo > b.hi + 1e-5).flatten(1).any(1)
+        tol = EMPTY_RTOL * torch.maximum(b.lo.abs(), b.hi.abs()).clamp_min(1.0)
+        out |= (b.lo > b.hi + tol).flatten(1).any(1)
     return out
 
 
@@ -205,49 +226,53 @@ def _falsified(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, opt
 
 def _keys(graph: GraphModule) -> list[str]:
     """The values whose boxes a domain keeps as its children's reference: the inputs of relaxed nodes."""
-    return list(_relaxed_consumers(graph))
+    return list(relaxed_consumers(graph))
 
 
-def _search(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, root: _Domains, *, deadline: float,
-            max_domains: int, batch: int, iterations: int, intermediate: bool, per_domain: float,
-            dense: dict[str, Tensor | None], kinks: list[_Kink], keys: list[str]) -> tuple[str, Tensor, int]:
+VERIFIED, FALSIFIED, UNDECIDED, TIMED_OUT = 1, -1, 0, 2
+"""The statuses :func:`bab_margins` returns per example (see :class:`BabResult`)."""
+
+
+def _search(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, root: _Domains, *, slack: float,
+            deadline: float, max_domains: int, batch: int, iterations: int, intermediate: bool,
+            dense: dict[str, Tensor | None], kinks: list[Kink], keys: list[str]) -> tuple[int, Tensor, int]:
     """Branch and bound on one example (``x_lo``, ``x_hi`` [1, ...], ``spec`` [1, M, K]) from its root domain:
-    ("verified" | "falsified" | "undecided", margin lower bounds [M], domains bounded). ``per_domain``: a first
-    guess of the seconds one domain's bound takes (then measured), so that a round does not overrun the deadline
-    by much: a round splits at most as many domains as the time left allows. ``kinks``, ``keys``: the graph's
-    :func:`_kinks` and :func:`_keys`, found once for all its examples."""
+    (status: :data:`VERIFIED`, :data:`FALSIFIED`, :data:`UNDECIDED` or :data:`TIMED_OUT`, margin lower bounds [M],
+    domains bounded). A domain is proved when every row is above ``slack``. Each round splits the ``batch`` domains
+    with the lowest bounds, fewer only where the domain budget has less left, so the rounds and the domains bounded
+    are a function of ``max_domains`` and the problem; ``deadline`` (a :func:`time.perf_counter` reading) is only
+    checked before each round. ``kinks``, ``keys``: the graph's :func:`find_kinks` and :func:`_keys`, found once for
+    all its examples."""
     leaves = torch.full_like(root.lower[0], float("inf"))  # the minimum over proved leaves, per row
     pool, bounded = root, 1
     while len(pool):
-        left = deadline - time.perf_counter()
-        if left <= 0 or bounded >= max_domains:
-            return "undecided", torch.minimum(leaves, pool.lower.amin(0)), bounded
+        if bounded >= max_domains:
+            return UNDECIDED, torch.minimum(leaves, pool.lower.amin(0)), bounded
+        if time.perf_counter() >= deadline:
+            return TIMED_OUT, torch.minimum(leaves, pool.lower.amin(0)), bounded
         order = pool.lower.amin(1).argsort()
-        fit = max(1, int(left / max(2 * per_domain, 1e-9)))  # each parent makes two children
-        k = min(batch, len(pool), max(1, (max_domains - bounded) // 2), fit)
+        k = min(batch, len(pool), max(1, (max_domains - bounded) // 2))  # each parent makes two children
         parents, rest = pool.take(order[:k]), pool.take(order[k:])
         choice, stuck = _branch(parents, kinks)
-        if bool(stuck.any()):  # fully split and still negative: the relaxation cannot go further
-            return "undecided", torch.minimum(leaves, pool.lower.amin(0)), bounded
+        if bool(stuck.any()):  # fully split and still not proved: the relaxation cannot go further
+            return UNDECIDED, torch.minimum(leaves, pool.lower.amin(0)), bounded
         splits, ref, parent_lower = _children(parents, choice, kinks)
         n = splits[kinks[0].z].shape[0]
         xl, xh = x_lo.expand(n, *x_lo.shape[1:]), x_hi.expand(n, *x_hi.shape[1:])
-        t = time.perf_counter()
         boxes0 = inherited_boxes(graph, xl, xh, splits, ref, dense)
-        opt = optimized_bounds(graph, xl, xh, spec, boxes0, iterations=iterations, splits=splits, target=0.0,
+        opt = optimized_bounds(graph, xl, xh, spec, boxes0, iterations=iterations, splits=splits, target=slack,
                                record=True, intermediate=intermediate)
-        per_domain = (time.perf_counter() - t) / n
         bounded += n
         if _falsified(graph, x_lo, x_hi, spec, opt):
-            return "falsified", torch.minimum(leaves, pool.lower.amin(0)), bounded
+            return FALSIFIED, torch.minimum(leaves, pool.lower.amin(0)), bounded
         lower = torch.maximum(opt.lower, parent_lower)  # a child is a subset of its parent
-        lower = torch.where(_empty(opt.boxes).unsqueeze(1), torch.full_like(lower, float("inf")), lower)
-        done = (lower > 0).all(1)
+        lower = torch.where(empty_domains(opt.boxes).unsqueeze(1), torch.full_like(lower, float("inf")), lower)
+        done = (lower > slack).all(1)
         leaves = torch.minimum(leaves, torch.where(done.unsqueeze(1), lower, torch.full_like(lower, float("inf")))
                                .amin(0))
         children = _Domains(lower, splits, {key: opt.boxes[key] for key in keys}, opt.record)
         pool = _Domains.cat([rest, children.take(torch.nonzero(~done).squeeze(1))])
-    return "verified", leaves, bounded
+    return VERIFIED, leaves, bounded
 
 
 def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *, time_budget_s: float = 10.0,
@@ -256,9 +281,12 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
                 intermediate: bool = False, max_shortfall: float | None = BAB_SHORTFALL
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Branch and bound for each example of a box batch on the rows ``spec`` [N, M, K] (``e_y - e_j`` for
-    margins): (lower bounds [N, M], status long [N]: 1 verified, -1 falsified, 0 undecided, domains [N],
-    seconds [N]). alpha-CROWN with ``iterations`` bounds every root at once; each search's bound calls run
-    ``bab_iterations``. ``progress(done, total)`` after the roots and after each search.
+    margins): (lower bounds [N, M], status long [N]: :data:`VERIFIED` 1, :data:`FALSIFIED` -1, :data:`UNDECIDED`
+    0, :data:`TIMED_OUT` 2, domains [N], seconds [N]). A row counts as proved above the example's
+    :func:`pipeline.bounds.spec.margin_slack`. alpha-CROWN with ``iterations`` bounds every root at once; each
+    search's bound calls run ``bab_iterations``. Each search bounds at most ``max_domains`` domains (its budget,
+    which alone sizes its rounds) and stops at ``time_budget_s`` seconds only as a safety net (status
+    :data:`TIMED_OUT`). ``progress(done, total)`` after the roots and after each search.
 
     The root's intermediate bounds are CROWN's; a child inherits its parent's, narrowed by its split
     (:func:`pipeline.bounds.alpha.inherited_boxes`). Recomputing them by CROWN for every domain instead (as this
@@ -272,20 +300,20 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
     ``max_shortfall``: only the examples whose root bound has at most this
     :func:`~pipeline.bounds.alpha.shortfall` are searched (:data:`BAB_SHORTFALL`; None: all)."""
     n = x_lo.shape[0]
-    kinks = _kinks(graph)
+    kinks = find_kinks(graph)
     t0 = time.perf_counter()
     with sound_numerics(), torch.no_grad():
+        slack = margin_slack(graph, x_lo, x_hi)
         boxes0 = initial_boxes(graph, x_lo, x_hi, max_elements=max_elements)
-        root = optimized_bounds(graph, x_lo, x_hi, spec, boxes0, iterations=iterations, target=0.0, record=True,
-                                intermediate=intermediate)
-        root_seconds = (time.perf_counter() - t0) / max(1, n)
+        root = optimized_bounds(graph, x_lo, x_hi, spec, boxes0, iterations=iterations, target=slack.unsqueeze(1),
+                                record=True, intermediate=intermediate)
         keys = _keys(graph)
         splits = {k.z: torch.zeros(boxes0[k.z].shape, dtype=torch.int8, device=x_lo.device) for k in kinks}
         lower = root.lower.clone()
-        status = torch.where((lower > 0).all(1), 1, 0)
+        status = torch.where(proved(lower, slack), VERIFIED, UNDECIDED)
         domains = torch.ones(n, dtype=torch.long)
         seconds = torch.full((n,), (time.perf_counter() - t0) / max(1, n), dtype=torch.float64)
-        searched = status == 0
+        searched = status == UNDECIDED
         if max_shortfall is not None:
             searched &= shortfall(graph, x_lo, x_hi, spec, lower) <= max_shortfall
         todo = torch.nonzero(searched).squeeze(1).tolist() if kinks else []
@@ -297,11 +325,10 @@ def bab_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, spec: Tensor, *,
             dom = _Domains(root.lower[one], {z: s[one] for z, s in splits.items()},
                            {k: Box(lo=root.boxes[k].lo[one], hi=root.boxes[k].hi[one]) for k in keys},
                            {k: r[one] for k, r in root.record.items()})
-            verdict, lower[i], domains[i] = _search(
-                graph, x_lo[one], x_hi[one], spec[one] if spec.shape[0] > 1 else spec, dom,
+            status[i], lower[i], domains[i] = _search(
+                graph, x_lo[one], x_hi[one], spec[one] if spec.shape[0] > 1 else spec, dom, slack=float(slack[i]),
                 deadline=t + time_budget_s, max_domains=max_domains, batch=batch, iterations=bab_iterations,
-                intermediate=intermediate, per_domain=root_seconds, dense=boxes0.dense, kinks=kinks, keys=keys)
-            status[i] = {"verified": 1, "falsified": -1, "undecided": 0}[verdict]
+                intermediate=intermediate, dense=boxes0.dense, kinks=kinks, keys=keys)
             seconds[i] += time.perf_counter() - t
             if progress is not None:
                 progress(done, n)
@@ -313,18 +340,17 @@ def branch_and_bound(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel
                      dtype: torch.dtype = torch.float32, progress: Callable[[int, int], None] | None = None,
                      max_shortfall: float | None = BAB_SHORTFALL) -> BabResult:
     """Complete verification of each example over ``threat.box(x)`` by branch and bound (see the module): at most
-    ``time_budget_s`` seconds and ``max_domains`` bounded domains per example, ``batch`` domains split per round.
+    ``max_domains`` bounded domains per example, ``batch`` domains split per round (the verdicts depend on these
+    and the problem only), and ``time_budget_s`` seconds per example as a safety net (``timed_out``).
     ``dtype`` float64 bounds a float64 copy of the model on an outward-rounded box (see
     :func:`pipeline.bounds.verify.certify`). The verdicts are sound for both norms (the box contains the L2 ball).
     ``progress(done, total)`` as examples finish. ``max_shortfall``: see :func:`bab_margins`.
     """
-    from pipeline.bounds.verify import _precise, margin_spec
-
     if x.shape[0] != y.shape[0]:
         raise HydraPipeError(f"branch_and_bound: {x.shape[0]} inputs but {y.shape[0]} labels")
     if time_budget_s <= 0 or max_domains < 1 or batch < 1:
         raise HydraPipeError("branch_and_bound: time_budget_s must be > 0, max_domains and batch >= 1")
-    graph, x_lo, x_hi = _precise(as_graph(model), threat, x, dtype)
+    graph, x_lo, x_hi = precise(as_graph(model), threat, x, dtype)
     with torch.no_grad():
         classes = int(graph(x_lo[:1]).shape[1]) if len(x) else 0
     spec = margin_spec(y, classes).to(x_lo.dtype)
@@ -332,4 +358,5 @@ def branch_and_bound(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel
                                                   max_domains=max_domains, batch=batch, iterations=iterations,
                                                   bab_iterations=bab_iterations, progress=progress,
                                                   max_shortfall=max_shortfall)
-    return BabResult(status == 1, status == -1, status == 0, domains, lower, seconds)
+    return BabResult(status == VERIFIED, status == FALSIFIED, status == UNDECIDED, status == TIMED_OUT, domains,
+                     lower, seconds)

@@ -89,7 +89,7 @@ class Boxes(dict):
         return next(iter(self), None)
 
 
-def _dot(a: Tensor, t: Tensor) -> Tensor:
+def dot(a: Tensor, t: Tensor) -> Tensor:
     """``sum(a * t)`` over value dims: ``a`` [Na, M, *s] (Na in {1, N}), ``t`` [N or 1, *s] -> [N, M]."""
     af = a.flatten(2)
     tf = t.flatten(1)
@@ -100,7 +100,7 @@ def _dot(a: Tensor, t: Tensor) -> Tensor:
     return torch.bmm(af, tf.unsqueeze(2)).squeeze(2)
 
 
-def _unbroadcast(a: Tensor, shape: torch.Size) -> Tensor:
+def unbroadcast(a: Tensor, shape: torch.Size) -> Tensor:
     """Sum ``a`` [Na, M, *out] down to [Na, M, *shape[1:]] (undo broadcasting of a value of ``shape``)."""
     target = tuple(shape[1:])
     extra = a.dim() - 2 - len(target)
@@ -112,20 +112,20 @@ def _unbroadcast(a: Tensor, shape: torch.Size) -> Tensor:
     return a
 
 
-def _value_const(const: Tensor, a: Tensor) -> Tensor:
-    """A constant operand broadcast to one example's value shape, with a batch dim of 1 (for :func:`_dot`)."""
+def value_const(const: Tensor, a: Tensor) -> Tensor:
+    """A constant operand broadcast to one example's value shape, with a batch dim of 1 (for :func:`dot`)."""
     return torch.broadcast_to(const, (1, *a.shape[2:]))
 
 
-def _as_rows(a: Tensor) -> tuple[Tensor, int, int]:
+def as_rows(a: Tensor) -> tuple[Tensor, int, int]:
     na, m = a.shape[:2]
     return a.reshape(na * m, *a.shape[2:]), na, m
 
 
-def _from_rows(t: Tensor, na: int, m: int) -> Tensor:
+def from_rows(t: Tensor, na: int, m: int) -> Tensor:
     return t.reshape(na, m, *t.shape[1:])
 
 
-def _concretize(a: Tensor, box: Box) -> Tensor:
+def concretize(a: Tensor, box: Box) -> Tensor:
     """Lower bound of ``sum(a * v)`` over ``v`` in ``box``: ``a . c - |a| . r``."""
-    return _dot(a, box.c) - _dot(a.abs(), box.r)
+    return dot(a, box.c) - dot(a.abs(), box.r)

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pipeline.bounds.box import Box, Boxes, _concretize
+from pipeline.bounds.box import Box, Boxes, concretize
 from pipeline.bounds.ops import rule_for
 from pipeline.errors import HydraPipeError
 from pipeline.graph import GraphModule, Node, as_graph
@@ -37,7 +37,7 @@ one core."""
 # IBP
 # ----------------------------------------------------------------------------------------------------------------
 
-def _ibp(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, refine: Callable[[Node, Box], Box] | None = None
+def ibp_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, refine: Callable[[Node, Box], Box] | None = None
          ) -> dict[str, Box]:
     boxes = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
     for node in graph.nodes:
@@ -46,7 +46,7 @@ def _ibp(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, refine: Callable[[Node,
     return boxes
 
 
-def _check_box(x_lo: Tensor, x_hi: Tensor) -> None:
+def check_box(x_lo: Tensor, x_hi: Tensor) -> None:
     if x_lo.shape != x_hi.shape:
         raise HydraPipeError(f"bounds: x_lo has shape {tuple(x_lo.shape)} but x_hi {tuple(x_hi.shape)}")
     if bool((x_lo > x_hi).any()):
@@ -59,9 +59,9 @@ def interval_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor) -> tuple[Tenso
     Affine layers in centre/radius form ``c' = W c + b, r' = |W| r``; monotone ops (ReLU, MaxPool, Clip, rounding
     and clipping of QuantizeLinear) on the endpoints. Differentiable.
     """
-    _check_box(x_lo, x_hi)
+    check_box(x_lo, x_hi)
     graph = as_graph(model)
-    box = _ibp(graph, x_lo, x_hi)[graph.output_name]
+    box = ibp_boxes(graph, x_lo, x_hi)[graph.output_name]
     return box.lo, box.hi
 
 
@@ -71,7 +71,7 @@ def interval_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor) -> tuple[Tenso
 # ``sum(A * value)`` for each of the M rows. Upper bounds are lower bounds of the negated rows.
 # ----------------------------------------------------------------------------------------------------------------
 
-def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Box], *, linear_only: bool = False,
+def backward_bounds(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Box], *, linear_only: bool = False,
               alphas: dict[str, Tensor] | None = None, rows: Tensor | None = None,
               lagrange: dict[str, Tensor] | None = None, record: dict[str, Tensor] | None = None) -> Tensor:
     """Lower bounds [N, M] of ``sum(spec[:, j] * value(target))``: CROWN's backward pass from ``target``.
@@ -117,7 +117,7 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
         if record is not None and node.op in ("Relu", "QuantizeLinear"):
             record[node.output] = a
         if not (linear or relaxed):  # a cut: bound this node's contribution by its box
-            bias = bias + _concretize(a, boxes[node.output])
+            bias = bias + concretize(a, boxes[node.output])
             continue
         pulled, b = rule.backward(node, a, boxes, alphas)
         if is_shared:
@@ -146,7 +146,7 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
     for name, a in coeffs.items():  # the input, or values upstream of a cut that nothing else reads
         if record is not None and name == graph.input_name:
             record[name] = split(a) if name in shared else a
-        bound = _concretize(a, boxes[name])
+        bound = concretize(a, boxes[name])
         out = out + (bound.gather(1, rows) if name in shared else bound)
     return out
 
@@ -155,7 +155,7 @@ def _backward(graph: GraphModule, target: str, spec: Tensor, boxes: dict[str, Bo
 # CROWN with CROWN or IBP intermediate bounds
 # ----------------------------------------------------------------------------------------------------------------
 
-def _ibp_exact(graph: GraphModule) -> set[str]:
+def ibp_exact_values(graph: GraphModule) -> set[str]:
     """Values on which IBP is already exact: reached from the input through diagonal affine ops and at most one
     general affine op (a single linear map of a box is bounded exactly by centre/radius)."""
     general = {graph.input_name: False}
@@ -170,7 +170,7 @@ def _ibp_exact(graph: GraphModule) -> set[str]:
     return set(general)
 
 
-def _relaxed_consumers(graph: GraphModule) -> dict[str, list[Node]]:
+def relaxed_consumers(graph: GraphModule) -> dict[str, list[Node]]:
     """The relaxed nodes (ReLU, QuantizeLinear) reading each value, by the value's name."""
     consumers: dict[str, list[Node]] = {}
     for node in graph.nodes:
@@ -179,7 +179,7 @@ def _relaxed_consumers(graph: GraphModule) -> dict[str, list[Node]]:
     return consumers
 
 
-def _unstable(consumers: list[Node], box: Box) -> Tensor:
+def unstable_neurons(consumers: list[Node], box: Box) -> Tensor:
     """The neurons of ``box`` whose relaxation, in any of ``consumers``, depends on their bounds."""
     chosen = torch.zeros_like(box.lo, dtype=torch.bool)
     for consumer in consumers:
@@ -187,7 +187,7 @@ def _unstable(consumers: list[Node], box: Box) -> Tensor:
     return chosen
 
 
-def _upstream(graph: GraphModule) -> dict[str, set[str]]:
+def upstream_values(graph: GraphModule) -> dict[str, set[str]]:
     """For each value, the values it is computed from (itself included)."""
     up: dict[str, set[str]] = {graph.input_name: {graph.input_name}}
     for node in graph.nodes:
@@ -204,7 +204,7 @@ def _node_work(node: Node, out: Box) -> int:
     return math.prod(out.shape[1:]) * fan_in
 
 
-def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: Literal["ibp", "crown"],
+def crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: Literal["ibp", "crown"],
                  max_elements: int, refine: Callable[[Node, Box], Box] | None = None,
                  max_work: float | None = DEFAULT_MAX_WORK) -> Boxes:
     """IBP boxes, with the inputs of relaxed nodes (ReLU, QuantizeLinear) tightened by CROWN when asked.
@@ -222,12 +222,12 @@ def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: L
     per tightened value, which neurons were tightened (``tightened``), so alpha-CROWN optimises the same ones.
     """
     if intermediate == "ibp":
-        return _ibp(graph, x_lo, x_hi, refine)
-    consumers = _relaxed_consumers(graph)
-    exact = _ibp_exact(graph)
+        return ibp_boxes(graph, x_lo, x_hi, refine)
+    consumers = relaxed_consumers(graph)
+    exact = ibp_exact_values(graph)
     boxes = Boxes({graph.input_name: Box(lo=x_lo, hi=x_hi)})
     spent = torch.zeros(x_lo.shape[0], dtype=torch.float64, device=x_lo.device)
-    up = _upstream(graph) if max_work is not None else {}
+    up = upstream_values(graph) if max_work is not None else {}
     own = {graph.input_name: 0}  # each node's multiply-adds per example
     for node in graph.nodes:
         box = rule_for(node).ibp(node, [boxes[i] for i in node.inputs])
@@ -237,7 +237,7 @@ def _crown_boxes(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, intermediate: L
         if max_work is not None:
             own[node.output] = _node_work(node, box)
         if node.output in consumers and node.output not in exact:
-            chosen = _unstable(consumers[node.output], box)
+            chosen = unstable_neurons(consumers[node.output], box)
             if max_work is not None:  # a backward row from here crosses every node it is computed by, once
                 per_row = sum(own[a] for a in up[node.output])
                 cost = 2.0 * chosen.flatten(1).sum(1).to(spent.dtype) * per_row
@@ -269,7 +269,7 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], cho
             got = _tighten(graph, name, sub[name], sub, chosen[idx], max_elements)
             lo[idx], hi[idx] = got.lo, got.hi
         return Box(lo=lo, hi=hi)
-    order, valid = _select(chosen)
+    order, valid = select_neurons(chosen)
     k_max = order.shape[1]
     if k_max == 0:
         return box
@@ -278,12 +278,12 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], cho
     chunk = max(1, max_elements // max(1, n * largest * 2))
     new_lo, new_hi = [], []
     for start in range(0, k_max, chunk):
-        spec, rows = _row_spec(order[:, start:start + chunk], valid[:, start:start + chunk], box)
-        res = _backward(graph, name, spec, boxes, rows=rows)
+        spec, rows = row_spec(order[:, start:start + chunk], valid[:, start:start + chunk], box)
+        res = backward_bounds(graph, name, spec, boxes, rows=rows)
         k = rows.shape[1] // 2
         new_lo.append(res[:, :k])
         new_hi.append(-res[:, k:])
-    return _merge(box, order, valid, torch.cat(new_lo, 1), torch.cat(new_hi, 1))
+    return merge_bounds(box, order, valid, torch.cat(new_lo, 1), torch.cat(new_hi, 1))
 
 
 GROUP_FILL = 0.75
@@ -306,7 +306,7 @@ def _groups(counts: Tensor) -> list[Tensor]:
     return groups
 
 
-def _select(chosen: Tensor) -> tuple[Tensor, Tensor]:
+def select_neurons(chosen: Tensor) -> tuple[Tensor, Tensor]:
     """The chosen neurons of each example first (flat indices [N, k], k the most any example has; a stable sort
     keeps their order), padded with unchosen ones, and which of them are chosen ([N, k] bool)."""
     n = chosen.shape[0]
@@ -318,8 +318,8 @@ def _select(chosen: Tensor) -> tuple[Tensor, Tensor]:
     return order, valid
 
 
-def _row_spec(order: Tensor, valid: Tensor, box: Box) -> tuple[Tensor, Tensor]:
-    """The batch-shared spec of :func:`_backward` bounding the selected neurons: the union of ``order``'s valid
+def row_spec(order: Tensor, valid: Tensor, box: Box) -> tuple[Tensor, Tensor]:
+    """The batch-shared spec of :func:`backward_bounds` bounding the selected neurons: the union of ``order``'s valid
     neurons over the batch as +e_i (lower) and -e_i (upper) rows [1, 2u, *shape], and each example's rows [N, 2k]
     (padding rows point at any valid row)."""
     lo = box.lo
@@ -335,7 +335,7 @@ def _row_spec(order: Tensor, valid: Tensor, box: Box) -> tuple[Tensor, Tensor]:
     return spec.view(1, 2 * u, *lo.shape[1:]), torch.cat([pos, pos + u], 1)
 
 
-def _merge(box: Box, order: Tensor, valid: Tensor, new_lo: Tensor, new_hi: Tensor) -> Box:
+def merge_bounds(box: Box, order: Tensor, valid: Tensor, new_lo: Tensor, new_hi: Tensor) -> Box:
     """``box`` intersected with new bounds [N, k] of the neurons ``order`` where ``valid`` (both are sound)."""
     lo, hi = box.lo, box.hi
     n = lo.shape[0]
@@ -346,7 +346,7 @@ def _merge(box: Box, order: Tensor, valid: Tensor, new_lo: Tensor, new_hi: Tenso
     return Box(lo=flat_lo.scatter(1, order, cl).view_as(lo), hi=flat_hi.scatter(1, order, ch).view_as(hi))
 
 
-def _spec_or_identity(C: Tensor | None, n: int, classes: int, like: Tensor) -> Tensor:
+def spec_or_identity(C: Tensor | None, n: int, classes: int, like: Tensor) -> Tensor:
     if C is None:
         return torch.eye(classes, dtype=like.dtype, device=like.device).unsqueeze(0)
     if C.dim() != 3 or C.shape[2] != classes or C.shape[0] not in (1, n):
@@ -354,12 +354,12 @@ def _spec_or_identity(C: Tensor | None, n: int, classes: int, like: Tensor) -> T
     return C.to(like.dtype)
 
 
-def _interval_spec_bounds(graph: GraphModule, spec: Tensor, boxes: dict[str, Box]) -> tuple[Tensor, Tensor]:
+def interval_spec_bounds(graph: GraphModule, spec: Tensor, boxes: dict[str, Box]) -> tuple[Tensor, Tensor]:
     """Interval bounds of ``spec @ logits`` with the spec folded into the trailing affine layers (CROWN-IBP's
     margin bound) on the same boxes. CROWN results are intersected with it: on IBP-trained networks the folded
     interval bound can be the tighter one, and taking the better of two sound bounds is sound."""
     m = spec.shape[1]
-    both = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes, linear_only=True)
+    both = backward_bounds(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes, linear_only=True)
     return both[:, :m], -both[:, m:]
 
 
@@ -371,19 +371,19 @@ def crown_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, C: Tensor | None 
 
     Backward linear relaxation: ReLU upper bound = chord, lower slope 1 if ``u > -l`` else 0 (auto_LiRPA's
     "adaptive"). Intermediate pre-activation bounds from CROWN itself (within ``max_work`` multiply-adds per
-    example, see :func:`_crown_boxes`) or from IBP (CROWN-IBP). The result is
+    example, see :func:`crown_boxes`) or from IBP (CROWN-IBP). The result is
     intersected with the interval bound of ``C @ logits`` (spec folded into the trailing affine layers), so it is
     never looser than IBP. Runs under :func:`pipeline.runtime.sound_numerics`; differentiable.
     """
-    _check_box(x_lo, x_hi)
+    check_box(x_lo, x_hi)
     graph = as_graph(model)
     with sound_numerics():
-        boxes = _crown_boxes(graph, x_lo, x_hi, intermediate, max_elements, max_work=max_work)
+        boxes = crown_boxes(graph, x_lo, x_hi, intermediate, max_elements, max_work=max_work)
         out_box = boxes[graph.output_name]
         n, classes = out_box.shape[0], out_box.shape[1]
-        spec = _spec_or_identity(C, n, classes, x_lo)
+        spec = spec_or_identity(C, n, classes, x_lo)
         m = spec.shape[1]
-        lower_upper = _backward(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes)
+        lower_upper = backward_bounds(graph, graph.output_name, torch.cat([spec, -spec], 1), boxes)
         lo, hi = lower_upper[:, :m], -lower_upper[:, m:]
-        ibp_lo, ibp_hi = _interval_spec_bounds(graph, spec, boxes)
+        ibp_lo, ibp_hi = interval_spec_bounds(graph, spec, boxes)
         return torch.maximum(lo, ibp_lo), torch.minimum(hi, ibp_hi)

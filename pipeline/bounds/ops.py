@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.bounds.box import Box, _as_rows, _dot, _from_rows, _unbroadcast, _value_const
-from pipeline.bounds.relax import (QUANT_WIDE, _maxpool_relaxation, _quant_endpoints, _quant_relaxation,
-                                   _relu_backward, _relu_relaxation)
+from pipeline.bounds.box import Box, as_rows, dot, from_rows, unbroadcast, value_const
+from pipeline.bounds.relax import (QUANT_WIDE, maxpool_relaxation, quant_endpoints, quant_relaxation,
+                                   relu_backward, relu_relaxation)
 from pipeline.errors import UnsupportedOpError
 from pipeline.graph import Binary, ConstBinary, Node, conv_input_grad
 from pipeline.graph import affine_weight as effective_weight
@@ -151,7 +151,7 @@ class ConvRule(OpRule):
         m = node.module
         in_shape = _in_shape(node, boxes)
         w = effective_weight(m)
-        rows, na, mm = _as_rows(a)
+        rows, na, mm = as_rows(a)
         out_hw = rows.shape[-2:]
         opad = [in_shape[2 + i] - ((out_hw[i] - 1) * m.stride[i] - 2 * m.padding[i]
                                    + m.dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(2)]
@@ -164,11 +164,11 @@ class ConvRule(OpRule):
             # about twice as fast as a transposed conv on CPU (28 x 28 Fashion-MNIST's first layer: 15 vs 28 us
             # per row)
             back = conv_input_grad(rows, w, in_shape[2:], m.stride, m.padding, m.dilation)
-            return [_from_rows(back, na, mm)], bias
+            return [from_rows(back, na, mm)], bias
         # transposed convolution; channels-last runs it about 1.5-2x faster on CPU for these shapes
         rows = rows.contiguous(memory_format=torch.channels_last)
         back = F.conv_transpose2d(rows, w, None, m.stride, m.padding, opad, m.groups, m.dilation)
-        return [_from_rows(back.contiguous(), na, mm)], bias
+        return [from_rows(back.contiguous(), na, mm)], bias
 
     @staticmethod
     def _dense(node: Node, w: Tensor, in_shape: torch.Size, boxes: dict[str, Box]) -> Tensor | None:
@@ -208,7 +208,7 @@ class GemmRule(OpRule):
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         m = node.module
         w = effective_weight(m)
-        bias = _dot(a, m.bias.expand(a.shape[2:]).unsqueeze(0)) if m.bias is not None else 0.0
+        bias = dot(a, m.bias.expand(a.shape[2:]).unsqueeze(0)) if m.bias is not None else 0.0
         return [a @ w], bias
 
 
@@ -289,13 +289,13 @@ class ConstBinaryRule(OpRule):
         in_shape = _in_shape(node, boxes)
         k = self._scale(node)
         if k is not None:
-            return [_unbroadcast(a * k, in_shape)], 0.0
-        const = _value_const(m.const, a)
+            return [unbroadcast(a * k, in_shape)], 0.0
+        const = value_const(m.const, a)
         if m.op == "Add":
-            return [_unbroadcast(a, in_shape)], _dot(a, const)
+            return [unbroadcast(a, in_shape)], dot(a, const)
         if m.const_first:  # c - x
-            return [_unbroadcast(-a, in_shape)], _dot(a, const)
-        return [_unbroadcast(a, in_shape)], -_dot(a, const)
+            return [unbroadcast(-a, in_shape)], dot(a, const)
+        return [unbroadcast(a, in_shape)], -dot(a, const)
 
 
 @_rule("Binary")
@@ -322,7 +322,7 @@ class BinaryRule(OpRule):
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         sa, sb = boxes[node.inputs[0]].shape, boxes[node.inputs[1]].shape
-        return [_unbroadcast(a, sa), _unbroadcast(-a if node.module.op == "Sub" else a, sb)], 0.0
+        return [unbroadcast(a, sa), unbroadcast(-a if node.module.op == "Sub" else a, sb)], 0.0
 
 
 @_rule("Sum")
@@ -338,7 +338,7 @@ class SumRule(OpRule):
         return Box.cr(c, r if r.shape == c.shape else r.expand_as(c))
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
-        return [_unbroadcast(a, boxes[i].shape) for i in node.inputs], 0.0
+        return [unbroadcast(a, boxes[i].shape) for i in node.inputs], 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,10 +397,10 @@ class AveragePoolRule(GlobalAveragePoolRule):
         if node.op == "AdaptiveAvgPool" and tuple(a.shape[-2:]) == (1, 1):
             return super().backward(node, a, boxes, alphas)
         in_shape = _in_shape(node, boxes)
-        rows, na, mm = _as_rows(a)
+        rows, na, mm = as_rows(a)
         x0 = torch.zeros((rows.shape[0], *in_shape[1:]), dtype=a.dtype, device=a.device)
         _, vjp = torch.func.vjp(node.module, x0)
-        return [_from_rows(vjp(rows)[0], na, mm)], 0.0
+        return [from_rows(vjp(rows)[0], na, mm)], 0.0
 
 
 @_rule("Pad")
@@ -441,7 +441,7 @@ class ConstantRule(OpRule):
         return Box(lo=v, hi=v)
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
-        return [], _dot(a, _value_const(node.module(), a))
+        return [], dot(a, value_const(node.module(), a))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,20 +473,20 @@ class ReluRule(MonotoneRule):
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         box = boxes[node.inputs[0]]
-        lower_slope, upper_slope, upper_bias = _relu_relaxation(box.lo, box.hi)
+        lower_slope, upper_slope, upper_bias = relu_relaxation(box.lo, box.hi)
         if alphas is not None and node.output in alphas:
             unstable = ((box.lo < 0) & (box.hi > 0)).unsqueeze(1)
             lower_slope = torch.where(unstable, alphas[node.output], lower_slope.unsqueeze(1))
             neg = a.clamp(max=0)
             pulled = a * torch.where(a > 0, lower_slope, upper_slope.unsqueeze(1))
-            return [pulled], _dot(neg, upper_bias)
-        return _relu_backward(a, box, lower_slope, upper_slope, upper_bias)
+            return [pulled], dot(neg, upper_bias)
+        return relu_backward(a, box, lower_slope, upper_slope, upper_bias)
 
 
 @_rule("MaxPool")
 class MaxPoolRule(MonotoneRule):
     """``y = max`` over each window: IBP maps the endpoints (monotone); CROWN uses auto_LiRPA's ``BoundMaxPool``
-    relaxation (Xu et al., NeurIPS 2020; see :func:`pipeline.bounds.relax._maxpool_relaxation`): ``y >= x_i`` for
+    relaxation (Xu et al., NeurIPS 2020; see :func:`pipeline.bounds.relax.maxpool_relaxation`): ``y >= x_i`` for
     the input ``i`` with the largest lower bound, ``y <= x_i`` where that input dominates the window (exact), else
     ``y <=`` the window's largest upper bound. Any kernel, stride (overlapping windows too), padding (``-inf``, as
     MaxPool pads), dilation and ``ceil_mode``."""
@@ -495,7 +495,7 @@ class MaxPoolRule(MonotoneRule):
 
     @staticmethod
     def _relax(node: Node, box: Box, out_shape: torch.Size):
-        return _maxpool_relaxation(node.module, box.lo, box.hi, (int(out_shape[-2]), int(out_shape[-1])))
+        return maxpool_relaxation(node.module, box.lo, box.hi, (int(out_shape[-2]), int(out_shape[-1])))
 
     def unstable(self, node: Node, box: Box) -> Tensor:
         """Inputs of windows whose relaxation is not exact and whose lower bound is negative.
@@ -536,7 +536,7 @@ class MaxPoolRule(MonotoneRule):
 class QuantizeRule(OpRule):
     """``q(v) = clip(round(v), qmin, qmax)``, ``v = x / s + z``: monotone for IBP; for CROWN the chords of the
     clipped lines ``clip(v -/+ (1/2 + QUANT_TOL), q(v_lo), q(v_hi))`` that enclose the staircase, across the clip
-    too (see :func:`pipeline.bounds.relax._quant_relaxation`); on the input, its exact box."""
+    too (see :func:`pipeline.bounds.relax.quant_relaxation`); on the input, its exact box."""
 
     relaxed = True
 
@@ -544,13 +544,13 @@ class QuantizeRule(OpRule):
         """Whose relaxation can depend on their bounds: not a box that rounds to one level (bounded exactly), nor
         one at least :data:`QUANT_WIDE` quanta wide and that far from both clip edges (the lines ``v -/+ h``)."""
         m = node.module
-        v_lo, v_hi, q_lo, q_hi = _quant_endpoints(m, box.lo, box.hi)
+        v_lo, v_hi, q_lo, q_hi = quant_endpoints(m, box.lo, box.hi)
         lines = (v_hi - v_lo >= QUANT_WIDE) & (v_lo >= m.qmin + QUANT_WIDE) & (v_hi <= m.qmax - QUANT_WIDE)
         return (q_lo < q_hi) & ~lines
 
     def ibp(self, node: Node, boxes: list[Box]) -> Box:
         b = boxes[0]
-        _, _, q_lo, q_hi = _quant_endpoints(node.module, b.lo, b.hi)
+        _, _, q_lo, q_hi = quant_endpoints(node.module, b.lo, b.hi)
         return Box(lo=q_lo, hi=q_hi)
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
@@ -559,11 +559,11 @@ class QuantizeRule(OpRule):
             # QuantizeLinear of the input (the deployed graph's first op): elementwise on a box whose coordinates
             # vary independently, so its own box [q(lo), q(hi)] is the exact range of every sum(a * q): no line
             # (which pays the rounding slack on top) can do better. The box is sound wherever the node is.
-            _, _, q_lo, q_hi = _quant_endpoints(node.module, box.lo, box.hi)
-            return [None], _dot(a.clamp(min=0), q_lo) + _dot(a.clamp(max=0), q_hi)
-        ls, lb, us, ub = _quant_relaxation(node.module, box.lo, box.hi)
+            _, _, q_lo, q_hi = quant_endpoints(node.module, box.lo, box.hi)
+            return [None], dot(a.clamp(min=0), q_lo) + dot(a.clamp(max=0), q_hi)
+        ls, lb, us, ub = quant_relaxation(node.module, box.lo, box.hi)
         pos, neg = a.clamp(min=0), a.clamp(max=0)
-        return [pos * ls.unsqueeze(1) + neg * us.unsqueeze(1)], _dot(pos, lb) + _dot(neg, ub)
+        return [pos * ls.unsqueeze(1) + neg * us.unsqueeze(1)], dot(pos, lb) + dot(neg, ub)
 
 
 @_rule("DequantizeLinear")
@@ -578,4 +578,4 @@ class DequantizeRule(OpRule):
 
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         scale, zero = node.module.params(len(_in_shape(node, boxes)))
-        return [a * scale], -_dot(a, _value_const(zero * scale, a))
+        return [a * scale], -dot(a, value_const(zero * scale, a))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.bounds.box import Box, _dot
+from pipeline.bounds.box import Box, dot
 from pipeline.errors import UnsupportedOpError
 from pipeline.graph import Quantize
 
@@ -23,13 +23,13 @@ QUANT_TOL = 1e-2
 
 QUANT_WIDE = 2.0
 """A QuantizeLinear input box at least this many quanta wide and this far from both clip edges has the relaxation
-``v -/+ (1/2 + QUANT_TOL)`` whatever its bounds (:func:`_quant_relaxation`), so CROWN does not tighten it
+``v -/+ (1/2 + QUANT_TOL)`` whatever its bounds (:func:`quant_relaxation`), so CROWN does not tighten it
 (:meth:`pipeline.bounds.ops.QuantizeRule.unstable`): a tighter box would change the lines only by shrinking below
 2 quanta. On the int8 graphs of the digits and Fashion-MNIST pipelines (450 and 1,000 test images, eps 0.1) CROWN
 ran 4.7x and 2.3x faster and alpha-CROWN 1.4x and 1.7x, verifying exactly the same examples."""
 
 
-def _relu_relaxation(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def relu_relaxation(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """CROWN's ReLU relaxation: ``lower_slope * x <= relu(x) <= upper_slope * x + upper_bias``.
 
     Upper: the chord through ``(l, 0)`` and ``(u, u)`` for unstable neurons. Lower: slope 1 if ``u > -l`` else 0
@@ -42,7 +42,7 @@ def _relu_relaxation(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lower_slope, upper_slope, upper_bias
 
 
-def _relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor, upper_bias: Tensor
+def relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor, upper_bias: Tensor
                    ) -> tuple[list[Tensor], Tensor]:
     """Coefficients through a ReLU for lower bounds: ``a * lower_slope`` where ``a > 0``, ``a * upper_slope``
     (the chord) where ``a < 0``, bias ``sum(min(a, 0) * upper_bias)``.
@@ -57,7 +57,7 @@ def _relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor
     dim = unstable.shape[1]
     if 4 * k > dim:
         pulled = a * torch.where(a > 0, lower_slope.unsqueeze(1), upper_slope.unsqueeze(1))
-        return [pulled], _dot(a.clamp(max=0), upper_bias)
+        return [pulled], dot(a.clamp(max=0), upper_bias)
     pulled = a * upper_slope.unsqueeze(1)
     if k == 0:
         return [pulled], torch.zeros(pulled.shape[:2], dtype=a.dtype, device=a.device)
@@ -76,7 +76,7 @@ def _relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor
     return [pulled], bias
 
 
-def _quant_endpoints(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quant_endpoints(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``v_lo, v_hi`` (in quanta) and the rounded, clipped ``q(v_lo), q(v_hi)`` widened by ``QUANT_TOL`` (for a
     QuantizeLinear without rounding, the float twin of :func:`pipeline.graph.float_twin`, clipped only)."""
     scale, zero = m.params(lo.dim())
@@ -91,7 +91,7 @@ def _quant_endpoints(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
     return v_lo, v_hi, q_lo, q_hi
 
 
-def _quant_relaxation(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quant_relaxation(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Linear bounds ``ls * x + lb <= q(x) <= us * x + ub`` of QuantizeLinear on ``[lo, hi]`` (slopes per unit of
     ``x``, biases in quanta).
 
@@ -112,14 +112,21 @@ def _quant_relaxation(m: Quantize, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tens
     crosses ``qmin`` or ``qmax`` (the floor of a fused Conv-Relu's QuantizeLinear) they are the chords across the
     clip, which a constant bound gave away.
 
-    Float rounding: the lines are anchored at one endpoint of the box and widened by a few ulps of the largest
-    ``|v|`` (far below the ``QUANT_TOL`` quanta that cover onnxruntime's tie breaking).
+    Float rounding: the lines are anchored at one endpoint of the box and widened outward by a few ulps of the
+    magnitudes met in computing them, the largest of ``|v|`` and ``|v - z| = |x / s|`` at both ends (the error of
+    ``x / s + z`` grows with the distance from the zero point, not only with ``|v|``; far below the ``QUANT_TOL``
+    quanta that cover onnxruntime's tie breaking).
     """
     scale, zero = m.params(lo.dim())
-    v_lo, v_hi, q_lo, q_hi = _quant_endpoints(m, lo, hi)
+    v_lo, v_hi, q_lo, q_hi = quant_endpoints(m, lo, hi)
     half = 0.5 + QUANT_TOL if getattr(m, "rounding", True) else 0.0  # the float twin only clips
     mid = (v_lo + v_hi) * 0.5
-    guard = 8 * torch.finfo(lo.dtype).eps * (v_lo.abs() + v_hi.abs() + 1.0)
+    # the float error of the lines, in quanta, is a few roundings of the magnitudes met in computing them: x / s
+    # (= v - z: its quotient is rounded before z is added, so near the clip floor of a zero point 142, v ~ 0 but
+    # |x / s| ~ 142), v, and the biases' sums (of the size of z, at most |v| + |v - z|); about 13 unit roundoffs of
+    # their largest in all, so 8 eps = 16 u of it. A guard in |v| alone left a U8 upper line 1.6e-5 quanta short
+    magnitude = torch.stack([v_lo.abs(), v_hi.abs(), (v_lo - zero).abs(), (v_hi - zero).abs()]).amax(0)
+    guard = 8 * torch.finfo(lo.dtype).eps * (magnitude + 1.0)
 
     def upper_env(v: Tensor) -> Tensor:
         return torch.minimum(torch.maximum(v + half, q_lo), q_hi)
@@ -170,7 +177,7 @@ def _maxpool_windows(pool: torch.nn.MaxPool2d, t: Tensor, out_hw: tuple[int, int
     return values.view(n, c, *values.shape[1:]), positions, (hp, wp, p)
 
 
-def _maxpool_relaxation(pool: torch.nn.MaxPool2d, lo: Tensor, hi: Tensor, out_hw: tuple[int, int]
+def maxpool_relaxation(pool: torch.nn.MaxPool2d, lo: Tensor, hi: Tensor, out_hw: tuple[int, int]
                         ) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """auto_LiRPA's ``BoundMaxPool`` relaxation (Xu et al., NeurIPS 2020) of ``y = max_{j in window} x_j``:
 

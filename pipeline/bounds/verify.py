@@ -1,14 +1,15 @@
 """Margins and verdicts: what the bounds are for.
 
-An example is verified when every margin ``logit[y] - logit[j]`` has a positive lower bound over the threat
-model's box. The margin specification is folded into the trailing affine layers (CROWN-IBP, Zhang et al., ICLR
-2020), which is tighter than subtracting logit bounds; :func:`certify` is the one batched loop that turns a
-threat model and a method into verdicts (and logit bounds), for :func:`verified`, the audit and the benchmarks.
+An example is verified when every margin ``logit[y] - logit[j]`` has a lower bound over the threat model's box
+above the slack that covers the deployed model's float32 rounding (:func:`pipeline.bounds.spec.margin_slack`).
+The margin specification (:func:`pipeline.bounds.spec.margin_spec`) is folded into the trailing affine layers
+(CROWN-IBP, Zhang et al., ICLR 2020), which is tighter than subtracting logit bounds; :func:`certify` is the one
+batched loop that turns a threat model and a method into verdicts (and logit bounds), for :func:`verified`, the
+audit and the benchmarks.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,10 +19,10 @@ from torch import Tensor, nn
 
 from pipeline.bounds.alpha import alpha_crown_bounds, shortfall
 from pipeline.bounds.bab import bab_margins
-from pipeline.bounds.box import _concretize
-from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, _backward, _check_box, _crown_boxes, _ibp, crown_bounds,
-                                   interval_bounds)
-from pipeline.errors import HydraPipeError
+from pipeline.bounds.box import concretize
+from pipeline.bounds.crown import (DEFAULT_MAX_ELEMENTS, backward_bounds, check_box, crown_boxes, crown_bounds,
+                                   ibp_boxes, interval_bounds)
+from pipeline.bounds.spec import margin_slack, margin_spec, precise_box, precise_graph, proved
 from pipeline.graph import GraphModule, as_graph
 from pipeline.registry import Registry
 from pipeline.runtime import sound_numerics
@@ -35,34 +36,25 @@ MarginBounds = Callable[[GraphModule, Tensor, Tensor, Tensor, Literal["ibp", "cr
 BOUND_METHODS: Registry[MarginBounds] = Registry("bound method", "--method")
 
 
-def margin_spec(y: Tensor, classes: int) -> Tensor:
-    """``C`` of shape N x (K-1) x K: row j is ``e_y - e_j`` for each wrong class j in increasing order."""
-    n = y.shape[0]
-    eye = torch.eye(classes, device=y.device)
-    others = torch.arange(classes, device=y.device).expand(n, classes)
-    others = others[others != y.unsqueeze(1)].view(n, classes - 1)
-    return eye[y].unsqueeze(1) - eye[others]
-
-
 @BOUND_METHODS.register("ibp")
 def _ibp_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, y: Tensor,
                  intermediate: Literal["ibp", "crown"]) -> Tensor:
     """IBP boxes up to the last non-affine node, the margin folded into the affine tail (CROWN-IBP's bound)."""
-    boxes = _ibp(graph, x_lo, x_hi)
+    boxes = ibp_boxes(graph, x_lo, x_hi)
     out_box = boxes[graph.output_name]
     spec = margin_spec(y, out_box.shape[1]).to(x_lo.dtype)
-    folded = _backward(graph, graph.output_name, spec, boxes, linear_only=True)
-    return torch.maximum(folded, _concretize(spec, out_box))
+    folded = backward_bounds(graph, graph.output_name, spec, boxes, linear_only=True)
+    return torch.maximum(folded, concretize(spec, out_box))
 
 
 @BOUND_METHODS.register("crown")
 def _crown_margins(graph: GraphModule, x_lo: Tensor, x_hi: Tensor, y: Tensor,
                    intermediate: Literal["ibp", "crown"]) -> Tensor:
     """CROWN with ``intermediate`` bounds, intersected with the folded interval bound on the same boxes."""
-    boxes = _crown_boxes(graph, x_lo, x_hi, intermediate, DEFAULT_MAX_ELEMENTS)
+    boxes = crown_boxes(graph, x_lo, x_hi, intermediate, DEFAULT_MAX_ELEMENTS)
     spec = margin_spec(y, boxes[graph.output_name].shape[1]).to(x_lo.dtype)
-    lo = _backward(graph, graph.output_name, spec, boxes)
-    folded = _backward(graph, graph.output_name, spec, boxes, linear_only=True)
+    lo = backward_bounds(graph, graph.output_name, spec, boxes)
+    folded = backward_bounds(graph, graph.output_name, spec, boxes, linear_only=True)
     return torch.maximum(lo, folded)
 
 
@@ -117,7 +109,7 @@ def margin_lower_bounds(model: nn.Module, x_lo: Tensor, x_hi: Tensor, y: Tensor,
     ``intermediate`` bounds; ``alpha-crown``: optimised slopes; ``bab``: branch and bound. Differentiable for
     ``ibp`` and ``crown`` (the verified training objectives rely on it).
     """
-    _check_box(x_lo, x_hi)
+    check_box(x_lo, x_hi)
     graph = as_graph(model)
     return BOUND_METHODS.get(method)(graph, x_lo, x_hi, y, intermediate)
 
@@ -148,43 +140,17 @@ _LOGIT_BOUNDS: dict[str, LogitAndMarginBounds] = {"ibp": _ibp_logits_and_margins
 """alpha-CROWN and branch and bound are absent: they optimise per margin row, so logit bounds would be a second run."""
 
 
-def _precise_graph(graph: GraphModule, dtype: torch.dtype) -> GraphModule:
-    """``graph`` itself in float32, else a copy with its parameters and floating buffers cast to ``dtype``."""
-    if dtype == torch.float32:
-        return graph
-    if dtype != torch.float64:
-        raise HydraPipeError(f"bounds: dtype must be torch.float32 or torch.float64, got {dtype}")
-    return copy.deepcopy(graph).to(dtype)
-
-
-def _precise_box(threat: ThreatModel, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``threat.box(x)`` in ``dtype``; in float64 computed from the float64 input and widened outward (one ulp and
-    to the float32 box) so that it contains the float32 box the deployed model is attacked in."""
-    lo32, hi32 = threat.box(x.float())
-    if dtype == torch.float32:
-        return lo32, hi32
-    lo, hi = threat.box(x.to(dtype))
-    lo = torch.minimum(lo, lo32.to(dtype))
-    hi = torch.maximum(hi, hi32.to(dtype))
-    return torch.nextafter(lo, torch.full_like(lo, -torch.inf)), torch.nextafter(hi, torch.full_like(hi, torch.inf))
-
-
-def _precise(graph: GraphModule, threat: ThreatModel, x: Tensor, dtype: torch.dtype
-             ) -> tuple[GraphModule, Tensor, Tensor]:
-    """:func:`_precise_graph` and :func:`_precise_box` together."""
-    graph = _precise_graph(graph, dtype)
-    return (graph, *_precise_box(threat, x, dtype))
-
-
 @dataclass
 class Certificate:
     """The verdicts of one :func:`certify` run, and the logit bounds when asked for and available."""
 
     verified: Tensor
-    """bool [N]: every margin lower bound > 0."""
+    """bool [N]: every margin lower bound above the example's slack (:func:`pipeline.bounds.spec.margin_slack`)."""
     lower: Tensor | None
     """[N, classes] logit lower bounds (None for alpha-crown, ``logit_bounds=False`` or no examples)."""
     upper: Tensor | None
+    margin: Tensor | None = None
+    """[N]: the lower bound of the worst margin ``min_j logit[y] - logit[j]`` (the audit's per-example records)."""
 
 
 def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method: str, *, batch_size: int = 256,
@@ -193,20 +159,22 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method:
     """Verify each example over ``threat.box(x)`` with ``method``, in batches of ``batch_size`` (memory grows
     with it, CROWN's most). The box contains the L2 ball of the same radius, so the verdict is sound for both
     norms. ``progress(done, total)`` after each batch. No gradients: alpha-CROWN optimises its slopes inside.
+    An example is verified when every margin's lower bound exceeds its slack
+    (:func:`pipeline.bounds.spec.margin_slack`: the deployed float32 computation's rounding, also in float64).
 
     Runs under :func:`pipeline.runtime.sound_numerics` (fp32 without TF32, deterministic). ``dtype=torch.float64``
     bounds a float64 copy of the model on the float64 box widened outward to contain the float32 one (the logit
     bounds then come back in float64), so the bounds' own rounding errors shrink by about nine orders of magnitude.
     """
     BOUND_METHODS.get(method)  # an unknown method fails before any work
-    graph = _precise_graph(as_graph(model), dtype)
+    graph = precise_graph(as_graph(model), dtype)
     joint = _LOGIT_BOUNDS.get(method) if logit_bounds else None
     n = x.shape[0]
-    lows, highs, ver = [], [], []
+    lows, highs, ver, worst = [], [], [], []
     with torch.no_grad(), sound_numerics():  # a bound in lower precision is no bound
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            x_lo, x_hi = _precise_box(threat, xb, dtype)
+            x_lo, x_hi = precise_box(threat, xb, dtype)
             xb = xb.to(dtype)
             if joint is not None:
                 lo, hi, margin = joint(graph, xb, x_lo, x_hi, yb)
@@ -214,17 +182,21 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, method:
                 highs.append(hi)
             else:
                 margin = margin_lower_bounds(graph, x_lo, x_hi, yb, method)  # type: ignore[arg-type]
-            ver.append((margin > 0).all(1))
+            ver.append(proved(margin, margin_slack(graph, x_lo, x_hi)))
+            worst.append(margin.min(1).values)
             if progress is not None:
                 progress(min(i + batch_size, n), n)
     if not ver:
-        return Certificate(torch.zeros(0, dtype=torch.bool, device=x.device), None, None)
-    return Certificate(torch.cat(ver), torch.cat(lows) if lows else None, torch.cat(highs) if highs else None)
+        return Certificate(torch.zeros(0, dtype=torch.bool, device=x.device), None, None,
+                           torch.zeros(0, dtype=dtype, device=x.device))
+    return Certificate(torch.cat(ver), torch.cat(lows) if lows else None, torch.cat(highs) if highs else None,
+                       torch.cat(worst))
 
 
 def verified(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: Method = "ibp", lo: float = 0.0,
              hi: float = 1.0, batch_size: int = 256) -> Tensor:
-    """Which examples are provably robust: every margin's lower bound > 0 over the L-inf ball of radius ``eps``
-    around ``x`` intersected with ``[lo, hi]``. Batched by ``batch_size`` to bound memory. BoolTensor [N]."""
+    """Which examples are provably robust: every margin's lower bound above its slack
+    (:func:`pipeline.bounds.spec.margin_slack`) over the L-inf ball of radius ``eps`` around ``x`` intersected with
+    ``[lo, hi]``. Batched by ``batch_size`` to bound memory. BoolTensor [N]."""
     threat = ThreatModel(eps, lo=lo, hi=hi)
     return certify(model, x, y, threat, method, batch_size=batch_size, logit_bounds=False).verified
