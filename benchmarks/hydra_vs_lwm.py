@@ -60,7 +60,7 @@ def run_seed(study: Study, seed: int, sparsities: list[float], cfg: dict) -> tup
 
     torch.set_num_threads(cfg["threads"])
     os.environ.setdefault("HYDRA_PIPE_QUIET", "1")
-    from pipeline.attacks import pgd_attack
+    from pipeline.attacks import AttackOptions, pgd_attack
     from pipeline.config import AuditParams, DataParams, FinetuneParams, PruneParams, TrainParams
     from pipeline.data import load_dataset
     from pipeline.masking import global_sparsity, masked_layers
@@ -75,7 +75,8 @@ def run_seed(study: Study, seed: int, sparsities: list[float], cfg: dict) -> tup
     eps = AuditParams().eps
 
     def evaluate(model) -> dict[str, float]:
-        res = pgd_attack(model, x, y, eps, steps=cfg["attack_steps"], restarts=cfg["restarts"], seed=seed)
+        res = pgd_attack(model, x, y, eps, steps=cfg["attack_steps"], restarts=cfg["restarts"],
+                         options=AttackOptions(seed=seed))
         return {"clean_accuracy": accuracy(model, data.test), "pgd_robust_accuracy": float(res.robust_accuracy)}
 
     t0 = time.perf_counter()

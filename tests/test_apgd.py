@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.attacks import ATTACKS, apgd_attack, pgd_attack
+from pipeline.attacks import ATTACKS, AttackOptions, AttackResult, apgd_attack, pgd_attack
 from pipeline.attacks.apgd import APGDStep, dlr_grad
+from pipeline.attacks.steps import pgd_rule
 from pipeline.errors import HydraPipeError
 from pipeline.threat import ThreatModel
 from tests.test_attacks import _data, _exact_linf_margin, _linear, _mlp, _Recorder
@@ -159,14 +160,14 @@ def test_verdicts_do_not_depend_on_batching_or_on_the_other_examples(loss):
     model = _mlp(9)
     x, y = _data(model, 20, seed=10)
     eps = 0.12
-    full = apgd_attack(model, x, y, eps, loss=loss, steps=40, batch_size=1000, early_exit=False)
+    full = apgd_attack(model, x, y, eps, loss=loss, steps=40, options=AttackOptions(batch_size=1000, early_exit=False))
     assert 0 < full.robust_accuracy < 1
     for kw in (dict(), dict(batch_size=7), dict(batch_size=2), dict(exact_curves=True)):
-        res = apgd_attack(model, x, y, eps, loss=loss, steps=40, **{"batch_size": 1000, **kw})
+        res = apgd_attack(model, x, y, eps, loss=loss, steps=40, options=AttackOptions(**{"batch_size": 1000, **kw}))
         assert torch.equal(res.robust, full.robust), kw
         assert res.row_steps < full.row_steps, kw  # early exit: broken examples stop
     part = torch.tensor([17, 3, 11, 5, 0])
-    sub = apgd_attack(model, x[part], y[part], eps, loss=loss, steps=40, index=part)
+    sub = apgd_attack(model, x[part], y[part], eps, loss=loss, steps=40, options=AttackOptions(index=part))
     assert torch.equal(sub.robust, full.robust[part])
 
 
@@ -177,7 +178,7 @@ def test_every_iterate_stays_in_the_ball_and_the_range(norm):
     x[:, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the range's edges: the clip must bind
     model = _Recorder(inner)
     eps = 0.3
-    apgd_attack(model, x, y, eps, norm=norm, steps=30, loss="dlr-targeted", early_exit=False)
+    apgd_attack(model, x, y, eps, norm=norm, steps=30, loss="dlr-targeted", options=AttackOptions(early_exit=False))
     seen = torch.cat(model.seen[2:]).flatten(1)  # [0], [1]: the clean checks
     assert len(seen) >= 2 * 3 * 30
     centre = x.flatten(1)
@@ -202,7 +203,7 @@ def test_early_exit_respects_confirm():
             return np.eye(2)[1 - z.argmax(1)]
         return z
 
-    res = apgd_attack(model, x, y, eps, steps=50, confirm=confirm, confirm_margin=0)
+    res = apgd_attack(model, x, y, eps, steps=50, options=AttackOptions(confirm=confirm, confirm_margin=0))
     assert res.rejected > 0 and res.rejected_examples > 0
     assert torch.equal(res.robust, plain.robust)
     assert (res.break_step[~res.robust] >= plain.break_step[~res.robust]).all()
@@ -225,14 +226,48 @@ def test_a_break_only_the_deployed_model_sees_is_found_near_the_boundary(attack)
 
     run = ATTACKS.get(attack)
     kw = dict(steps=60, restarts=2) if attack == "pgd" else dict(steps=60)
-    off = run(model, x, y, eps, confirm=confirm, confirm_margin=0, **kw)
-    on = run(model, x, y, eps, confirm=confirm, confirm_margin=0.1, **kw)
+    off = run(model, x, y, eps, options=AttackOptions(confirm=confirm, confirm_margin=0), **kw)
+    on = run(model, x, y, eps, options=AttackOptions(confirm=confirm, confirm_margin=0.1), **kw)
     assert off.near_boundary_checked == 0 and on.near_boundary_checked > 0
     gained = on.robust < off.robust  # broken only with the near-boundary confirmation
     assert gained.any()
     assert (off.min_margin[gained] > 0).all() and (off.min_margin[gained] < 0.05).all()
     assert (confirm(on.adv_x.numpy()).argmax(1) != y[on.adv_index].numpy()).all()
     assert not (on.robust & ~off.robust).any()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_and_apgd_draw_their_starts_from_independent_streams(norm):
+    """Each attack has its own random streams: with one shared stream, APGD's L-inf starts were PGD's rescaled to
+    the sphere (within 0.003 of them), so APGD retried PGD's starts instead of new ones."""
+    eps = 0.3
+    threat = ThreatModel(eps, norm)
+    x0 = torch.full((1, 8, 8), 0.5)  # the range's clip never binds
+    pgd, apgd = pgd_rule(threat, alpha=0.1), APGDStep(threat, steps=10)
+    gaps = [(pgd.start(x0, 0, i, range(9))[0] - apgd.start(x0, 0, i, range(9))[0]).flatten(1).abs().amax(1)
+            for i in range(10)]
+    assert torch.cat(gaps).mean() > 0.1 * eps
+    # each attack's draws are still a function of (seed, example, restart) alone
+    for rule in (pgd, apgd):
+        assert torch.equal(rule.start(x0, 0, 3, range(4, 9))[0], rule.start(x0, 0, 3, range(9))[0][4:])
+        assert not torch.equal(rule.start(x0, 0, 3, range(1))[0], rule.start(x0, 0, 4, range(1))[0])
+
+
+def test_every_registered_attack_takes_the_shared_options_and_returns_one_result():
+    assert ATTACKS.names() == ["apgd-ce", "apgd-t", "pgd", "square"]
+    model = _mlp(3)
+    x, y = _data(model, 6, seed=4)
+    y[0] = (y[0] + 1) % 4  # a clean mistake
+    verified = torch.tensor([False, True, True, True, True, False])
+    budget = {"pgd": dict(steps=20, restarts=2), "apgd-ce": dict(steps=20), "apgd-t": dict(steps=20),
+              "square": dict(queries=50)}
+    for name in ATTACKS.names():
+        res = ATTACKS.get(name)(model, x, y, 0.05, options=AttackOptions(seed=1, verified=verified), **budget[name])
+        assert isinstance(res, AttackResult), name
+        assert int(res.break_step[0]) == 0 and int(res.break_restart[0]) == 0 and not res.robust[0], name
+        assert res.robust[1:5].all() and res.clean_correct[1:].all(), name
+        assert res.settled["verification"] == 4 and res.settled["clean_wrong"] == 1, name
+        assert sum(res.settled.values()) == 6, name
 
 
 def test_bad_inputs_raise_one_line_errors():
@@ -243,8 +278,8 @@ def test_bad_inputs_raise_one_line_errors():
     with pytest.raises(HydraPipeError, match="4 classes"):
         apgd_attack(_linear(3, 16, 0), x, y % 3, 0.1, loss="dlr-targeted")
     with pytest.raises(HydraPipeError, match="repeated"):
-        apgd_attack(model, x, y, 0.1, index=torch.tensor([0, 1, 1, 2]))
+        apgd_attack(model, x, y, 0.1, options=AttackOptions(index=torch.tensor([0, 1, 1, 2])))
     with pytest.raises(HydraPipeError):
         apgd_attack(model, x, y, 0.1, norm="l1")
     with pytest.raises(HydraPipeError):
-        apgd_attack(model, x, y, 0.1, confirm_margin=-1)
+        apgd_attack(model, x, y, 0.1, options=AttackOptions(confirm_margin=-1))

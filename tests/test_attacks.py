@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.attacks import pgd_attack
+from pipeline.attacks import AttackOptions, pgd_attack
 from pipeline.attacks.steps import RowState, pgd_rule
 from pipeline.errors import HydraPipeError
 from pipeline.threat import ThreatModel
@@ -57,7 +57,7 @@ def test_linear_model_linf_matches_exact_worst_case():
     eps = 0.05
     exact = _exact_linf_margin(model, x, y, eps)
     assert 5 < int((exact > 0).sum()) < 55  # a mix of robust and breakable examples
-    res = pgd_attack(model, x, y, eps, steps=60, restarts=4, batch_size=64)
+    res = pgd_attack(model, x, y, eps, steps=60, restarts=4, options=AttackOptions(batch_size=64))
     clear = exact.abs() > 1e-3  # leave out float ties
     assert torch.equal(res.robust[clear], (exact > 0)[clear])
     # on robust examples PGD reaches the worst vertex: its lowest margin is the exact minimum
@@ -82,7 +82,8 @@ def test_linear_model_l2_matches_exact_worst_case():
     # worst case of a linear margin over an L2 ball: m(x) - eps |c|_2
     exact = (c * x.flatten(1)).sum(1) + b[y] - b[1 - y] - eps * c.norm(dim=1)
     assert 5 < int((exact > 0).sum()) < 75
-    res = pgd_attack(model, x, y, eps, norm="l2", steps=50, restarts=2, step_size=0.03, batch_size=64)
+    res = pgd_attack(model, x, y, eps, norm="l2", steps=50, restarts=2, step_size=0.03,
+                     options=AttackOptions(batch_size=64))
     clear = exact.abs() > 1e-3  # leave out float ties
     assert torch.equal(res.robust[clear], (exact > 0)[clear])
     rob = exact > 0
@@ -107,7 +108,8 @@ def test_every_iterate_stays_in_the_ball_and_the_valid_range(norm):
     x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the range's edges: the clip must bind
     model = _Recorder(inner)
     eps = 0.3
-    pgd_attack(model, x, y, eps, norm=norm, steps=30, restarts=8, early_exit=False, cycle_exit=False)
+    pgd_attack(model, x, y, eps, norm=norm, steps=30, restarts=8,
+               options=AttackOptions(early_exit=False, cycle_exit=False))
     seen = torch.cat(model.seen).flatten(1)
     assert len(seen) >= 8 * 30
     dist = (seen - x.flatten(1)).abs().amax(1) if norm == "linf" else (seen - x.flatten(1)).norm(dim=1)
@@ -185,11 +187,12 @@ def test_early_exits_and_batching_do_not_change_the_result(norm):
     model = _mlp(9)
     x, y = _data(model, 20, seed=10)
     eps = 0.12 if norm == "linf" else 0.5
-    plain = pgd_attack(model, x, y, eps, norm=norm, steps=80, restarts=5, batch_size=1000, early_exit=False,
-                       cycle_exit=False)
+    plain = pgd_attack(model, x, y, eps, norm=norm, steps=80, restarts=5,
+                       options=AttackOptions(batch_size=1000, early_exit=False, cycle_exit=False))
     assert 0 < plain.robust_accuracy < 1
     for kw in (dict(), dict(exact_curves=False), dict(batch_size=7), dict(cycle_exit=False)):
-        res = pgd_attack(model, x, y, eps, norm=norm, steps=80, restarts=5, **{"batch_size": 1000, **kw})
+        res = pgd_attack(model, x, y, eps, norm=norm, steps=80, restarts=5,
+                         options=AttackOptions(**{"batch_size": 1000, **kw}))
         assert torch.equal(res.robust, plain.robust), kw
         assert torch.equal(res.break_step, plain.break_step), kw
         assert res.row_steps < plain.row_steps, kw
@@ -201,12 +204,25 @@ def test_early_exits_and_batching_do_not_change_the_result(norm):
         assert pgd_attack(model, x, y, eps, steps=80, restarts=5).row_steps < 0.7 * plain.row_steps
 
 
+def test_a_part_attacked_with_its_index_gets_the_whole_runs_verdicts():
+    model = _mlp(9)
+    x, y = _data(model, 20, seed=10)
+    full = pgd_attack(model, x, y, 0.12, steps=40, restarts=3)
+    assert 0 < full.robust_accuracy < 1
+    part = torch.tensor([17, 3, 11, 5, 0, 8])
+    sub = pgd_attack(model, x[part], y[part], 0.12, steps=40, restarts=3,
+                     options=AttackOptions(index=part, batch_size=5))
+    assert torch.equal(sub.robust, full.robust[part])
+    assert torch.equal(sub.break_step, full.break_step[part])
+    assert torch.equal(sub.break_restart, full.break_restart[part])
+
+
 def test_reproducible_with_a_seed_and_seed_matters():
     model = _mlp(11)
     x, y = _data(model, 30, seed=12)
-    a = pgd_attack(model, x, y, 0.1, steps=15, restarts=3, seed=5)
-    b = pgd_attack(model, x, y, 0.1, steps=15, restarts=3, seed=5)
-    c = pgd_attack(model, x, y, 0.1, steps=15, restarts=3, seed=6)
+    a = pgd_attack(model, x, y, 0.1, steps=15, restarts=3, options=AttackOptions(seed=5))
+    b = pgd_attack(model, x, y, 0.1, steps=15, restarts=3, options=AttackOptions(seed=5))
+    c = pgd_attack(model, x, y, 0.1, steps=15, restarts=3, options=AttackOptions(seed=6))
     assert torch.equal(a.robust, b.robust) and torch.equal(a.adv_x, b.adv_x)
     assert torch.equal(a.min_margin, b.min_margin)
     assert not torch.equal(a.min_margin, c.min_margin)
@@ -217,7 +233,7 @@ def test_verified_examples_are_not_attacked_and_count_as_robust():
     x, y = _data(model.inner, 10, seed=14)
     verified = torch.zeros(10, dtype=torch.bool)
     verified[:4] = True
-    res = pgd_attack(model, x, y, 0.2, steps=10, restarts=2, verified=verified)
+    res = pgd_attack(model, x, y, 0.2, steps=10, restarts=2, options=AttackOptions(verified=verified))
     assert res.robust[:4].all() and res.settled["verification"] == 4
     attacked = torch.cat(model.seen[1:]).flatten(1)  # [0] is the clean check of all examples
     near = torch.cdist(attacked, x[:4].flatten(1), p=float("inf")) <= 0.2 + 1e-6
@@ -248,11 +264,11 @@ def test_candidates_rejected_by_the_deployed_numerics(tmp_path):
     x = torch.full((3, 1, 1, 1), 0.5)
     y = torch.zeros(3, dtype=torch.long)
     # eps 0.12: the float model finds x = 0.62 > 0.6, which onnxruntime rounds to 0.5: rejected, still robust
-    res = pgd_attack(float_model, x, y, 0.12, steps=20, restarts=3, confirm=confirm)
+    res = pgd_attack(float_model, x, y, 0.12, steps=20, restarts=3, options=AttackOptions(confirm=confirm))
     assert res.robust.all() and res.rejected > 0 and res.rejected_examples == 3
     assert not pgd_attack(float_model, x, y, 0.12, steps=20, restarts=3).robust.any()  # unconfirmed: broken
     # eps 0.2: x = 0.7 rounds to 0.75 > 0.6 on the deployed model too: confirmed
-    res = pgd_attack(float_model, x, y, 0.2, steps=20, restarts=3, confirm=confirm)
+    res = pgd_attack(float_model, x, y, 0.2, steps=20, restarts=3, options=AttackOptions(confirm=confirm))
     assert not res.robust.any()
     assert (confirm(res.adv_x.numpy()).argmax(1) != 0).all()
 
@@ -268,3 +284,9 @@ def test_bad_inputs_raise_one_line_errors():
         pgd_attack(model, x, y[:3], 0.1)
     with pytest.raises(HydraPipeError):
         pgd_attack(model, x, y, 0.1, norm="l1")
+    for kw in (dict(batch_size=0), dict(seed=-1), dict(confirm_margin=-1.0), dict(threads=0)):
+        with pytest.raises(HydraPipeError, match="attack options"):
+            AttackOptions(**kw)
+    for kw in (dict(index=torch.arange(3)), dict(verified=torch.ones(5, dtype=torch.bool))):
+        with pytest.raises(HydraPipeError, match="entries for 4 examples"):
+            pgd_attack(model, x, y, 0.1, steps=2, restarts=1, options=AttackOptions(**kw))

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.bounds import certify, crown_bounds, interval_bounds, margin_lower_bounds
 from pipeline.bounds.ops import MaxPoolRule
 from pipeline.bounds.box import Box
-from pipeline.bounds.relax import QUANT_TOL, _maxpool_relaxation, _quant_endpoints, _quant_relaxation
+from pipeline.bounds.relax import QUANT_TOL, maxpool_relaxation, quant_endpoints, quant_relaxation
 from pipeline.graph import Quantize, as_graph
 from pipeline.onnx_io import export_onnx, ort_logits, ort_session
 from pipeline.onnx_load import load_onnx
@@ -77,7 +77,7 @@ def test_maxpool_relaxation_is_exact_where_one_input_dominates_and_auto_lirpa_el
     pool = nn.MaxPool2d(2)
     lo = torch.tensor([[[[0.0, 1.0], [2.0, 5.0]], [[0.0, 1.0], [2.0, 1.5]]]])  # one example, 2 channels, 1 window
     hi = lo + torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]]])
-    index, exact, upper, _ = _maxpool_relaxation(pool, lo, hi, (1, 1))
+    index, exact, upper, _ = maxpool_relaxation(pool, lo, hi, (1, 1))
     # channel 0: x[1,1] in [5, 6] dominates every other upper bound (<= 3): y = x[1,1] exactly
     # channel 1: the largest lower bound is x[1,0] (2), but x[1,1] can reach 2.5: y <= max upper = 3
     assert index.flatten().tolist() == [3, 2] and exact.flatten().tolist() == [True, False]
@@ -92,7 +92,7 @@ def test_maxpool_relaxation_bounds_every_point_of_the_box():
         lo = torch.randn(2, 3, 7, 7, generator=g)
         hi = lo + torch.rand(2, 3, 7, 7, generator=g) * torch.rand(2, 3, 1, 1, generator=g) * 3
         out_hw = tuple(pool(lo).shape[-2:])
-        index, exact, upper, (hp, wp, pad) = _maxpool_relaxation(pool, lo, hi, out_hw)
+        index, exact, upper, (hp, wp, pad) = maxpool_relaxation(pool, lo, hi, out_hw)
         pts = lo + torch.rand(500, *lo.shape, generator=g) * (hi - lo)
         y = pool(pts.reshape(-1, 3, 7, 7)).reshape(500, 2, 3, -1)
         padded = torch.nn.functional.pad(pts, (pad[1], wp - 7 - pad[1], pad[0], hp - 7 - pad[0]))
@@ -151,8 +151,8 @@ def test_quant_relaxation_contains_the_staircase_on_random_boxes_and_at_ties():
         lo, hi = centre - half, centre + half
         lo[8:10], hi[8:10] = (m.qmin - z - 300) * s, (m.qmax - z + 300) * s
         lo[10] = hi[10] = 3.5 * s  # a point box at a tie
-        ls, lb, us, ub = _quant_relaxation(m, lo, hi)
-        _, _, q_lo, q_hi = _quant_endpoints(m, lo, hi)
+        ls, lb, us, ub = quant_relaxation(m, lo, hi)
+        _, _, q_lo, q_hi = quant_endpoints(m, lo, hi)
         u = torch.rand(1600, 64, generator=g, dtype=torch.float64)
         pts = (lo.double() + u * (hi - lo).double()).float()
         ties = ((torch.floor(pts / s) + 0.5) * s).clamp(lo, hi)  # the tie points of each box, exact in float
@@ -172,15 +172,38 @@ def test_quant_chord_replaces_the_constant_where_the_box_crosses_the_clip():
     ReLU's upper bound, not the constant q(hi); its mean over the box is far below."""
     m = Quantize(torch.tensor(0.1), torch.tensor(0.0), 0, 255)
     lo, hi = torch.tensor([-2.0, 23.0, -30.0]), torch.tensor([2.0, 26.0, 30.0])  # across 0; across 255; both
-    ls, lb, us, ub = _quant_relaxation(m, lo, hi)
+    ls, lb, us, ub = quant_relaxation(m, lo, hi)
     mid = (lo + hi) / 2
-    _, _, q_lo, q_hi = _quant_endpoints(m, lo, hi)
+    _, _, q_lo, q_hi = quant_endpoints(m, lo, hi)
     assert bool((us > 0).all()) and bool((us * mid + ub < q_hi - 2).all())
     assert float(us[0]) == pytest.approx(20 / (19.49 + 20) / 0.1, rel=1e-4)  # the chord from (-20, 0) to the kink
     # within the clip range the chords are the lines v -/+ (1/2 + QUANT_TOL) (slope 1 / s)
-    ls, lb, us, ub = _quant_relaxation(m, torch.tensor([1.0]), torch.tensor([9.0]))
+    ls, lb, us, ub = quant_relaxation(m, torch.tensor([1.0]), torch.tensor([9.0]))
     assert float(us) == pytest.approx(10.0) and float(ls) == pytest.approx(10.0)
     assert float(ub) == pytest.approx(0.51, abs=1e-4) and float(lb) == pytest.approx(-0.51, abs=1e-4)
+
+
+def test_quant_lines_hold_far_from_a_large_zero_point():
+    """A U8 quantizer with zero point 142: ``v = x / s + z`` rounds ``x / s`` (up to 142 quanta) before adding z, so
+    near the clip floor (v ~ 0) its float error is about ``u |x / s|``, not ``u |v|``; the lines' guard must cover
+    it. Checked at sampled points with ONNX's QuantizeLinear, ``saturate(round(x / s) + z)``, in float64 (a guard
+    in ``|v|`` alone left an upper line 1.6e-5 quanta below the staircase here)."""
+    zero = 142
+    m = Quantize(torch.tensor(0.0157), torch.tensor(float(zero)), 0, 255)
+    s = float(m.scale)
+    g = torch.Generator().manual_seed(0)
+    # boxes within [-2.5, 2.5] around the clip floor (x ~ -z s), the ceiling (x ~ (255 - z) s) and the zero point
+    edges = torch.tensor([-zero * s, (255 - zero) * s, 0.0])
+    centre = (edges[torch.arange(768) % 3] + (torch.rand(768, generator=g) - 0.5) * 0.4).clamp(-2.5, 2.5)
+    half = torch.rand(768, generator=g) ** 2 * 0.2
+    lo, hi = centre - half, centre + half
+    ls, lb, us, ub = quant_relaxation(m, lo, hi)
+    u = torch.rand(4000, 768, generator=g, dtype=torch.float64)
+    x = (lo.double() + u * (hi - lo).double()).float().double()  # float32 inputs, as the deployed model gets
+    x = torch.cat([x, lo.double().unsqueeze(0), hi.double().unsqueeze(0)])
+    q = torch.clamp(torch.round(x / s) + zero, 0, 255)
+    assert bool((q <= us.double() * x + ub.double()).all())
+    assert bool((q >= ls.double() * x + lb.double()).all())
 
 
 @pytest.mark.parametrize("rounding", [True, False])
@@ -199,7 +222,7 @@ def test_quant_tightening_skips_only_boxes_whose_lines_do_not_depend_on_them(rou
     v_lo = QUANT_WIDE + torch.rand(500, generator=gen) * 200
     v_hi = torch.minimum(v_lo + QUANT_WIDE + torch.rand(500, generator=gen) * 60, torch.tensor(255 - QUANT_WIDE))
     wide = (v_lo - 3) * 0.1, (v_hi - 3) * 0.1
-    ls, lb, us, ub = _quant_relaxation(m, *wide)
+    ls, lb, us, ub = quant_relaxation(m, *wide)
     h = 0.5 + QUANT_TOL if rounding else 0.0
     torch.testing.assert_close(ls, torch.full_like(ls, 10.0))
     torch.testing.assert_close(us, torch.full_like(us, 10.0))
@@ -220,7 +243,7 @@ def test_float_twin_quantize_is_bounded_without_rounding_slack():
     m = Quantize(torch.tensor(0.1), torch.tensor(0.0), 0, 255)
     m.rounding = False
     lo, hi = torch.tensor([-2.0, 1.0]), torch.tensor([2.0, 9.0])
-    ls, lb, us, ub = _quant_relaxation(m, lo, hi)
+    ls, lb, us, ub = quant_relaxation(m, lo, hi)
     x = lo + torch.rand(1000, 2) * (hi - lo)
     q = m(x)
     assert bool((q >= ls * x + lb - 1e-4).all()) and bool((q <= us * x + ub + 1e-4).all())
@@ -275,7 +298,7 @@ def test_int8_graph_is_onnxruntime_and_requantization_is_dropped(ort_int8):
 
 
 def test_int8_bounds_contain_onnxruntime_at_sampled_tie_and_attacked_points(ort_int8):
-    from pipeline.attacks.pgd import pgd_attack
+    from pipeline.attacks import AttackOptions, pgd_attack
 
     _, path = ort_int8
     model, session = load_onnx(path), ort_session(path, threads=1)
@@ -296,7 +319,8 @@ def test_int8_bounds_contain_onnxruntime_at_sampled_tie_and_attacked_points(ort_
             out = torch.from_numpy(ort_logits(session, pts.reshape(-1, 1, 8, 8).numpy())).reshape(len(pts), 6, -1)
             for lo, hi in boxes:
                 assert inside(out, lo, hi)
-        result = pgd_attack(model, x, y, eps, steps=20, restarts=2, seed=0)  # misclassifying points, if any
+        # misclassifying points, if any
+        result = pgd_attack(model, x, y, eps, steps=20, restarts=2, options=AttackOptions(seed=0))
         if result.adv_x is not None and len(result.adv_x):
             out = torch.from_numpy(ort_logits(session, result.adv_x.reshape(-1, 1, 8, 8).numpy()))
             for lo, hi in boxes:

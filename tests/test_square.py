@@ -1,5 +1,6 @@
 """The Square attack: per-example random streams (verdicts independent of the batch), known worst cases, the
-threat set, confirmation on the deployed numerics (breaks and boundary), gradient masking."""
+threat set, no query spent on a window that does not change, the shared result type, confirmation on the deployed
+numerics (breaks and boundary), gradient masking."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.attacks import pgd_attack, square_attack
+from pipeline.attacks import AttackOptions, pgd_attack, square_attack
 from pipeline.attacks.square import _eta, _place, _side, _square_p
 from pipeline.errors import HydraPipeError
 from tests.test_attacks import _data, _exact_linf_margin, _linear, _mlp, _Recorder
@@ -46,20 +47,27 @@ def test_an_examples_result_does_not_depend_on_the_others_in_the_batch(norm):
     model = _RowWise(1)
     x, y = _images(16, 2, model)
     eps = 0.1 if norm == "linf" else 0.8
-    full = square_attack(model, x, y, eps, norm=norm, queries=150, restarts=2, seed=3)
-    assert 0 < int(full.broken.sum()) < 16
+    full = square_attack(model, x, y, eps, norm=norm, queries=150, restarts=2, options=AttackOptions(seed=3))
+    assert 0 < int((~full.robust).sum()) < 16 and full.clean_correct.all()
     pos = {int(i): k for k, i in enumerate(full.adv_index)}
     for part in (torch.tensor([9, 2, 14, 0, 5, 11]), torch.randperm(16, generator=torch.Generator().manual_seed(4))):
-        sub = square_attack(model, x[part], y[part], eps, norm=norm, queries=150, restarts=2, seed=3, index=part,
-                            batch_size=5)
-        assert torch.equal(sub.broken, full.broken[part])
-        assert torch.equal(sub.margin, full.margin[part])
-        assert torch.equal(sub.queries_used, full.queries_used[part])
-        for k, i in enumerate(part[sub.broken].tolist()):
-            assert torch.equal(sub.adv_x[k], full.adv_x[pos[i]])
-    # an unbroken example spends the whole budget: its start and every query of every restart
-    assert (full.queries_used[~full.broken] == 2 * 151).all()
-    assert (full.queries_used[full.broken] <= 2 * 151).all()
+        sub = square_attack(model, x[part], y[part], eps, norm=norm, queries=150, restarts=2,
+                            options=AttackOptions(seed=3, index=part, batch_size=5))
+        assert torch.equal(sub.robust, full.robust[part])
+        assert torch.equal(sub.min_margin, full.min_margin[part])
+        assert torch.equal(sub.break_step, full.break_step[part])
+        assert torch.equal(sub.break_restart, full.break_restart[part])
+        for k, i in enumerate(sub.adv_index.tolist()):
+            assert torch.equal(sub.adv_x[k], full.adv_x[pos[int(part[i])]])
+    # a break is at a query of a restart (0: its start); an unbroken example spends the whole budget, its start and
+    # every query of every restart but those whose window would not change
+    broken = ~full.robust
+    assert ((full.break_step[broken] >= 0) & (full.break_step[broken] <= 150)).all()
+    assert ((full.break_restart[broken] >= 0) & (full.break_restart[broken] <= 1)).all()
+    assert (full.break_step[~broken] == -1).all()
+    assert full.settled == dict(verification=0, clean_wrong=0, broken=int(broken.sum()), convergence=0,
+                                full_budget=int((~broken).sum()))
+    assert 0.95 * 2 * 151 * int((~broken).sum()) < full.row_steps <= 2 * 151 * 16
 
 
 def test_breaks_exactly_the_linear_examples_whose_worst_case_is_negative():
@@ -70,8 +78,8 @@ def test_breaks_exactly_the_linear_examples_whose_worst_case_is_negative():
     assert 5 < int((exact > 0).sum()) < 55
     sq = square_attack(model, x, y, eps, queries=300)
     clear = exact.abs() > 1e-3
-    assert torch.equal(sq.broken[clear], (exact <= 0)[clear])
-    assert (sq.margin >= exact - 1e-5).all()  # never below the exact minimum: the points are in the ball
+    assert torch.equal(sq.robust[clear], (exact > 0)[clear])
+    assert (sq.min_margin >= exact - 1e-5).all()  # never below the exact minimum: the points are in the ball
     with torch.no_grad():
         assert (model(sq.adv_x).argmax(1) != y[sq.adv_index]).all()
 
@@ -88,8 +96,8 @@ def test_l2_never_breaks_a_robust_linear_example_and_breaks_the_clearly_broken_o
     exact = (c * x.flatten(1)).sum(1) + b[y] - b[1 - y] - eps * c.norm(dim=1)  # the box never binds here
     assert 5 < int((exact > 0).sum()) < 55
     sq = square_attack(model, x, y, eps, norm="l2", queries=500)
-    assert not sq.broken[exact > 0].any()
-    assert sq.broken[exact < -0.1].all()
+    assert sq.robust[exact > 0].all()
+    assert not sq.robust[exact < -0.1].any()
     assert ((sq.adv_x - x[sq.adv_index]).flatten(1).norm(dim=1) <= eps + 1e-5).all()
 
 
@@ -101,12 +109,80 @@ def test_every_query_stays_in_the_ball_and_the_range(norm):
     model = _Recorder(inner)
     eps = 0.3 if norm == "linf" else 1.0
     square_attack(model, x, y, eps, norm=norm, queries=60)
-    seen = torch.cat(model.seen).flatten(1)
+    assert torch.equal(model.seen[0], x)  # the clean check
+    seen = torch.cat(model.seen[1:]).flatten(1)
     dist = torch.cdist(seen, x.flatten(1), p=float("inf") if norm == "linf" else 2).min(1).values
     assert dist.max() <= eps + 1e-5 and seen.min() >= 0 and seen.max() <= 1
     assert dist.max() > 0.99 * eps
     if norm == "linf":  # every query lies on the ball's edge (on L2 the range's clip pulls some inside)
         assert dist.min() > 0.99 * eps
+
+
+class _Counted(nn.Module):
+    """Two classes, class 0 by a margin no point of the ball closes: every example runs the whole budget. Counts
+    the rows it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+        self.w = torch.randn(2, 64, generator=torch.Generator().manual_seed(7)) / 100
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        return x.flatten(1) @ self.w.T + torch.tensor([5.0, 0.0])
+
+
+def test_no_query_is_spent_on_a_window_that_does_not_change():
+    """Late in an L-inf run on one channel a window is a pixel or two already at one sign, so half the sign draws
+    would leave the point as it is (before: 7547 of 16000 queries here). As in the paper's code the signs are redrawn
+    until the window changes (at most REDRAWS times, then the query is skipped), and a candidate equal to the current
+    point is neither evaluated nor counted."""
+    model = _Counted()
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    y = torch.zeros(8, dtype=torch.long)
+    queries = 2000
+    res = square_attack(model, x, y, 0.1, queries=queries)
+    assert res.robust.all() and res.settled["full_budget"] == 8
+    evaluated = model.rows - 8  # less the clean check
+    assert res.row_steps == evaluated
+    unchanged = 8 * (queries + 1) - evaluated
+    assert unchanged <= 0.01 * 8 * queries  # a query whose 1 + REDRAWS sign draws all fail: ~2^-9 of them
+
+
+def test_one_channel_verdicts_are_deterministic_and_do_not_depend_on_the_batch_size():
+    model = _RowWise(5)
+    x, y = _images(12, 6, model)
+    runs = [square_attack(model, x, y, 0.03, queries=600, options=AttackOptions(seed=2, batch_size=b))
+            for b in (4096, 5, 1, 4096)]
+    first = runs[0]
+    assert 0 < int((~first.robust).sum()) < 12
+    for r in runs[1:]:
+        assert torch.equal(r.robust, first.robust) and torch.equal(r.break_step, first.break_step)
+        assert torch.equal(r.break_restart, first.break_restart) and torch.equal(r.adv_x, first.adv_x)
+        assert torch.equal(r.min_margin, first.min_margin) and r.row_steps == first.row_steps
+
+
+def test_clean_mistakes_verified_examples_and_the_restart_curve_as_the_gradient_attacks_report_them():
+    model = _RowWise(1)
+    x, y = _images(16, 2, model)
+    y[:2] = (y[:2] + 1) % 4  # clean mistakes
+    verified = torch.zeros(16, dtype=torch.bool)
+    verified[2:4] = True
+    opts = AttackOptions(seed=3, verified=verified)
+    one = square_attack(model, x, y, 0.05, queries=30, restarts=1, options=opts)
+    rec = _Recorder(model)
+    three = square_attack(rec, x, y, 0.05, queries=30, restarts=3, options=opts)
+    assert (three.break_step[:2] == 0).all() and (three.break_restart[:2] == 0).all()
+    assert torch.equal(three.adv_x[:2], x[:2]) and not three.clean_correct[:2].any()
+    assert three.robust[2:4].all() and three.settled["verification"] == 2 and three.settled["clean_wrong"] == 2
+    assert sum(three.settled.values()) == 16
+    attacked = torch.cat(rec.seen[1:]).flatten(1)  # [0] is the clean check of all examples
+    assert not (torch.cdist(attacked, x[2:4].flatten(1), p=float("inf")) <= 0.05 + 1e-6).any()
+    # a restart runs only on the examples still standing: the restart curve is what fewer restarts report
+    assert (three.break_restart > 0).any()
+    assert torch.equal(one.robust, three.robust | (three.break_restart >= 1))
+    assert three.robust_by_restart[0] == pytest.approx(one.robust_accuracy)
+    assert len(three.robust_by_restart) == 3 and three.robust_by_step[30] == pytest.approx(three.robust_accuracy)
 
 
 def test_the_papers_schedule_and_l2_pattern():
@@ -133,12 +209,12 @@ def test_a_break_only_the_deployed_model_sees_is_found_near_the_boundary():
         with torch.no_grad():
             return model(torch.as_tensor(xs)).numpy() + shift
 
-    off = square_attack(model, x, y, eps, queries=300, confirm=confirm, confirm_margin=0)
-    on = square_attack(model, x, y, eps, queries=300, confirm=confirm, confirm_margin=0.1)
+    off = square_attack(model, x, y, eps, queries=300, options=AttackOptions(confirm=confirm, confirm_margin=0))
+    on = square_attack(model, x, y, eps, queries=300, options=AttackOptions(confirm=confirm, confirm_margin=0.1))
     assert off.near_boundary_checked == 0 and on.near_boundary_checked > 0
-    gained = on.broken & ~off.broken
-    assert gained.any() and (off.margin[gained] > 0).all()
-    assert not (off.broken & ~on.broken).any()
+    gained = off.robust & ~on.robust
+    assert gained.any() and (off.min_margin[gained] > 0).all()
+    assert not (on.robust & ~off.robust).any()
     assert (confirm(on.adv_x.numpy()).argmax(1) != y[on.adv_index].numpy()).all()
 
 
@@ -157,8 +233,8 @@ def test_square_attack_breaks_what_masked_gradients_hide():
     pgd = pgd_attack(model, x, y, 0.1, steps=50, restarts=2)
     assert pgd.robust.all()
     assert pgd.row_steps < 4 * 2 * 50 / 4  # zero gradient: each row is a fixed point, caught by the cycle exit
-    sq = square_attack(model, x, y, 0.1, queries=300, seed=0)
-    assert sq.broken.all()
+    sq = square_attack(model, x, y, 0.1, queries=300)
+    assert not sq.robust.any()
     assert ((sq.adv_x - x).abs().amax() <= 0.1 + 1e-6) and sq.adv_x.min() >= 0
     with torch.no_grad():
         assert (model(sq.adv_x).argmax(1) != y).all()
@@ -167,27 +243,32 @@ def test_square_attack_breaks_what_masked_gradients_hide():
 def test_square_attack_respects_confirm_and_is_seeded():
     model = _mlp(17)
     x, y = _data(model, 12, seed=18)
-    a = square_attack(model, x, y, 0.2, queries=40, seed=1)
-    b = square_attack(model, x, y, 0.2, queries=40, seed=1)
-    c = square_attack(model, x, y, 0.2, queries=40, seed=2)
-    assert torch.equal(a.broken, b.broken) and torch.equal(a.adv_x, b.adv_x)
-    assert not torch.equal(a.margin, c.margin)
-    assert a.broken.any()
-    k = int(y[a.broken][0])
+    a = square_attack(model, x, y, 0.2, queries=40, options=AttackOptions(seed=1))
+    b = square_attack(model, x, y, 0.2, queries=40, options=AttackOptions(seed=1))
+    c = square_attack(model, x, y, 0.2, queries=40, options=AttackOptions(seed=2))
+    assert torch.equal(a.robust, b.robust) and torch.equal(a.adv_x, b.adv_x)
+    assert torch.equal(a.break_step, b.break_step)
+    assert not torch.equal(a.min_margin, c.min_margin)
+    assert not a.robust.all()
+    k = int(y[~a.robust][0])
     same = y == k  # a deployed model that always answers k: it never confirms a break of class k
-    never = square_attack(model, x[same], y[same], 0.2, queries=40, seed=1, confirm_margin=0,
-                          confirm=lambda xs: np.tile(np.eye(4)[k], (len(xs), 1)))
-    assert not never.broken.any() and never.rejected > 0 and never.rejected_examples > 0
-    assert (never.queries_used == 41).all()  # refused candidates keep the example attacked
+    never = square_attack(model, x[same], y[same], 0.2, queries=40,
+                          options=AttackOptions(seed=1, confirm_margin=0,
+                                                confirm=lambda xs: np.tile(np.eye(4)[k], (len(xs), 1))))
+    assert never.robust.all() and never.rejected > 0 and never.rejected_examples > 0
+    # refused candidates keep the example attacked: it spends the whole budget
+    assert never.settled["full_budget"] == int(same.sum()) and (never.break_step == -1).all()
+    assert never.row_steps > 0.95 * 41 * int(same.sum())
 
 
 def test_bad_inputs_raise_one_line_errors():
     model = _mlp()
     x, y = _data(model, 4)
-    for kw in (dict(queries=-1), dict(restarts=0), dict(p_init=0.0), dict(norm="l1"), dict(confirm_margin=-0.1),
-               dict(index=torch.arange(3))):
+    for kw in (dict(queries=-1), dict(restarts=0), dict(p_init=0.0), dict(norm="l1")):
         with pytest.raises(HydraPipeError):
             square_attack(model, x, y, 0.1, **kw)
+    with pytest.raises(HydraPipeError, match="index"):
+        square_attack(model, x, y, 0.1, options=AttackOptions(index=torch.arange(3)))
     with pytest.raises(HydraPipeError):
         square_attack(model, x * 2, y, 0.1)
     with pytest.raises(HydraPipeError, match="images"):

@@ -26,8 +26,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from pipeline.attacks.engine import CONFIRM_MARGIN, AttackResult, Confirm, Progress, attack_threat, clean_logits, \
-    run_rows
+from pipeline.attacks.engine import AttackResult, attack_threat, clean_logits, run_rows
+from pipeline.attacks.options import AttackOptions
 from pipeline.attacks.steps import Box, Centre, RowState, l2_norm, l2_project, logit_grad, random_starts
 from pipeline.errors import HydraPipeError
 from pipeline.runtime import attack_mode
@@ -106,7 +106,7 @@ class APGDStep:
             def draw(g: torch.Generator) -> torch.Tensor:
                 t = torch.randn(x0.shape, generator=g)
                 return t * (eps / float(t.norm().clamp_min(1e-12)))
-        xs = random_starts(x0, self.threat, seed, example, restarts, draw)
+        xs = random_starts(x0, self.threat, seed, example, restarts, draw, "apgd")
         k, dev = len(xs), xs.device
         ball = Box(*self.threat.box(x0.expand_as(xs))) if self.threat.norm == "linf" else Centre(x0.expand_as(xs))
         goal = [self.targets[example][r // self.restarts] for r in restarts] if self.targets is not None else [-1] * k
@@ -165,38 +165,34 @@ class APGDStep:
 
 def apgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: Norm = "linf",
                 steps: int = 100, restarts: int = 1, loss: APGDLoss = "ce", targets: int = 9,
-                batch_size: int = 4096, seed: int = 0, verified: torch.Tensor | None = None,
-                confirm: Confirm | None = None, early_exit: bool = True, exact_curves: bool = False,
-                threads: int | None = None, progress: Progress | None = None, index: torch.Tensor | None = None,
-                confirm_margin: float = CONFIRM_MARGIN) -> AttackResult:
+                options: AttackOptions = AttackOptions()) -> AttackResult:
     """APGD (Croce & Hein, ICML 2020; module doc) with ``restarts`` random starts per example (per target class
     with ``loss="dlr-targeted"``: ``targets`` classes, capped at classes - 1), worst case per example.
 
-    ``loss``: "ce" (APGD-CE), "dlr" or "dlr-targeted" (APGD-T). ``norm``: "linf" or "l2". The other arguments,
-    the exits and the result are :func:`pipeline.attacks.pgd_attack`'s; a result's "restarts" are its rows
-    (``targets x restarts`` for APGD-T, target-major), and ``break_step`` counts APGD steps. ``exact_curves``
-    is off by default, as AutoAttack stops attacking an example once it is broken: ``robust_by_restart`` is then
-    an upper bound of what fewer rows would report, and the verdicts are exact either way.
+    ``loss``: "ce" (APGD-CE), "dlr" or "dlr-targeted" (APGD-T). ``norm``: "linf" or "l2". ``options`` and the
+    result are :func:`pipeline.attacks.pgd_attack`'s; a result's "restarts" are its rows (``targets x restarts``
+    for APGD-T, target-major), and ``break_step`` counts APGD steps. ``exact_curves`` is off unless ``options``
+    turns it on, as AutoAttack stops attacking an example once it is broken: ``robust_by_restart`` is then an upper
+    bound of what fewer rows would report, and the verdicts are exact either way. The cycle exit does not apply.
 
     Example::
 
-        ce = apgd_attack(model, x, y, eps=8 / 255)                                 # APGD-CE, 100 steps
-        t = apgd_attack(model, x, y, eps=8 / 255, loss="dlr-targeted", index=ids)  # APGD-T, 9 targets
+        ce = apgd_attack(model, x, y, eps=8 / 255)                                     # APGD-CE, 100 steps
+        t = apgd_attack(model, x, y, eps=8 / 255, loss="dlr-targeted",
+                        options=AttackOptions(index=ids))                              # APGD-T, 9 targets
     """
     threat = attack_threat(x, y, eps, norm)
     if loss not in LOSSES:
         raise HydraPipeError(f"apgd: unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
     if targets < 1:
         raise HydraPipeError(f"apgd: need targets >= 1, got {targets}")
-    if index is not None and len(index) != len(x):
-        raise HydraPipeError(f"attack: index has {len(index)} entries for {len(x)} examples")
-    ids = list(range(len(x))) if index is None else [int(i) for i in index]
+    ids = options.example_ids(len(x))
     if len(set(ids)) != len(ids):
         raise HydraPipeError("apgd: index has repeated entries")
     rows, goals = restarts, None
     if loss != "ce":
-        with attack_mode(model, threads):
-            z = clean_logits(model, x.detach(), batch_size)
+        with attack_mode(model, options.threads):
+            z = clean_logits(model, x.detach(), options.batch_size)
         classes = z.shape[1]
         if classes < MIN_CLASSES[loss]:
             raise HydraPipeError(f"apgd: the {loss} loss needs at least {MIN_CLASSES[loss]} classes, "
@@ -208,6 +204,5 @@ def apgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, 
             goals = dict(zip(ids, ranked.tolist()))
             rows = restarts * ranked.shape[1]
     rule = APGDStep(threat, steps, loss, restarts, goals)
-    return run_rows(model, x, y, rule, steps=steps, restarts=rows, batch_size=batch_size, seed=seed,
-                    verified=verified, confirm=confirm, early_exit=early_exit, exact_curves=exact_curves,
-                    cycle_exit=False, threads=threads, progress=progress, index=index, confirm_margin=confirm_margin)
+    exact = options.exact_curves if options.exact_curves is not None else False
+    return run_rows(model, x, y, rule, steps=steps, restarts=rows, options=options, exact_curves=exact)

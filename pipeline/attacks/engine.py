@@ -25,31 +25,20 @@ every rule.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.attacks.options import AttackOptions, Confirm
 from pipeline.attacks.steps import RowState, StepRule, margins
 from pipeline.errors import HydraPipeError
 from pipeline.runtime import attack_mode
 from pipeline.threat import Norm, ThreatModel
 
-Confirm = Callable[[np.ndarray], np.ndarray]
-Progress = Callable[[int, int], None]
-
 # x_t is compared with x_{t-CYCLE}: catches cycles of period 1, 2 and 4 (the ones PGD falls into, see module doc).
 CYCLE = 4
-
-# Iterates the attacked model classifies correctly with a margin (z_y - max_{j != y} z_j) below this, in logits,
-# are confirmed on the deployed model too. The torch graph and onnxruntime differ by the order of float sums (on the
-# default digits int8 model: at most 2e-6 of a logit, at the clean points and at APGD's adversarial points) and
-# could differ by more where an accumulation lands on a rounding tie of a requantization: one quantization step of
-# an activation, times the weights after it. 0.1 leaves room for such a step and keeps the extra onnxruntime rows
-# few (on that model, eps 0.1, 200 examples: ~100 for APGD-CE, ~250 for APGD-T, ~1000 for Square).
-CONFIRM_MARGIN = 0.1
 
 
 def step_checkpoints(steps: int) -> list[int]:
@@ -73,12 +62,13 @@ def robustness_curves(robust: torch.Tensor, break_restart: torch.Tensor, break_s
 
 @dataclass
 class AttackResult:
-    """What an attack found on N examples. Fractions are over all N examples.
+    """What an attack (PGD, APGD, Square) found on N examples. Fractions are over all N examples.
 
-    ``break_step[i]``: first PGD step (0 = the random start; -1 = never) at which any restart misclassified
+    ``break_step[i]``: first step (0 = the random start; -1 = never) at which any restart misclassified
     example i (clean misclassification counts as step 0, restart 0); ``break_restart[i]``: the lowest restart that
-    misclassifies it at any step (-1 = never). Both are exact, so the curves below are what a run with fewer
-    restarts or fewer steps (same seed) would have reported.
+    misclassifies it at any step (-1 = never). For PGD both are exact, so the curves below are what a run with fewer
+    restarts or fewer steps (same seed) would have reported. Square's steps are its queries
+    (:func:`pipeline.attacks.square.square_attack`).
     """
 
     robust: torch.Tensor  # bool [N]: correctly classified and nothing found misclassifies it
@@ -95,7 +85,7 @@ class AttackResult:
     rejected_examples: int = 0
     near_boundary_checked: int = 0  # iterates the attacked model classifies correctly, within confirm_margin,
     # put to the deployed model as well
-    row_steps: int = 0  # forward+backward passes of one row, the attack's work
+    row_steps: int = 0  # forward+backward passes of one row, the attack's work (Square: queries, forward only)
     budget_row_steps: int = 0  # N x restarts x steps: the work of the plain algorithm
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -123,6 +113,15 @@ def deployed_wrong(confirm: Confirm | None, xs: torch.Tensor, ys: torch.Tensor) 
         return torch.ones(len(xs), dtype=torch.bool, device=xs.device)
     logits = confirm(xs.detach().cpu().numpy().astype(np.float32, copy=False))
     return torch.as_tensor(np.asarray(logits).argmax(1), device=ys.device) != ys
+
+
+def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, confirm: Confirm | None,
+                  batch: int) -> torch.Tensor:
+    """Which clean inputs are classified correctly: by the deployed model when we have it (the audit's clean
+    accuracy), else by the attacked one (call inside ``attack_mode``)."""
+    if confirm is not None:
+        return ~deployed_wrong(confirm, x, y)
+    return clean_logits(model, x, batch).argmax(1) == y
 
 
 @torch.no_grad()
@@ -246,50 +245,44 @@ def _start_rows(rule: StepRule, x: torch.Tensor, seed: int, jobs: list[tuple[int
 
 
 def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule, *, steps: int, restarts: int,
-             batch_size: int, seed: int, verified: torch.Tensor | None, confirm: Confirm | None,
-             early_exit: bool, exact_curves: bool, cycle_exit: bool, threads: int | None,
-             progress: Progress | None, index: torch.Tensor | None = None,
-             confirm_margin: float = CONFIRM_MARGIN) -> AttackResult:
+             options: AttackOptions, exact_curves: bool) -> AttackResult:
     """Run ``rule`` for ``steps`` steps from ``restarts`` random starts per example (rows), worst case per
-    example, on the row scheduler (module doc); the arguments as in :func:`pipeline.attacks.pgd.pgd_attack`."""
-    if steps < 0 or restarts < 1 or batch_size < 1 or confirm_margin < 0:
-        raise HydraPipeError(f"attack: need steps >= 0, restarts >= 1, batch_size >= 1, confirm_margin >= 0 "
-                             f"(got {steps}, {restarts}, {batch_size}, {confirm_margin})")
+    example, on the row scheduler (module doc); the arguments as in :func:`pipeline.attacks.pgd.pgd_attack`
+    (``exact_curves``: the caller's default applied to ``options.exact_curves``)."""
+    if steps < 0 or restarts < 1:
+        raise HydraPipeError(f"attack: need steps >= 0 and restarts >= 1 (got {steps}, {restarts})")
     t_start = time.perf_counter()
     n, dev = len(x), x.device
+    o = options
+    batch_size, confirm, early_exit, progress = o.batch_size, o.confirm, o.early_exit, o.progress
     x, y = x.detach(), y.detach().to(dev, torch.long)
-    verified = torch.zeros(n, dtype=torch.bool, device=dev) if verified is None else verified.to(dev, torch.bool)
+    verified = o.verified_mask(n, dev)
     book = Ledger.new(x, verified, restarts)
     row_steps = 0
-    if index is not None and len(index) != n:
-        raise HydraPipeError(f"attack: index has {len(index)} entries for {n} examples")
-    ids = list(range(n)) if index is None else [int(i) for i in index]
+    ids = o.example_ids(n)
 
-    with attack_mode(model, threads):
+    with attack_mode(model, o.threads):
         # the clean input is in the ball: on the deployed numerics when we have them, as the audit's clean accuracy
-        if confirm is not None:
-            clean_correct = ~deployed_wrong(confirm, x, y)
-        else:
-            clean_correct = clean_logits(model, x, batch_size).argmax(1) == y
-        clean_wrong = ~clean_correct & ~verified
+        correct = clean_correct(model, x, y, confirm, batch_size)
+        clean_wrong = ~correct & ~verified
         book.break_step[clean_wrong], book.break_restart[clean_wrong] = 0, 0
         book.adv_x[clean_wrong] = x[clean_wrong]
         book.settled["clean_wrong"] = int(clean_wrong.sum())
-        verified = verified & clean_correct
+        verified = verified & correct
 
         attack = steps > 0 and rule.threat.eps > 0
-        todo = [i for i in range(n) if clean_correct[i] and not verified[i]] if attack else []
+        todo = [i for i in range(n) if correct[i] and not verified[i]] if attack else []
         if not attack:
             # no attack (steps = 0) or nothing to attack (eps = 0): the clean verdict is the verdict
-            book.settled["full_budget"] = int((clean_correct & ~verified).sum())
+            book.settled["full_budget"] = int((correct & ~verified).sum())
         chunk = min(restarts, batch_size)
         queue = [(i, r0) for r0 in range(0, restarts, chunk) for i in todo]
         queue.reverse()  # pop() from the end = FIFO over (restart chunk, example)
         for i in todo:
             book.open_rows[i] = restarts
         rows: Rows | None = None
-        cycles = cycle_exit and rule.fixed_map
-        near = confirm_margin if confirm is not None else 0.0  # without confirm the attacked model is the judge
+        cycles = o.cycle_exit and rule.fixed_map
+        near = o.confirm_margin if confirm is not None else 0.0  # without confirm the attacked model is the judge
         ptr = 0  # the ring's slot of x_{t-CYCLE}, the same for every row
         book.n_settled = n - len(todo)
         if progress:
@@ -308,7 +301,7 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
                 jobs.append((i, r0, k))
                 room -= k
             if jobs:
-                new = _start_rows(rule, x, seed, jobs, ptr, ids, cycles)
+                new = _start_rows(rule, x, o.seed, jobs, ptr, ids, cycles)
                 rows = new if rows is None else RowState.cat([rows, new])
             if rows is None or not len(rows.x):
                 continue
@@ -345,17 +338,17 @@ def run_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rule: StepRule,
                 if progress:
                     progress(book.n_settled, n)
 
-    return _result(book, clean_correct, x, steps, restarts, row_steps, time.perf_counter() - t_start)
+    return _result(book, correct, x, steps, restarts, row_steps, time.perf_counter() - t_start)
 
 
-def _result(book: Ledger, clean_correct: torch.Tensor, x: torch.Tensor, steps: int, restarts: int, row_steps: int,
+def _result(book: Ledger, correct: torch.Tensor, x: torch.Tensor, steps: int, restarts: int, row_steps: int,
             seconds: float) -> AttackResult:
     n = len(x)
     broken = book.break_restart >= 0
-    robust = clean_correct & ~broken
+    robust = correct & ~broken
     by_restart, by_step = robustness_curves(robust, book.break_restart, book.break_step, steps, restarts)
     adv_index = broken.nonzero().squeeze(1)
-    return AttackResult(robust=robust, clean_correct=clean_correct, adv_index=adv_index, adv_x=book.adv_x[adv_index],
+    return AttackResult(robust=robust, clean_correct=correct, adv_index=adv_index, adv_x=book.adv_x[adv_index],
                         break_step=book.break_step, break_restart=book.break_restart, min_margin=book.min_margin,
                         robust_by_restart=by_restart, robust_by_step=by_step, settled=book.settled,
                         rejected=book.rejected, rejected_examples=int(book.rejected_ex.sum()),

@@ -8,14 +8,17 @@ window's side follows the paper's schedule of ``p``, the fraction of pixels chan
 10000-query run (rescaled to ``queries``). The updates are AutoAttack's (``square.py``), with one difference: a
 window's corner is drawn uniformly among all its positions (AutoAttack never draws the last row and column).
 
-Every example draws from its own random stream, one per (seed, example index, restart) as the gradient attacks'
-starts (:func:`pipeline.attacks.steps.start_seed`), and gets its own window and signs at every query: its verdict
-and its adversarial point do not depend on which examples share the batch, or on their order (up to the last bit
-of a batched forward pass). The draws are made for a block of ``QUERY_BLOCK`` queries at a time, one generator call
-per example and block, and the windows are built for the whole batch at once as index masks. A candidate equal to
-the current point (a window already at the drawn signs) is not evaluated: it counts as a query, as in AutoAttack,
-and costs nothing. Examples leave once broken; ``restarts`` reruns the search from a new start on the examples
-still standing.
+Every example draws from its own random stream, one per (seed, example index, restart), Square's own
+(:func:`pipeline.attacks.steps.seed_sequence`), and gets its own window and signs at every query: its verdict and its
+adversarial point do not depend on which examples share the batch, or on their order (up to the last bit of a
+batched forward pass). The draws are made for a block of ``QUERY_BLOCK`` queries at a time, one generator call per
+example and block, and the windows are built for the whole batch at once as index masks. On L-inf a window may
+already sit at the drawn signs (late in the run, when a window is a pixel or two of one channel, half the draws
+would): as in the paper's code (``square_attack_linf``: "while the window does not change, redraw the signs"), the
+signs are redrawn, up to ``REDRAWS`` times from the example's own draws, until the window changes. A candidate that
+still equals the current point (or an L2 update that changes nothing) is not evaluated and spends no query; it keeps
+its place in the schedule. Examples leave once broken; ``restarts`` reruns the search from a new start on the
+examples still standing.
 """
 
 from __future__ import annotations
@@ -23,19 +26,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.attacks.engine import CONFIRM_MARGIN, Confirm, Progress, attack_threat, clean_logits, deployed_wrong
-from pipeline.attacks.steps import margins
+from pipeline.attacks.engine import AttackResult, attack_threat, clean_correct, clean_logits, deployed_wrong, \
+    robustness_curves
+from pipeline.attacks.options import AttackOptions, Confirm
+from pipeline.attacks.steps import margins, seed_sequence
 from pipeline.errors import HydraPipeError
 from pipeline.runtime import attack_mode, num_threads
 from pipeline.threat import Norm, ThreatModel
 
 QUERY_BLOCK = 100  # queries whose random numbers an example draws at once
+REDRAWS = 8  # L-inf: redraws of a window's signs that would leave it unchanged (P(all fail) <= 2^-9 on one channel)
 
 
 def _square_p(p_init: float, it: int, n_iters: int) -> float:
@@ -105,23 +110,6 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / (v.flatten(1).norm(dim=1).view(-1, *[1] * (v.ndim - 1)) + 1e-12)
 
 
-@dataclass
-class SquareResult:
-    """What the Square attack found on N examples."""
-
-    broken: torch.Tensor  # bool [N]: a point of the ball the deployed model (or, without confirm, the model)
-    # misclassifies was found
-    adv_index: torch.Tensor  # long [M]: the broken examples
-    adv_x: torch.Tensor  # [M, C, H, W]: their adversarial points
-    margin: torch.Tensor  # [N]: lowest margin seen on the attacked model
-    queries_used: torch.Tensor  # long [N]: queries spent on each example (its start counts one), all restarts
-    rejected: int  # candidates misclassified by the attacked model but not by the deployed one
-    rejected_examples: int
-    near_boundary_checked: int  # candidates the attacked model classifies correctly, within confirm_margin, put to
-    # the deployed model as well
-    seconds: float
-
-
 class _Search:
     """One restart of the search on some examples: their current points and margins, and what they found."""
 
@@ -139,11 +127,15 @@ class _Search:
         self.broken = ~self.alive
         self.rejected = self.near_checked = 0
         self.rejected_ex = ~self.alive
+        self.when = torch.full((n,), -1, dtype=torch.long, device=x.device)  # the query that broke it
+        self.spent = torch.zeros(n, dtype=torch.long, device=x.device)  # queries evaluated
         self.version = 0  # counts the changes of ``alive``
 
-    def offer(self, idx: torch.Tensor, xs: torch.Tensor) -> None:
-        """Candidates ``xs`` for the examples ``idx``: keep the improvements, record the (confirmed) breaks."""
+    def offer(self, idx: torch.Tensor, xs: torch.Tensor, query: int) -> None:
+        """Candidates ``xs`` for the examples ``idx`` at their ``query``-th query (0: the start): keep the
+        improvements, record the (confirmed) breaks."""
         z = clean_logits(self.model, xs, self.batch_size)
+        self.spent[idx] += 1
         ys = self.y[idx]
         m = margins(z, ys)
         wrong = z.argmax(1) != ys
@@ -164,6 +156,7 @@ class _Search:
         self.cur[idx[better]] = m[better]
         if hit is not None and hit.any():
             self.adv[idx[hit]] = xs[hit]
+            self.when[idx[hit]] = query
             self.broken[idx[hit]] = True
             self.alive[idx[hit]] = False
             self.version += 1
@@ -201,22 +194,30 @@ def _linf_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits:
                      lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each live example's best point with one random window set to ``x +- eps`` (one sign per channel), clipped
     to the box: the box's upper corner ``hi`` where the sign is +, ``lo`` where it is - (``lo``, ``hi``: the live
-    rows' box). Also whether the candidate differs from the best point (a window already at the drawn signs does
-    not)."""
+    rows' box). ``bits``: ``[k, 1 + REDRAWS, c]`` sign draws; the first that changes the window is used (the paper's
+    redraw), the last if none does. Also whether the candidate differs from the best point."""
     h, w = lo.shape[-2], lo.shape[-1]
     top, left = _corner(u[:, 0], s, h), _corner(u[:, 1], s, w)
     window = _window(top, left, s, h, w)
     best = search.best[live]
-    corner = torch.where(bits.bool().view(len(live), -1, 1, 1), hi, lo)
-    moved = (window & (corner != best)).flatten(1).any(1)
-    return torch.where(window, corner, best), moved
+    # per channel: is the window already all at the upper (lower) corner? A sign draw leaves the window unchanged
+    # iff every channel is already at the corner its sign picks
+    at_hi = (~window | (best == hi)).flatten(2).all(2)  # [k, c]
+    at_lo = (~window | (best == lo)).flatten(2).all(2)
+    up = bits.bool()  # [k, tries, c]
+    still = torch.where(up, at_hi[:, None], at_lo[:, None]).all(2)  # [k, tries]
+    tries = still.shape[1]
+    pick = torch.where(still.all(1), tries - 1, (~still).int().argmax(1))
+    rows = torch.arange(len(live), device=live.device)
+    corner = torch.where(up[rows, pick].view(len(live), -1, 1, 1), hi, lo)
+    return torch.where(window, corner, best), ~still[rows, pick]
 
 
 def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor,
                    s: int) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAttack's L2 update: the perturbation's mass in two random windows moves into the first, redrawn as the
-    paper's pattern (random sign per channel, random orientation) plus the window's old content, and the total is
-    scaled back to the sphere of radius eps. Also whether each differs from the best point."""
+    paper's pattern (random sign per channel, ``bits[:, 0]``, random orientation) plus the window's old content, and
+    the total is scaled back to the sphere of radius eps. Also whether each differs from the best point."""
     eps = search.threat.eps
     x = search.x[live]
     c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
@@ -228,7 +229,7 @@ def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: t
     norm_1 = (delta ** 2 * m1).sum((-2, -1), keepdim=True).sqrt()  # [k, c, 1, 1]
     norm_img = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     norm_both = (delta ** 2 * torch.maximum(m1, m2)).sum((-2, -1), keepdim=True).sqrt()
-    signs = (2 * bits - 1).to(x.dtype).view(len(live), c, 1, 1)
+    signs = (2 * bits[:, 0] - 1).to(x.dtype).view(len(live), c, 1, 1)
     new = _place(_eta(s).to(x.dtype), top, left, u[:, 4] > 0.5, h, w) * signs + delta * m1 / (norm_1 + 1e-12)
     new = new / ((new ** 2).sum((-2, -1), keepdim=True).sqrt() + 1e-12)
     new = new * ((eps ** 2 - norm_img ** 2).clamp_min(0) / c + norm_both ** 2).sqrt()
@@ -240,52 +241,70 @@ def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: t
 @torch.no_grad()
 def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float, *,
                   norm: Norm = "linf", queries: int = 1000, restarts: int = 1, p_init: float = 0.8,
-                  batch_size: int = 4096, seed: int = 0, confirm: Confirm | None = None,
-                  confirm_margin: float = CONFIRM_MARGIN, threads: int | None = None, progress: Progress | None = None,
-                  index: torch.Tensor | None = None) -> SquareResult:
-    """Square attack (Andriushchenko et al., ECCV 2020; module doc), L-inf or L2, ``queries`` queries per restart.
+                  options: AttackOptions = AttackOptions()) -> AttackResult:
+    """Square attack (Andriushchenko et al., ECCV 2020; module doc), L-inf or L2, ``queries`` queries per restart
+    after its start, worst case per example.
 
     Needs no gradient, so it is the audit's check for gradient masking: examples it breaks but the gradient
     attacks did not point at a flawed gradient, not at robustness. ``model`` is any ``x -> logits`` callable.
-    ``p_init``: the starting fraction of pixels a window covers (AutoAttack's 0.8). ``index``: each example's place
-    in the whole set, which seeds its random stream (default ``0..N-1``); ``confirm``, ``confirm_margin``,
-    ``batch_size`` (examples per forward pass), ``threads`` and ``progress`` as in
-    :func:`pipeline.attacks.pgd_attack`. Every example given is attacked (the audit gives the ones still robust).
+    ``p_init``: the starting fraction of pixels a window covers (AutoAttack's 0.8). ``options`` as in
+    :func:`pipeline.attacks.pgd_attack` (``batch_size``: candidates per forward pass); its exits do not apply.
+
+    The result is the gradient attacks' :class:`~pipeline.attacks.AttackResult`, a query standing for a step:
+    ``break_step`` is the query of its restart that broke the example (0: the start, or a clean mistake; up to
+    ``queries``; -1: never), ``break_restart`` the restart that broke it (restarts run only on the examples still
+    standing, so it is the lowest, and ``robust_by_restart`` is exact), ``row_steps`` the queries evaluated (each
+    start counts one; a candidate equal to the current point counts none), ``settled`` counts ``clean_wrong``,
+    ``broken`` and ``full_budget`` (and ``verification``).
+
+    Example::
+
+        sq = square_attack(model, x, y, eps=8 / 255, queries=5000, options=AttackOptions(confirm=onnx_logits))
+        sq.robust_accuracy, sq.break_step[sq.adv_index]
     """
     threat = attack_threat(x, y, eps, norm)
     if x.ndim != 4:
         raise HydraPipeError(f"square: expected images x [N, C, H, W], got shape {tuple(x.shape)}")
-    if queries < 0 or restarts < 1 or batch_size < 1 or not 0 < p_init <= 1 or confirm_margin < 0:
-        raise HydraPipeError(f"square: need queries >= 0, restarts >= 1, batch_size >= 1, 0 < p_init <= 1, "
-                             f"confirm_margin >= 0 (got {queries}, {restarts}, {batch_size}, {p_init}, "
-                             f"{confirm_margin})")
+    if queries < 0 or restarts < 1 or not 0 < p_init <= 1:
+        raise HydraPipeError(f"square: need queries >= 0, restarts >= 1, 0 < p_init <= 1 "
+                             f"(got {queries}, {restarts}, {p_init})")
+    o = options
     n, dev = len(x), x.device
-    if index is not None and len(index) != n:
-        raise HydraPipeError(f"square: index has {len(index)} entries for {n} examples")
-    ids = list(range(n)) if index is None else [int(i) for i in index]
+    ids = o.example_ids(n)
     t0 = time.perf_counter()
-    x, y = x.detach(), y.to(dev, torch.long)
-    h, w = x.shape[-2], x.shape[-1]
-    broken = torch.zeros(n, dtype=torch.bool, device=dev)
+    x, y = x.detach(), y.detach().to(dev, torch.long)
+    verified = o.verified_mask(n, dev)
+    h, w, c = x.shape[-2], x.shape[-1], x.shape[1]
+    break_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+    break_restart = break_step.clone()
     adv, low = torch.zeros_like(x), torch.full((n,), torch.inf, device=dev)
-    used = torch.zeros(n, dtype=torch.long, device=dev)
-    rejected = near_checked = 0
+    row_steps = rejected = near_checked = 0
     rejected_ex = torch.zeros(n, dtype=torch.bool, device=dev)
     need = 2 if norm == "linf" else 5  # uniforms per query: the window's corner (L2: two corners, orientation)
-    with attack_mode(model, threads) if isinstance(model, nn.Module) else num_threads(threads):
-        for restart in range(restarts if queries > 0 and eps > 0 else 0):
-            act = (~broken).nonzero().squeeze(1)
+    tries = 1 + REDRAWS if norm == "linf" else 1  # sign draws per query
+    near = o.confirm_margin if o.confirm is not None else 0.0  # without confirm the attacked model is the judge
+    with attack_mode(model, o.threads) if isinstance(model, nn.Module) else num_threads(o.threads):
+        # the clean input is in the ball: on the deployed numerics when we have them, as the gradient attacks
+        correct = clean_correct(model, x, y, o.confirm, o.batch_size)
+        clean_wrong = ~correct & ~verified
+        break_step[clean_wrong], break_restart[clean_wrong] = 0, 0
+        adv[clean_wrong] = x[clean_wrong]
+        todo = correct & ~verified
+        standing = todo.clone() if queries > 0 and eps > 0 else torch.zeros_like(todo)
+        settled_before = n - int(standing.sum())
+        if o.progress:
+            o.progress(settled_before, n)
+        for restart in range(restarts):
+            act = standing.nonzero().squeeze(1)
             if not len(act):
                 break
-            rngs = [np.random.default_rng(np.random.SeedSequence([seed, ids[i], restart])) for i in act.tolist()]
-            search = _Search(model, threat, x[act], y[act], batch_size, confirm,
-                             confirm_margin if confirm is not None else 0.0)
+            rngs = [np.random.default_rng(seed_sequence(o.seed, ids[i], restart, "square")) for i in act.tolist()]
+            search = _Search(model, threat, x[act], y[act], o.batch_size, o.confirm, near)
             every = torch.arange(len(act), device=dev)
             start = _linf_start(x[act], eps, rngs, search) if norm == "linf" else _l2_start(x[act], eps, rngs, threat)
-            search.offer(every, start)
-            spent = torch.ones(len(act), dtype=torch.long, device=dev)
+            search.offer(every, start, 0)
             u = torch.zeros(len(act), QUERY_BLOCK, need, dtype=torch.float64, device=dev)
-            bits = torch.zeros(len(act), QUERY_BLOCK, x.shape[1], dtype=torch.long, device=dev)
+            bits = torch.zeros(len(act), QUERY_BLOCK, tries, c, dtype=torch.long, device=dev)
             version = -1  # the live rows' gathered state is rebuilt when ``alive`` changes
             for q in range(queries):
                 if search.version != version:
@@ -299,10 +318,10 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                     order = live.tolist()
                     u[live] = torch.as_tensor(np.stack([rngs[i].random((QUERY_BLOCK, need)) for i in order]),
                                               device=dev)
-                    bits[live] = torch.as_tensor(np.stack([rngs[i].integers(0, 2, (QUERY_BLOCK, x.shape[1]))
+                    bits[live] = torch.as_tensor(np.stack([rngs[i].integers(0, 2, (QUERY_BLOCK, tries, c))
                                                            for i in order]), device=dev)
-                    if progress:
-                        progress(int(broken.sum() + search.broken.sum()), n)
+                    if o.progress:
+                        o.progress(settled_before + int(search.broken.sum()), n)
                     u_live = None
                 if u_live is None:  # the live rows' draws of this block
                     u_live, bits_live = u[live], bits[live]
@@ -312,20 +331,30 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                     cand, moved = _linf_candidates(search, live, u_live[:, k], bits_live[:, k], s, lo, hi)
                 else:
                     cand, moved = _l2_candidates(search, live, u_live[:, k], bits_live[:, k], s)
-                spent[live] += 1
                 if moved.any():
-                    search.offer(live[moved], cand[moved])
+                    search.offer(live[moved], cand[moved], q + 1)
             hit = act[search.broken]
-            broken[hit] = True
+            break_step[hit], break_restart[hit] = search.when[search.broken], restart
             adv[hit] = search.adv[search.broken]
+            standing[hit] = False
+            settled_before += len(hit)
             low[act] = torch.minimum(low[act], search.low)
-            used[act] += spent
+            row_steps += int(search.spent.sum())
             rejected += search.rejected
             near_checked += search.near_checked
             rejected_ex[act[search.rejected_ex]] = True
-    if progress:
-        progress(n, n)
+    if o.progress:
+        o.progress(n, n)
+    broken = break_restart >= 0
+    robust = correct & ~broken
+    n_clean_wrong = int(clean_wrong.sum())
+    settled = dict(verification=int(verified.sum()), clean_wrong=n_clean_wrong,
+                   broken=int(broken.sum()) - n_clean_wrong, convergence=0, full_budget=int((todo & ~broken).sum()))
+    by_restart, by_step = robustness_curves(robust, break_restart, break_step, queries, restarts)
     adv_index = broken.nonzero().squeeze(1)
-    return SquareResult(broken=broken, adv_index=adv_index, adv_x=adv[adv_index], margin=low, queries_used=used,
-                        rejected=rejected, rejected_examples=int(rejected_ex.sum()),
-                        near_boundary_checked=near_checked, seconds=time.perf_counter() - t0)
+    return AttackResult(robust=robust, clean_correct=correct, adv_index=adv_index, adv_x=adv[adv_index],
+                        break_step=break_step, break_restart=break_restart, min_margin=low,
+                        robust_by_restart=by_restart, robust_by_step=by_step, settled=settled, rejected=rejected,
+                        rejected_examples=int(rejected_ex.sum()), near_boundary_checked=near_checked,
+                        row_steps=row_steps, budget_row_steps=n * restarts * queries,
+                        seconds=time.perf_counter() - t0)

@@ -3,7 +3,7 @@
 A rule is small and knows its norm; the engine (:mod:`pipeline.attacks.engine`) knows only this interface:
 
 - ``rule.start(x0, seed, example, restarts)``: the random starts of some restarts of one example, and their per-row
-  state (a :class:`RowState`);
+  state (a :class:`RowState`), drawn from the attack's own streams (:func:`seed_sequence`);
 - ``rule.loss_grad(z, y, state)``: the loss the rule ascends, at the logits ``z`` of every row: its gradient
   w.r.t. ``z`` (the engine backpropagates it through the model) and its value per row;
 - ``rule.step(x, grad, state, t, loss)``: the next iterate of every row in flight, from ``x_t``, the gradient there
@@ -68,16 +68,31 @@ class StepRule(Protocol):
              loss: torch.Tensor) -> torch.Tensor: ...
 
 
-def start_seed(seed: int, example: int, restart: int) -> int:
-    # one stream per (example, restart): a random start does not depend on which rows share a batch, so early
-    # exits, batch sizes, verification and the number of restarts never change any row's trajectory
-    return int(np.random.SeedSequence([seed, example, restart]).generate_state(1, np.uint64)[0] >> 1)
+# Each attack draws from its own random streams: the constant joins (seed, example, restart) in the seed sequence, so
+# PGD's, APGD's and Square's draws for the same (seed, example, restart) are independent of each other (with a shared
+# stream, APGD's first starts were PGD's, rescaled to the sphere: within 0.003 of them).
+STREAM = {"pgd": 1, "apgd": 2, "square": 3}
+
+
+def seed_sequence(seed: int, example: int, restart: int, attack: str) -> np.random.SeedSequence:
+    """The random stream of one restart of one example (``example``: its place in the whole set) for ``attack``.
+
+    One stream per (example, restart): a random start does not depend on which rows share a batch, so early exits,
+    batch sizes, verification and the number of restarts never change any row's trajectory."""
+    return np.random.SeedSequence([seed, example, restart, STREAM[attack]])
+
+
+def _start_seed(seed: int, example: int, restart: int, attack: str) -> int:
+    """A torch generator's seed drawn from :func:`seed_sequence`."""
+    return int(seed_sequence(seed, example, restart, attack).generate_state(1, np.uint64)[0] >> 1)
 
 
 def random_starts(x0: torch.Tensor, threat: ThreatModel, seed: int, example: int, restarts: range,
-            draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
-    """``x0 + delta_r`` clipped to the input range, one ``delta_r = draw(generator)`` per restart ``r``."""
-    delta = torch.stack([draw(torch.Generator().manual_seed(start_seed(seed, example, r))) for r in restarts])
+                  draw: Callable[[torch.Generator], torch.Tensor], attack: str) -> torch.Tensor:
+    """``x0 + delta_r`` clipped to the input range, one ``delta_r = draw(generator)`` per restart ``r``, the
+    generator seeded from ``attack``'s stream of ``(seed, example, r)``."""
+    delta = torch.stack([draw(torch.Generator().manual_seed(_start_seed(seed, example, r, attack)))
+                         for r in restarts])
     delta = delta.to(x0.device, x0.dtype)
     # clipping to the range only shrinks |delta_i|, so the start stays in the ball
     return (x0.unsqueeze(0) + delta).clamp(threat.lo, threat.hi)
@@ -102,7 +117,7 @@ class LinfStep:
     def start(self, x0: torch.Tensor, seed: int, example: int, restarts: range) -> tuple[torch.Tensor, Box]:
         eps = self.threat.eps
         xs = random_starts(x0, self.threat, seed, example, restarts,
-                     lambda g: (torch.rand(x0.shape, generator=g) * 2 - 1) * eps)
+                           lambda g: (torch.rand(x0.shape, generator=g) * 2 - 1) * eps, "pgd")
         return xs, Box(*self.threat.box(x0.expand_as(xs)))
 
     def loss_grad(self, z: torch.Tensor, y: torch.Tensor, state: Box) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +153,7 @@ class L2Step:
             radius = eps * float(torch.rand(1, generator=g)) ** (1.0 / x0.numel())
             return direction * (radius / float(direction.norm().clamp_min(1e-12)))
 
-        xs = random_starts(x0, self.threat, seed, example, restarts, draw)
+        xs = random_starts(x0, self.threat, seed, example, restarts, draw, "pgd")
         return xs, Centre(x0.expand_as(xs))
 
     def loss_grad(self, z: torch.Tensor, y: torch.Tensor, state: Centre) -> tuple[torch.Tensor, torch.Tensor]:
