@@ -181,8 +181,15 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in read_proto(path).metadata_props}
 
 
+CUDA_OPTIONS = {"use_tf32": "0"}
+"""The CUDA execution provider's options: TF32 off. onnxruntime's CUDA provider computes float32 convolutions and
+matrix products in TF32 by default on Ampere and later GPUs (10 bits of mantissa), so a confirmation run there would
+not be the float32 arithmetic the audit's verdicts are about; the CPU provider has no such mode."""
+
+
 def ort_session(path: Path, threads: int | None = None):
-    """An onnxruntime session on ``path``: CUDA when available, else CPU; ``threads`` intra-op threads.
+    """An onnxruntime session on ``path``: CUDA (TF32 off, :data:`CUDA_OPTIONS`) when onnxruntime has it, the CPU
+    for what CUDA does not run and otherwise; ``threads`` intra-op threads.
 
     Its threads sleep between runs instead of spinning: the audit interleaves onnxruntime's confirmations with
     torch's attack steps, and a pool that keeps spinning after each run takes the cores torch's next step needs
@@ -197,9 +204,9 @@ def ort_session(path: Path, threads: int | None = None):
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    providers: list = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", dict(CUDA_OPTIONS)))
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:

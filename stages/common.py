@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import shutil
-import sys
-import uuid
 from pathlib import Path
 
 import torch
@@ -73,7 +69,8 @@ def setup(params_path: Path) -> tuple[Params, Splits, torch.device]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Several workers (compute.workers > 1): the training stages run under torchrun, launched here when needed
+# Resuming a killed stage, and several workers (compute.workers > 1: the training stages under torchrun, launched
+# by stages.launch)
 
 RESUME = Path(".resume")
 """Where a killed stage's progress waits for its rerun: ``.resume/<stage>/`` (a training stage's epoch states, the
@@ -100,13 +97,6 @@ def finished(stage: str) -> None:
         RESUME.rmdir()
 
 
-TRAINING_STAGES = ("pretrain", "prune", "finetune")
-WORKER_ENV = "HYDRA_PIPE_WORKER"
-"""Set in the workers :func:`launch` starts: they leave the run's one line about a lost worker to the launcher."""
-WITHDRAWN_EXIT = 75
-"""A worker's exit code when it stopped because another worker failed (nothing printed under :func:`launch`)."""
-
-
 def ranks_agree(stage: str, model: nn.Module) -> None:
     """With several workers, after training: every rank holds the same parameters (weights, HYDRA scores) and
     frozen masks, or the run stops before rank 0 writes anything (DDP's invariant; a failure is a bug)."""
@@ -117,70 +107,3 @@ def ranks_agree(stage: str, model: nn.Module) -> None:
         if not distributed.is_main():
             distributed.stop_with_main()
         raise HydraPipeError(f"{stage}: the workers' weights or masks differ after training; nothing was written")
-
-
-def launch(stage: str, params_path: Path) -> int | None:
-    """Run a training stage in ``compute.workers`` processes under torchrun's elastic agent (this node, a free
-    port) unless this process already is a torchrun worker; returns the exit code, or None to run the stage here.
-
-    A worker that dies (killed, out of memory) stops the whole run: the agent stops the others, no output is
-    written (rank 0 writes only at the end, atomically) and this prints one line and returns 1; a worker's own
-    one-line error (exit code 2) is that line."""
-    if stage not in TRAINING_STAGES or distributed.launched():
-        return None
-    params = load_params(params_path)  # bad params: one line here, before any worker starts
-    n = params.compute.workers
-    if n == 1:
-        return None
-    import tempfile
-
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logs = tempfile.TemporaryDirectory(prefix="hydra-pipe-torchrun-")  # the agent's folder, removed afterwards
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=f"hydra-pipe-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                          start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs.name))
-    os.environ[WORKER_ENV] = "1"  # the workers inherit it
-    # the agent's warnings and tracebacks would bury the one line below: mute the handlers its records reach
-    muted, log = [], logging.getLogger("torch.distributed.elastic")
-    while log is not None:
-        muted += [(h, h.level) for h in log.handlers]
-        log = log.parent if log.propagate else None
-    for h, _ in muted:
-        h.setLevel(logging.CRITICAL)
-    try:
-        elastic_launch(config, sys.executable)("-m", "stages", stage, "--params", str(params_path))
-        return 0
-    except ChildFailedError as e:
-        return _failed(stage, n, e.failures)
-    except SignalException:  # SIGINT / SIGTERM to this process: the agent has stopped the workers
-        raise KeyboardInterrupt from None
-    finally:
-        for h, level in muted:
-            h.setLevel(level)
-        os.environ.pop(WORKER_ENV, None)
-        logs.cleanup()
-
-
-def _failed(stage: str, n: int, failures: dict) -> int:
-    codes = {r: f.exitcode for r, f in failures.items()}
-    said = sorted(c for c in codes.values() if c in (2, 130))
-    if said:  # a worker printed its own line (bad input, a diverged loss, an interrupt)
-        return said[0]
-    import signal
-
-    # the worker that died (a signal), else one that failed on its own; not those stopped because of it
-    cause = sorted((r for r, c in codes.items() if c not in (WITHDRAWN_EXIT, -signal.SIGTERM)),
-                   key=lambda r: (codes[r] >= 0, r)) or sorted(codes)
-    r = cause[0]
-    f, c = failures[r], codes[r]
-    try:
-        how = f"was killed by {signal.Signals(-c).name}" if c < 0 else f"exited with code {c}"
-    except ValueError:
-        how = f"was killed by signal {-c}"
-    print(f"error: {stage}: worker {r} of {n} (pid {f.pid}) {how}; the run stopped and no output is partly written "
-          "(a rerun resumes from the last finished epoch)", file=sys.stderr)
-    return 1

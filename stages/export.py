@@ -8,14 +8,13 @@ method that produced it (each stored once), and its provenance (producer, params
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from pipeline import __version__
-from pipeline.audit_report import AuditReport
+from pipeline.audit.report import AuditReport
 from pipeline.channels import channel_report
 from pipeline.checkpoint import load_checkpoint
 from pipeline.compression import archive, compact_file
@@ -23,6 +22,7 @@ from pipeline.config import params_hash
 from pipeline.data import DatasetInfo, Preprocessing, as_arrays, preprocessing
 from pipeline.errors import HydraPipeError
 from pipeline.masking import sparsity_report
+from pipeline.metadata import ModelMetadata
 from pipeline.onnx_io import (INPUT_NAME, OUTPUT_NAME, ort_logits, ort_session, read_metadata, read_proto,
                               set_metadata, torch_logits, used_opsets_only)
 from pipeline.reporting import atomic_write_bytes
@@ -39,28 +39,28 @@ def _pct(v: float | None) -> str:
     return "not measured" if v is None else f"{100 * v:.1f}%"
 
 
-def _what_it_is(meta: dict[str, str]) -> str:
-    if meta.get("granularity") == "filter":
-        what = (f"whole filters removed ({meta['prune_method']}, filter granularity): the pruned channels are gone "
+def _what_it_is(meta: ModelMetadata) -> str:
+    if meta.granularity == "filter":
+        what = (f"whole filters removed ({meta.prune_method}, filter granularity): the pruned channels are gone "
                 f"from the graph, so the network is narrower and faster, not just sparse")
     else:
-        what = (f"individual weights removed ({meta['prune_method']}): the graph keeps its shape, pruned weights "
+        what = (f"individual weights removed ({meta.prune_method}): the graph keeps its shape, pruned weights "
                 f"are exact zeros that cost no bytes in the file but no time either")
-    return f"""**What it is.** A {meta['arch']} classifier for {meta['dataset']}, pruned to {100 * float(meta['sparsity']):.1f}%
-sparsity with {what}; quantized to {meta['bits']}-bit integers (onnxruntime static QDQ, int8 weights per channel,
+    return f"""**What it is.** A {meta.arch} classifier for {meta.dataset}, pruned to {100 * meta.sparsity:.1f}%
+sparsity with {what}; quantized to {meta.bits}-bit integers (onnxruntime static QDQ, int8 weights per channel,
 uint8 activations)."""
 
 
-def _input_output(meta: dict[str, str]) -> str:
+def _input_output(meta: ModelMetadata) -> str:
     """The input contract and the labels: what a caller must get right for the figures below to mean anything."""
-    lo, hi = json.loads(meta["input_range"])
-    labels = json.loads(meta["labels"])
+    lo, hi = meta.input_range
+    labels = meta.labels
     shown = ", ".join(f"{i} `{name}`" for i, name in enumerate(labels[:LABELS_SHOWN]))
     more = f", ... ({len(labels)} in all, in the metadata key `labels`)" if len(labels) > LABELS_SHOWN else ""
-    return f"""**Input.** `input`: float32, N x C x H x W = batch x {meta['input_shape'].replace('x', ' x ')}, values in
-[{lo:g}, {hi:g}]. Preprocessing: {meta['preprocessing']}.
+    return f"""**Input.** `input`: float32, N x C x H x W = batch x {' x '.join(map(str, meta.input_shape))}, values in
+[{lo:g}, {hi:g}]. Preprocessing: {meta.preprocessing}.
 
-**Output.** `logits`: batch x {meta['classes']}; the predicted class is the argmax. Labels (index `name`): {shown}{more}."""
+**Output.** `logits`: batch x {meta.classes}; the predicted class is the argmax. Labels (index `name`): {shown}{more}."""
 
 
 def _how_to_run(prep: Preprocessing) -> str:
@@ -80,8 +80,8 @@ print(labels[int(logits.argmax(1)[0])])
 ```"""
 
 
-def _threat_model(meta: dict[str, str], audit: AuditReport) -> str:
-    lo, hi = json.loads(meta["input_range"])
+def _threat_model(meta: ModelMetadata, audit: AuditReport) -> str:
+    lo, hi = meta.input_range
     norm = "L-inf" if audit.norm == "linf" else "L2"
     return f"""**Threat model.** An adversary may replace an input x by any x' with ||x' - x|| <= eps in the {norm}
 norm, eps = {audit.eps:g}, that stays in the input range [{lo:g}, {hi:g}] (the scale the preprocessing above
@@ -126,13 +126,20 @@ figures are lower bounds that no attack can overturn.{warning}
 {table}"""
 
 
-def model_card(meta: dict[str, str], audit: AuditReport, export_metrics: dict, prep: Preprocessing) -> str:
+CARD_KEYS = ("arch", "dataset", "classes", "input_shape", "bits", "labels", "input_range", "preprocessing", "sparsity",
+             "sparsity_per_layer", "prune_method", "params_hash", "data_hash", "pretrain_objective", "prune_objective",
+             "finetune_objective")
+"""The metadata keys the card states (``channels_per_layer`` and ``granularity`` only where present)."""
+
+
+def model_card(meta: ModelMetadata, audit: AuditReport, export_metrics: dict, prep: Preprocessing) -> str:
     """The card, from the shipped file's own metadata (so the two cannot disagree) and the audit report."""
-    layers = json.loads(meta["sparsity_per_layer"])
-    channels = json.loads(meta.get("channels_per_layer", "{}"))
+    meta.require(*CARD_KEYS, source=SHIPPED)
+    layers = meta.sparsity_per_layer
+    channels = meta.channels_per_layer or {}
     rows = "\n".join(f"| {n} | {100 * s:.1f}% | {channels.get(n, '')} |" for n, s in layers.items())
     mb = export_metrics["bytes"] / 1e6
-    return f"""# Model card: {meta['arch']} on {meta['dataset']}
+    return f"""# Model card: {meta.arch} on {meta.dataset}
 
 {_what_it_is(meta)}
 
@@ -152,9 +159,9 @@ passes `onnx.checker`, and runs at the speed and with exactly the outputs of the
 audited. `{ARCHIVE.name}` ({export_metrics['archive_bytes'] / 1e6:.2f} MB, xz) is the same file compressed for
 distribution (`xz -d`).
 
-**Provenance.** produced by {PRODUCER} {__version__}; params hash `{meta['params_hash']}`; data split hash
-`{meta['data_hash']}`; training objectives: pretrain `{meta['pretrain_objective']}`, prune `{meta['prune_objective']}`,
-finetune `{meta['finetune_objective']}`. The same facts and figures are in the ONNX metadata
+**Provenance.** produced by {PRODUCER} {__version__}; params hash `{meta.params_hash}`; data split hash
+`{meta.data_hash}`; training objectives: pretrain `{meta.pretrain_objective}`, prune `{meta.prune_objective}`,
+finetune `{meta.finetune_objective}`. The same facts and figures are in the ONNX metadata
 (`hydra-pipe info {SHIPPED}` or `onnx.load(...).metadata_props`).
 
 Predictions agree with the fp32 PyTorch model on {_pct(export_metrics['agreement_with_pytorch'])} of the test split.
@@ -165,12 +172,13 @@ Predictions agree with the fp32 PyTorch model on {_pct(export_metrics['agreement
 """
 
 
-def _dataset_metadata(info: DatasetInfo, prep: Preprocessing, audit: AuditReport) -> dict[str, str]:
+def _dataset_metadata(info: DatasetInfo, prep: Preprocessing, audit: AuditReport) -> dict:
     """What a caller needs to feed the model and read its answer: labels, preprocessing and the input range the
     audit's threat model is defined on (its eps and norm are in ``audit``, stored once)."""
     threat = ThreatModel(audit.eps, audit.norm)
     labels = list(info.labels) or [str(i) for i in range(info.classes)]
-    return {"labels": json.dumps(labels), "input_range": json.dumps([threat.lo, threat.hi]),
+    return {"classes": info.classes, "input_shape": (info.channels, info.size, info.size), "labels": labels,
+            "input_range": (threat.lo, threat.hi),
             "preprocessing": f"{prep.text}; fed as float32 N x C x H x W, normalisation is inside the graph"}
 
 
@@ -192,25 +200,21 @@ def run(params_path: Path) -> dict:
     channels = {n: f"{r['kept']}/{r['channels']}" for n, r in channel_report(model).items()}
     dense_fp32 = 4 * sum(int(t.numel()) for n, t in model.state_dict().items()
                          if n.endswith(("weight", "bias")) and not n.endswith("weight_mask"))
-    meta = {
-        "arch": params.model.arch, "dataset": params.data.name, "classes": str(info.classes),
-        "input_shape": f"{info.channels}x{info.size}x{info.size}", "bits": "8",
-        **_dataset_metadata(info, prep, audit),
-        "sparsity": f"{ckpt_meta['sparsity']:.6f}", "sparsity_per_layer": json.dumps(layers),
-        "granularity": params.prune.granularity, "channels_per_layer": json.dumps(channels),
-        "encoding": ENCODING, "verified_method": audit.verified_method,
-        "prune_method": params.prune.method, "pretrain_objective": params.pretrain.objective,
-        "prune_objective": params.prune.objective, "finetune_objective": params.finetune.objective,
-        "params_hash": params_hash(params), "data_hash": params_hash(params, "data"),
-        "audit": json.dumps(audit.headline()),
-    }
-    if audit.smoothing is not None:  # certificates of the smoothed model: not in the headline
-        meta["smoothing"] = audit.smoothing.model_dump_json()
+    meta = ModelMetadata(
+        arch=params.model.arch, dataset=params.data.name, bits=8, **_dataset_metadata(info, prep, audit),
+        sparsity=round(ckpt_meta["sparsity"], 6), sparsity_per_layer=layers, granularity=params.prune.granularity,
+        channels_per_layer=channels, encoding=ENCODING, verified_method=audit.verified_method,
+        audit=audit.headline(),
+        # certificates of the smoothed model: not in the headline
+        smoothing=None if audit.smoothing is None else audit.smoothing.model_dump(mode="json"),
+        prune_method=params.prune.method, pretrain_objective=params.pretrain.objective,
+        prune_objective=params.prune.objective, finetune_objective=params.finetune.objective,
+        params_hash=params_hash(params), data_hash=params_hash(params, "data"))
     graph = onnx.load(str(INT8_ONNX))
     onnx.checker.check_model(graph, full_check=True)
     tmp = SHIPPED.with_name(f".{SHIPPED.name}.staged")
     atomic_write_bytes(tmp, INT8_ONNX.read_bytes())
-    set_metadata(tmp, meta)
+    set_metadata(tmp, meta.to_onnx_props())
     compact_file(tmp, tmp, ENCODING)  # the check below proves the compact file computes what was audited
     _stamp(tmp)
     onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
@@ -228,5 +232,6 @@ def run(params_path: Path) -> dict:
                "max_abs_logit_diff_vs_pytorch": float(np.abs(shipped - reference).max())}
     tmp.replace(SHIPPED)
     metrics["archive_bytes"] = archive(SHIPPED, ARCHIVE)
-    atomic_write_bytes(MODEL_CARD, model_card(read_metadata(SHIPPED), audit, metrics, prep).encode())
+    shipped_meta = ModelMetadata.from_onnx_props(read_metadata(SHIPPED), SHIPPED)
+    atomic_write_bytes(MODEL_CARD, model_card(shipped_meta, audit, metrics, prep).encode())
     return write_figures("export", metrics)

@@ -115,6 +115,27 @@ def test_a_bad_gate_is_one_line_before_any_work(tiny_onnx, spec):
     assert not out.exists()
 
 
+def test_info_reads_the_metadata_through_its_schema(tiny_onnx):
+    import shutil
+
+    from pipeline.metadata import ModelMetadata
+    from pipeline.onnx_io import set_metadata
+
+    ours = tiny_onnx / "ours.onnx"
+    shutil.copy(tiny_onnx / "m.onnx", ours)
+    meta = ModelMetadata(input_shape=(1, 8, 8), labels=["zero", "one"], sparsity=0.25, audit={"eps": 0.05})
+    set_metadata(ours, {**meta.to_onnx_props(), "author": "someone"})
+    res = cli("info", "ours.onnx", cwd=tiny_onnx)
+    assert res.returncode == 0, res.stderr
+    for needle in ("input_shape", "1 x 8 x 8", "zero, one", "sparsity", "0.25", "audit.eps", "author", "someone"):
+        assert needle in res.stdout, needle
+    bad = tiny_onnx / "bad.onnx"
+    shutil.copy(ours, bad)
+    set_metadata(bad, {"sparsity": "most"})
+    assert_one_line_error(cli("info", "bad.onnx", cwd=tiny_onnx), "bad.onnx", "sparsity", "a number in [0, 1]",
+                          "'most'")
+
+
 def test_model_options_without_a_model_are_refused_not_ignored(tmp_path):
     res = cli("audit", "--steps", "20", "--eps", "0.1", cwd=tmp_path)
     assert_one_line_error(res, "--steps", "--eps", "MODEL")

@@ -541,6 +541,28 @@ def test_onnxruntime_threads_sleep_between_runs(tmp_path, threads):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("available, expected", [
+    (["CPUExecutionProvider"], ["CPUExecutionProvider"]),
+    (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+     [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]),
+])
+def test_onnxruntime_sessions_run_exact_float32_on_cuda(tmp_path, monkeypatch, available, expected):
+    """With onnxruntime-gpu and a GPU, confirmations run on CUDA with TF32 off (onnxruntime's CUDA provider has it
+    on by default: 10-bit mantissas in convolutions and matrix products), the CPU behind it; otherwise the CPU."""
+    import onnxruntime
+
+    made = []
+
+    class Recorded:
+        def __init__(self, path, sess_options=None, providers=None, provider_options=None):
+            made.append((path, providers, provider_options))
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(available))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Recorded)
+    ort_session(tmp_path / "m.onnx", threads=1)
+    assert made == [(str(tmp_path / "m.onnx"), expected, None)]
+
+
 @pytest.mark.parametrize("rounding", [True, False])
 @pytest.mark.parametrize("axis", [None, 1])
 def test_quantize_straight_through_gradient(rounding, axis):
