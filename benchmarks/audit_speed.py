@@ -39,8 +39,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.attacks import default_step_size, pgd_attack, pgd_perturb  # noqa: E402
-from pipeline.audit import run_audit  # noqa: E402
+from pipeline.attacks import AttackOptions, default_step_size, pgd_attack, pgd_perturb  # noqa: E402
+from pipeline.audit.run import run_audit  # noqa: E402
 from pipeline.config import AuditParams  # noqa: E402
 from pipeline.data import digits_arrays  # noqa: E402
 
@@ -278,10 +278,10 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
                                                          ibp=False, crown=False, alpha_crown=False, bab=False)))
         for label, params in runs:
             rep = run_audit(path, x, y, params, progress=False)
-            line[label] = dict(seconds=rep.seconds["total"], robust=rep.robust_accuracy,
-                               verified=rep.verified_accuracy, decided=rep.decided,
+            line[label] = dict(seconds=rep.seconds.total, robust=rep.robust_accuracy,
+                               verified=rep.verified_accuracy, decided=rep.decided.model_dump(),
                                attacks=[a.model_dump() for a in rep.attacks],
-                               parts={k: v for k, v in rep.seconds.items() if k != "total"})
+                               parts={k: v for k, v in rep.seconds.model_dump().items() if k != "total" and v is not None})
             print(name, label, line[label], file=sys.stderr, flush=True)
         t = time.perf_counter()
         robust = autoattack(module, xs, ys, eps, confirm)
@@ -413,8 +413,8 @@ def main() -> None:
             params = AuditParams(eps=args.eps, steps=steps, restarts=restarts, square_queries=0,
                                  batch_size=args.batch_size, threads=args.threads)
             rep = run_audit(onnx_path, x[:n], y[:n], params, progress=False)
-            line["ours"] = dict(seconds=rep.seconds["total"], robust=rep.pgd_robust_accuracy,
-                                pgd_seconds=rep.seconds["pgd"], work=rep.attack_work, settled=rep.settled)
+            line["ours"] = dict(seconds=rep.seconds.total, robust=rep.pgd_robust_accuracy,
+                                pgd_seconds=rep.seconds.pgd, work=rep.attack_work, settled=rep.settled.model_dump() if rep.settled else None)
             print(budget, n, "ours", line["ours"], file=sys.stderr, flush=True)
             if n == subsets[0]:
                 for name in args.peers.split(","):
@@ -436,7 +436,8 @@ def main() -> None:
                       ("+ cycling rows leave", dict())):
         if label.startswith("no exits") and steps * restarts * n >= 1_000_000:
             continue  # as long as the plain loop; measured there
-        r = pgd_attack(module, xs, ys, args.eps, steps=steps, restarts=restarts, batch_size=args.batch_size, **kw)
+        r = pgd_attack(module, xs, ys, args.eps, steps=steps, restarts=restarts,
+                       options=AttackOptions(batch_size=args.batch_size, **kw))
         ablation[label] = dict(seconds=r.seconds, robust=r.robust_accuracy, work=r.row_steps / r.budget_row_steps)
         print("ablation", label, ablation[label], file=sys.stderr, flush=True)
     result = dict(model=model_name, eps=args.eps, threads=args.threads, machine=platform.processor() or platform.machine(),

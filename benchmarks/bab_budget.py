@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audit_speed import fashion_model  # noqa: E402
 
-from pipeline.audit import run_audit  # noqa: E402
+from pipeline.audit.run import run_audit  # noqa: E402
 from pipeline.config import AuditParams  # noqa: E402
 from pipeline.onnx_io import export_onnx  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> None:
         bab = rep.bab
         print(f"| {domains} | {bab.attacked if bab else 0} | {bab.verified if bab else 0} "
               f"| {bab.undecided if bab else 0} "
-              f"| {rep.decided['undecided']} | {rep.seconds.get('bab', 0.0):.1f} | {rep.seconds['total']:.1f} |",
+              f"| {rep.decided.undecided} | {(rep.seconds.bab or 0.0):.1f} | {rep.seconds.total:.1f} |",
               flush=True)
 
 

@@ -194,7 +194,7 @@ def main(
         """The audit's attack part (APGD-CE, APGD-T, PGD ``attack_steps`` x ``restarts``; no Square) on the model
         as ONNX, fp32 or int8 as deployed, and with ``verify`` its IBP / CROWN verified accuracy: one measurement
         for both bit widths, so their difference is the quantization's alone."""
-        from pipeline.audit import run_audit
+        from pipeline.audit.run import run_audit
         from pipeline.onnx_io import export_onnx
         from pipeline.quantization import quantize_int8
 

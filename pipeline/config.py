@@ -141,10 +141,11 @@ class QuantizeParams(Strict):
     per_channel: bool = True
 
 
-Attack = Literal["apgd-ce", "apgd-t", "pgd", "square"]
-ATTACK_ORDER: tuple[Attack, ...] = ("apgd-ce", "apgd-t", "pgd", "square")
+ATTACK_ORDER = ("apgd-ce", "apgd-t", "pgd", "square")
 """The audit's attacks in the order they run: the cheap gradient attacks first, the card's PGD on what they left,
-then the gradient-free Square (an example only it breaks points at gradient masking)."""
+then the gradient-free Square (an example only it breaks points at gradient masking). The params' vocabulary of
+:data:`pipeline.audit.attacks.ATTACK_SPECS` (which checks at import that the two are one list)."""
+Attack = Literal[ATTACK_ORDER]  # type: ignore[valid-type]
 
 
 class AuditParams(Strict):
@@ -182,8 +183,8 @@ class AuditParams(Strict):
                                                      "(deterministic: the same verdicts on any machine)")
     bab_seconds: float = Field(30.0, gt=0.0, allow_inf_nan=False,
                                description="branch and bound's time cap per example: a safety net for deep "
-                                           "networks (100 domains take about 1 s on CNN-small); when it binds "
-                                           "before bab_domains, the verdict depends on the machine's speed")
+                                           "networks (100 domains take about 1 s on CNN-small); an example it "
+                                           "stops before bab_domains is reported as a timeout, not undecided")
     bab_shortfall: float | None = Field(0.25, ge=0.0, allow_inf_nan=False,
                                         description="branch and bound searches only examples whose root bound "
                                                     "falls short of zero by at most this share of its distance to "
@@ -191,8 +192,9 @@ class AuditParams(Strict):
                                                     "BAB_SHORTFALL); null = every example")
     float64: bool = Field(False, description="compute the bounds in float64 (slower; for ill-conditioned networks)")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
-    workers: int = Field(1, ge=1, le=1024, description="processes the examples are sharded across (CPU cores, or "
-                         "one per GPU), each with threads // workers threads; the figures equal one process's")
+    workers: int = Field(1, ge=1, le=1024, description="processes the examples are sharded across (one per GPU, or "
+                         "CPU cores with threads 1), each with the audit's own thread count: the report and every "
+                         "record equal one process's")
     # randomized smoothing certification (Cohen et al. 2019, CERTIFY) of the deployed model; null = not run
     smoothing_sigma: float | None = Field(None, gt=0.0, allow_inf_nan=False,
                                           description="noise std of the smoothed classifier")

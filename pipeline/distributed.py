@@ -11,7 +11,9 @@ bit what it was before this module existed.
 and takes every ``world``-th example of each (rank ``r`` gets ``batch[r::world]``, as ``DistributedSampler``
 strides). The union of the ranks' batches is the one-worker run's batch and the epoch has as many steps; the
 training loop weights each rank's mean loss by its share of the global batch, so the all-reduced (averaged)
-gradient is the one-worker run's gradient up to float summation order.
+gradient is the one-worker run's gradient up to float summation order for deterministic objectives (benign, ibp,
+crown-ibp) on networks without BatchNorm. Not otherwise: rank ``r`` seeds its random draws (attack starts, noise)
+with ``seed + r``, and BatchNorm normalises each rank's shard by its own batch statistics (no SyncBatchNorm).
 
 Backend: NCCL when training on CUDA, gloo on CPU. Only rank 0 writes anything (checkpoints, metrics, plots, resume
 states); DDP averages the gradients, so identical starting parameters and identical updates keep every rank's

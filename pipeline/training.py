@@ -14,8 +14,9 @@ ignored; an unreadable one is reported and ignored. The caller removes the folde
 
 **Several workers** (torchrun, :mod:`pipeline.distributed`): the model trains DDP-wrapped, each rank on its strided
 shard of every global batch (``batch_size`` stays the global batch), each rank's loss weighted by its share of the
-batch so the averaged gradient is the one-worker gradient up to float summation order. Rank ``r`` draws its random
-starts and noise from seed ``p.seed + r``. The epoch's loss is summed over the ranks, and a non-finite loss on any
+batch so the averaged gradient is the one-worker gradient up to float summation order for deterministic objectives
+on networks without BatchNorm (not for random-start objectives: rank ``r`` draws its random starts and noise from
+seed ``p.seed + r``; not with BatchNorm: each rank normalises by its own shard's statistics). The epoch's loss is summed over the ranks, and a non-finite loss on any
 rank stops every rank at the same step (rank 0 says so). Only rank 0 writes the resume state; it holds every rank's
 RNG state. With one worker none of this runs: the loop is bit for bit what it was.
 

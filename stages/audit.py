@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from pipeline.audit import discard_journal, run_audit
-from pipeline.audit_report import AuditReport, render_report
+from pipeline.audit.journal import discard_journal
+from pipeline.audit.records import write_results
+from pipeline.audit.report import AuditReport, render_report
+from pipeline.audit.run import run_audit
 from pipeline.data import as_arrays
 from pipeline.reporting import atomic_write_bytes, show, write_csv, write_json
 from stages.common import AUDIT_BOUNDS, AUDIT_REPORT, INT8_ONNX, PLOTS, RESUME, setup, write_headline
@@ -33,6 +35,7 @@ def run(params_path: Path) -> AuditReport:
     else:  # DVC wants the declared plot even without a sweep (audit.sweep_eps: []): the header alone
         atomic_write_bytes(PLOTS / "audit_eps.csv", (",".join(EPS_COLUMNS) + "\n").encode())
     dump = report.model_dump(mode="json")
+    write_results(report.examples, AUDIT_REPORT)  # reports/audit.examples.csv and .jsonl: a verdict per example
     write_json(AUDIT_REPORT, dump)
     write_headline("audit", dump)
     discard_journal(JOURNAL)  # only now: every output is written

@@ -1,5 +1,5 @@
 """The README's generated blocks: the figure table (from the committed metrics and audit report), the audit
-report's fields (from :class:`pipeline.audit_report.AuditReport`) and the ONNX ops the audit supports (from the
+report's fields (from :class:`pipeline.audit.AuditReport`) and the ONNX ops the audit supports (from the
 loader's vocabulary and the bounds' rule registry), never typed by hand.
 
 ``python -m stages.figures`` rewrites each block between its markers in README.md (``make repro`` runs it after
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.audit_report import AuditReport
+from pipeline.audit.report import AuditReport
 from pipeline.config import load_params
 from pipeline.reporting import atomic_write_bytes
 
@@ -25,7 +25,9 @@ def _pct(v: float | None) -> str:
 
 
 def _attack_label(a) -> str:
-    return {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "pgd": "PGD", "square": "Square"}[a.name] + \
+    from pipeline.audit.attacks import ATTACK_SPECS
+
+    return ATTACK_SPECS[a.name].label + \
         (" (float twin)" if a.model == "float twin" else "") + (f" {a.budget}" if a.name == "pgd" else "")
 
 
@@ -62,11 +64,11 @@ def table(root: Path = Path(".")) -> str:
         ("audit", "examples broken first by " + " / ".join(_attack_label(a) for a in audit.attacks),
          " / ".join(str(a.broken) for a in audit.attacks)),
         ("audit", "examples proven robust / broken / undecided",
-         f"{audit.decided.get('verified', 0)} / {audit.decided.get('broken', 0)} / {audit.decided.get('undecided', 0)}"),
+         f"{audit.decided.verified} / {audit.decided.broken} / {audit.decided.undecided + audit.decided.timeout}"),
         ("audit", "seconds: attacks / verifiers / whole audit",
-         f"{sum(audit.seconds.get(a.key, 0) for a in audit.attacks):.1f} / "
-         f"{sum(audit.seconds.get(k, 0) for k in ('ibp', 'crown', 'alpha_crown', 'bab')):.1f} / "
-         f"{audit.seconds.get('total', 0):.1f}"),
+         f"{audit.seconds.spent(*(a.key for a in audit.attacks)):.1f} / "
+         f"{audit.seconds.spent('ibp', 'crown', 'alpha_crown', 'bab'):.1f} / "
+         f"{audit.seconds.spent('total'):.1f}"),
         ("export", "`deploy/model.onnx` / `.xz` archive",
          f"{ex['bytes'] / 1e3:.1f} kB / {ex['archive_bytes'] / 1e3:.1f} kB "
          f"(dense fp32 weights: {ex['dense_fp32_weight_bytes'] / 1e3:.1f} kB)"),

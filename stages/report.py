@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audit_report import AuditReport
+from pipeline.audit.records import cactus, read_results, results_paths
+from pipeline.audit.report import AuditReport
 from pipeline.config import load_params
 from pipeline.onnx_io import ort_session
 from pipeline.reporting import atomic_write_bytes
@@ -168,6 +169,12 @@ def build(root: Path = Path(".")) -> str:
             by_eps[label] = pts
     charts.append(line_chart("eps", f"Robust and verified accuracy vs eps ({audit.norm}), {audit.n} test images",
                              by_eps, "eps", "accuracy"))
+    # VNN-COMP's cactus plot, from the per-example results file: examples decided vs the seconds they took
+    results = results_paths(root / AUDIT_REPORT)[1]
+    curve = cactus(read_results(results)) if results.is_file() else []
+    charts.append(line_chart("cactus", f"Examples decided (proven, broken or clean-wrong) vs cumulative seconds, of "
+                             f"{audit.n} audited", {"decided": [(t, float(k)) for t, k in curve]},
+                             "cumulative seconds (fastest verdicts first)", "examples decided", ylim=(0.0, audit.n)))
     steps = [(max(float(k), 0.5), v) for k, v in audit.robust_accuracy_by_step.items()]
     restarts = [(float(i + 1), v) for i, v in enumerate(audit.robust_accuracy_by_restart)]
     charts.append(line_chart("budget", "PGD robust accuracy vs attack budget: is the verdict converged?",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.audit import run_audit
-from pipeline.audit_report import clopper_pearson
+from pipeline.audit.run import run_audit
+from pipeline.audit.report import clopper_pearson
 from pipeline.config import AuditParams
 from tests.test_audit import _data, _mlp_onnx
 
@@ -41,13 +41,13 @@ def test_each_attack_runs_on_what_is_left_and_the_counts_add_up(mlp):
     names = [(a.name, a.model) for a in rep.attacks]
     assert names == [("apgd-ce", "graph"), ("apgd-t", "graph"), ("pgd", "graph"), ("square", "graph")]
     n, clean = rep.n, round(rep.clean_accuracy * rep.n)
-    verified = rep.decided["verified"]
+    verified = rep.decided.verified
     robust = round(rep.robust_accuracy * n)
     assert clean - verified - sum(a.broken for a in rep.attacks) == robust - verified
     assert rep.attacks[0].attacked == clean - round(rep.crown_verified_accuracy * n)  # after IBP and CROWN
     for before, after in zip(rep.attacks, rep.attacks[1:]):  # each attacks what the ones before left
         assert after.attacked <= before.attacked - before.broken
-    assert sum(rep.decided.values()) == n and rep.decided["broken"] == n - robust
+    assert sum(rep.decided.model_dump().values()) == n and rep.decided.broken == n - robust
     assert rep.attacks[0].broken > 0  # the cheap attack decides most breakable examples
     for key in ("clean_accuracy", "robust_accuracy", "verified_accuracy"):
         lo, hi = rep.confidence_intervals[key]

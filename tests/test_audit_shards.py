@@ -12,8 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import pipeline.audit as audit
-from pipeline.audit import run_audit
+import pipeline.audit.run as audit_run
+from pipeline.audit.parts import Layout
+from pipeline.audit.compute import compute_task
+from pipeline.audit.run import AuditHooks, run_audit
 from pipeline.config import AuditParams
 from tests.test_audit import _data, _mlp_onnx
 
@@ -38,32 +40,39 @@ def _bounds(path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def _recording_work(task):  # in a worker: the task, then who computed it
-    out = audit._work(task)
-    (Path(os.environ["SHARDS_LOG"]) / f"{os.getpid()}-{task.part}").touch()
+def _recording_compute(deployed, xt, yt, task, tick):  # in a worker: the task, then who computed it
+    out = compute_task(deployed, xt, yt, task, tick)
+    if "SHARDS_LOG" in os.environ:
+        (Path(os.environ["SHARDS_LOG"]) / f"{os.getpid()}-{task.part}").touch()
     return out
 
 
 def test_two_workers_report_exactly_what_one_process_does(workload, monkeypatch):
     d, x, y = workload
-    monkeypatch.setattr(audit, "BOUNDS_BATCH", 16)  # 5 blocks of bounds per verifier: the workers share them
     here = []
-    compute = audit._compute
-    monkeypatch.setattr(audit, "_compute", lambda *a: (here.append(a[3].part), compute(*a))[1])
-    one = run_audit(d / "m.onnx", x, y, AuditParams(**PARAMS), bounds_out=d / "one.npz", progress=False)
+
+    def compute(*a):
+        here.append(a[3].part)
+        return compute_task(*a)
+
+    layout = Layout(bounds_batch=16)  # 5 blocks of bounds per verifier: the workers share them
+    one = run_audit(d / "m.onnx", x, y, AuditParams(**PARAMS), bounds_out=d / "one.npz", progress=False,
+                    hooks=AuditHooks(compute=compute, layout=layout))
     parts, here[:] = list(here), []
     log = d / "log"
     log.mkdir()
     monkeypatch.setenv("SHARDS_LOG", str(log))  # the spawned workers inherit it
-    monkeypatch.setattr(audit, "_work", _recording_work)
     monkeypatch.setattr(tempfile, "tempdir", str(d / "tmp"))  # where the workers' temporary journal goes
     (d / "tmp").mkdir()
-    two = run_audit(d / "m.onnx", x, y, AuditParams(**PARAMS, workers=2), bounds_out=d / "two.npz", progress=False)
+    two = run_audit(d / "m.onnx", x, y, AuditParams(**PARAMS, workers=2), bounds_out=d / "two.npz", progress=False,
+                    hooks=AuditHooks(compute=_recording_compute, layout=layout))
     assert not list((d / "tmp").iterdir())  # removed once merged
     assert not here  # every block and chunk ran in a worker, each once
     assert sorted(p.name.split("-", 1)[1] for p in log.iterdir()) == sorted(parts)
     assert len(parts) > 20 and any(p.startswith("sweep1-pgd-") for p in parts)
     assert two.model_dump(exclude={"seconds"}) == one.model_dump(exclude={"seconds"})
+    assert [r.as_json() | {"seconds": None} for r in two.examples] == \
+        [r.as_json() | {"seconds": None} for r in one.examples]
     b1, b2 = _bounds(d / "one.npz"), _bounds(d / "two.npz")
     assert b1.keys() == b2.keys() == {"ibp_lower", "ibp_upper", "crown_lower", "crown_upper"}
     assert all(np.array_equal(b1[k], b2[k]) for k in b1)
@@ -76,29 +85,24 @@ def test_two_workers_report_exactly_what_one_process_does(workload, monkeypatch)
     assert [p.pgd_robust for p in one.eps_sweep][0] > [p.pgd_robust for p in one.eps_sweep][1]
 
 
-def _dies(task):  # a worker killed (the OOM killer, a segfault): the process is gone
+def _dies(*args):  # a worker killed (the OOM killer, a segfault): the process is gone
     os._exit(9)
 
 
-def _fails(task):  # a bug in a worker
+def _fails(*args):  # a bug in a worker
     raise RuntimeError("boom\nin a worker")
 
 
-@pytest.mark.parametrize("work, words", [(_dies, "a worker process died"), (_fails, "a worker failed on")])
-def test_a_worker_that_dies_or_fails_is_one_line_and_no_report(workload, monkeypatch, work, words):
-    from stages.cli import app
+@pytest.mark.parametrize("compute, words", [(_dies, "a worker process died"), (_fails, "a worker failed on")])
+def test_a_worker_that_dies_or_fails_is_one_line_and_no_report(workload, compute, words):
+    from pipeline.errors import HydraPipeError
 
     d, x, y = workload
-    np.savez(d / "data.npz", x=x, y=y)
-    monkeypatch.setattr(audit, "_work", work)  # pickled by reference: the spawned workers import it from here
-    result = CliRunner().invoke(app, ["audit", str(d / "m.onnx"), "--data", str(d / "data.npz"), "--eps", "0.15",
-                                      "--steps", "20", "--restarts", "2", "--workers", "2",
-                                      "--out", str(d / "r.json"), "--bounds-out", str(d / "b.npz"),
-                                      "--journal", str(d / "journal")])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and words in lines[0] and "no report written" in lines[0], result.output
-    assert not (d / "r.json").exists() and not (d / "b.npz").exists()
+    with pytest.raises(HydraPipeError) as err:  # the compute is pickled by reference: the workers import it
+        run_audit(d / "m.onnx", x, y, AuditParams(eps=0.15, steps=20, restarts=2, workers=2), progress=False,
+                  bounds_out=d / "b.npz", journal=d / "journal", hooks=AuditHooks(compute=compute))
+    assert words in str(err.value) and "no report written" in str(err.value) and "\n" not in str(err.value)
+    assert not (d / "b.npz").exists()
 
 
 def test_workers_is_validated_and_refused_without_model():
@@ -116,7 +120,7 @@ def test_one_worker_never_starts_a_process(workload, monkeypatch):
     def no_pool(*args, **kwargs):
         raise AssertionError("a pool was started")
 
-    monkeypatch.setattr(audit, "_Pool", no_pool)
+    monkeypatch.setattr(audit_run, "Pool", no_pool)
     report = run_audit(d / "m.onnx", x, y, AuditParams(eps=0.15, steps=10, restarts=2), progress=False)
     assert report.pgd_robust_accuracy is not None
     with pytest.raises(AssertionError, match="a pool was started"):

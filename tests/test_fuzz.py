@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from pipeline.audit_report import AuditReport
+from pipeline.audit.report import AuditReport
 from stages.cli import app
 
 FUZZ = settings(deadline=None, derandomize=True, database=None,

@@ -14,7 +14,7 @@ PACKAGES = ("pipeline", "stages")
 
 # Library layers, bottom first: a module imports only from its own layer or below (and the graph has no cycle).
 LAYERS = [
-    {"errors", "registry", "threat", "runtime", "reporting", "config", "distributed"},
+    {"errors", "registry", "threat", "runtime", "reporting", "config", "distributed", "metadata"},
     {"data", "graph", "masking"},
     {"models", "checkpoint", "onnx_io", "onnx_load", "channels", "quantization", "compression", "smoothing",
      "bounds", "attacks"},
@@ -120,6 +120,97 @@ def test_no_import_cycles_between_library_parts():
 
     cycles = sorted(a for a in edges if reaches(a, a, set()))
     assert not cycles
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each library module's project imports (anywhere in the file, functions included), less a package
+    ``__init__``'s imports of its own submodules (a package gathering its parts is no cycle)."""
+    edges: dict[str, set[str]] = {}
+    for p in _library_files():
+        me = _module_name(p)
+        own = f"{me}." if p.name == "__init__.py" else None
+        edges[me] = {m for m in _imports(p) if m.split(".")[0] == "pipeline" and m != me
+                     and not (own and m.startswith(own))}
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node, or with a self-edge (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in edges.get(v, ()):
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_between_library_modules():
+    """Finer than the parts: within a part too, two modules that import each other (even inside a function)
+    split one idea wrongly."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
+    assert not _cycles(_module_imports())
+
+
+# parts whose modules import no underscore name of another project module: ``_`` means "this module only"
+PRIVATE_NAMES_KEPT = ("bounds",)
+
+
+def _underscore_imports(path: Path) -> list[str]:
+    """The underscore names ``path`` takes from other project modules: ``from m import _x`` and ``alias._x`` of an
+    ``import m as alias``."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            if base.split(".")[0] in PACKAGES and base != me:
+                found += [f"{base}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name.split(".")[0] in PACKAGES})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            target = ast.unparse(node.value)
+            if target in aliases and aliases[target] != me:
+                found.append(f"{aliases[target]}.{node.attr}")
+    return found
+
+
+def test_modules_import_no_private_names_of_other_modules():
+    offenders = [f"{p.relative_to(ROOT)} imports {name}" for p in _library_files()
+                 if _part(p) in PRIVATE_NAMES_KEPT for name in _underscore_imports(p)]
+    assert not offenders
 
 
 def test_every_stage_lists_exactly_the_code_it_imports():

@@ -145,7 +145,7 @@ def test_report_is_one_self_contained_page_whose_every_figure_draws(pipeline, tm
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "<script" not in page
     charts = re.findall(r'<figure class="chart( empty)?" data-chart="(\w+)"', page)
     names = {name for _, name in charts}
-    assert {"eps", "budget", "sparsity", "weights", "layers", "size", "latency"} <= names
+    assert {"eps", "budget", "cactus", "sparsity", "weights", "layers", "size", "latency"} <= names
     assert not [name for empty, name in charts if empty]  # every figure has data in this run
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:

@@ -1,5 +1,7 @@
 """The audit's report: one typed model that :func:`pipeline.audit.run_audit` returns and that the audit stage,
 the export stage (ONNX metadata, model card), ``hydra-pipe info`` and the README read by field, never by string.
+Every part of it is typed: the counts (:class:`Decided`, :class:`Settled`), the intervals, the seconds
+(:class:`Seconds`, one field per phase), so a wrong key fails where it is written, not after the whole audit.
 
 Accuracies are fractions in [0, 1] of the ``n`` audited examples; a figure is ``None`` when its part did not run.
 The JSON schema (``AuditReport.model_json_schema()``) is the public contract; the README documents it.
@@ -7,9 +9,10 @@ The JSON schema (``AuditReport.model_json_schema()``) is the public contract; th
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field, model_validator
 
 from pipeline.errors import HydraPipeError
 
@@ -43,8 +46,8 @@ class AttackSummary(_Model):
 
     @property
     def key(self) -> str:
-        """Its entry in the report's ``seconds``."""
-        return self.name + ("_twin" if self.model == "float twin" else "")
+        """Its field of the report's :class:`Seconds`."""
+        return self.name.replace("-", "_") + ("_twin" if self.model == "float twin" else "")
 
 
 class BabSummary(_Model):
@@ -52,7 +55,9 @@ class BabSummary(_Model):
 
     attacked: int = Field(description="examples it ran on")
     verified: int = Field(description="of those, proven robust")
-    undecided: int = Field(description="of those, out of time or domains")
+    undecided: int = Field(description="of those, neither proven nor refuted within the domain budget")
+    timed_out: int = Field(0, description="of those, stopped by the time cap (audit.bab_seconds) before the domain "
+                                          "budget: the one verdict that depends on the machine's speed")
     domains_per_example: int = Field(description="the per-example budget of bounded domains (audit.bab_domains)")
     seconds_per_example: float = Field(description="the per-example time cap (audit.bab_seconds)")
 
@@ -84,6 +89,60 @@ class EpsPoint(_Model):
     restarts: int = Field(description="the sweep's PGD restarts (audit.sweep_restarts)")
 
 
+class Decided(_Model):
+    """Every example in exactly one class: the audit's uncertainty (the per-example results file has each one)."""
+
+    verified: int = Field(0, description="proven robust by a sound verifier")
+    broken: int = Field(0, description="an attack found a point onnxruntime misclassifies (clean mistakes included)")
+    undecided: int = Field(0, description="neither, every budget spent")
+    timeout: int = Field(0, description="neither, branch and bound stopped by its time cap (machine-dependent)")
+    error: int = Field(0, description="a bound or an attack gave a non-finite value: no verdict (never undecided)")
+
+
+class Settled(_Model):
+    """How the card's PGD settled the examples (each example once)."""
+
+    verification: int = 0
+    earlier_attacks: int = 0
+    clean_wrong: int = 0
+    broken: int = 0
+    convergence: int = 0
+    full_budget: int = 0
+
+
+class Parity(_Model):
+    """The graph form (what attacks and bounds run on) against onnxruntime on the audited clean inputs."""
+
+    max_logit_difference: float = Field(description="largest |torch graph - onnxruntime| logit over the examples")
+    tolerance: float = Field(description="what float32 rounding explains (relative to the logits' magnitude)")
+    ok: bool = Field(description="within tolerance: the proofs are about what onnxruntime computes")
+
+
+class Seconds(_Model):
+    """Wall time per part of the audit (null: the part did not run). A journaled part keeps its first run's time."""
+
+    load: float | None = None
+    clean: float | None = None
+    parity: float | None = None
+    ibp: float | None = None
+    crown: float | None = None
+    alpha_crown: float | None = None
+    bab: float | None = None
+    apgd_ce: float | None = None
+    apgd_t: float | None = None
+    apgd_ce_twin: float | None = None
+    apgd_t_twin: float | None = None
+    pgd: float | None = None
+    square: float | None = None
+    sweep: float | None = None
+    smoothing: float | None = None
+    total: float | None = None
+
+    def spent(self, *parts: str) -> float:
+        """The sum of these parts' seconds (0 for those that did not run)."""
+        return sum(getattr(self, p) or 0.0 for p in parts)
+
+
 class AuditReport(_Model):
     """What ``hydra-pipe audit`` measured on one model: clean, verified (proofs) and robust (attacks) accuracy."""
 
@@ -106,6 +165,10 @@ class AuditReport(_Model):
     alpha_crown_verified_accuracy: float | None = Field(
         None, description="proven by alpha-CROWN (optimised slopes) or by a method before it")
     verified_accuracy: float | None = Field(None, description="proven robust by any method that ran")
+    parity: Parity | None = Field(None, description="the graph form against onnxruntime on the clean inputs")
+    verification_refused: str | None = Field(
+        None, description="why no proof is claimed although the bounds could run (the graph form does not compute "
+        "what onnxruntime computes): verified figures null")
     verification_blocked_by: list[str] = Field(
         default_factory=list, description="op types without a bound rule: no verification ran (verified figures "
         "null), the attacks did")
@@ -118,18 +181,17 @@ class AuditReport(_Model):
         default_factory=list, description="per attack, in the order they ran: name, model, budget, attacked, broken "
         "(first), rejected_candidates, near_boundary_checked (times in seconds); the verdict is the worst case over all")
     bab: BabSummary | None = Field(None, description="branch and bound: attacked, verified, undecided, budgets")
-    decided: dict[str, int] = Field(
-        default_factory=dict, description="examples proven robust (verified), shown breakable (broken, clean "
-        "mistakes included) and neither (undecided): the audit's uncertainty")
-    confidence_intervals: dict[str, list[float]] = Field(
+    decided: Decided = Field(default_factory=Decided, description="examples proven robust (verified), shown "
+                             "breakable (broken, clean mistakes included), neither (undecided), stopped by a time cap "
+                             "(timeout) or without a verdict (error): the audit's uncertainty")
+    confidence_intervals: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="95% Clopper-Pearson interval of each accuracy over the n audited "
         "examples (what n examples can tell about the population they were drawn from)")
     step_size: float | None = Field(None, description="PGD's constant step")
     robust_accuracy_by_restart: list[float] = Field(default_factory=list, description="with restarts 1..k")
     robust_accuracy_by_step: dict[str, float] = Field(default_factory=dict, description="steps -> robust accuracy")
-    settled: dict[str, int] = Field(default_factory=dict,
-                                    description="examples settled by verification / clean_wrong / broken / "
-                                                "convergence / full_budget")
+    settled: Settled | None = Field(None, description="how the card's PGD settled the examples: verification / "
+                                    "earlier_attacks / clean_wrong / broken / convergence / full_budget")
     rejected_candidates: int | None = Field(
         None, description="PGD iterates the torch graph misclassified but onnxruntime did not")
     rejected_examples: int | None = Field(None, description="examples with a rejected candidate")
@@ -141,7 +203,23 @@ class AuditReport(_Model):
     eps_sweep: list[EpsPoint] = Field(
         default_factory=list, description="robust accuracy vs eps (audit.sweep_eps): per radius eps, clean, "
         "pgd_robust (a smaller PGD: steps x restarts), ibp_verified, crown_verified, alpha_crown_verified")
-    seconds: dict[str, float] = Field(default_factory=dict, description="wall time per part")
+    seconds: Seconds = Field(default_factory=Seconds, description="wall time per part")
+    _examples: list = PrivateAttr(default_factory=list)
+
+    def attach(self, records: list) -> None:
+        """Keep the audit's per-example records (:class:`pipeline.audit.records.ExampleRecord`) with the report."""
+        self._examples = list(records)
+
+    def __eq__(self, other: object) -> bool:  # the report is its JSON: the records attached to it are beside it
+        return isinstance(other, AuditReport) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def examples(self) -> list:
+        """Each example's record (status, deciding phase, margins, seconds per phase); empty for a report read
+        back from JSON (the records are in the results files beside it)."""
+        return self._examples
 
     @model_validator(mode="before")
     @classmethod
@@ -192,7 +270,8 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     a = (1 - level) / 2
     lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
     hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
-    return (round(lo, 4), round(hi, 4))
+    # rounded outward to 4 decimals, so the printed interval still covers the exact one
+    return (math.floor(lo * 1e4) / 1e4, min(1.0, math.ceil(hi * 1e4) / 1e4))
 
 
 def _pct(v: float | None) -> str:
@@ -210,7 +289,8 @@ def render_report(report: AuditReport):
     sec = report.seconds
 
     def s(k: str) -> str:
-        return f"{sec[k]:.1f} s" if k in sec else ""
+        v = getattr(sec, k)
+        return "" if v is None else f"{v:.1f} s"
 
     ci = report.confidence_intervals
 
@@ -223,6 +303,8 @@ def render_report(report: AuditReport):
     if report.stripped_output_ops:
         table.add_row("stripped output ops", ", ".join(report.stripped_output_ops),
                       "attacks and bounds run on the logits; onnxruntime compared by argmax")
+    if report.parity is not None and not report.parity.ok:
+        table.add_row("verification refused", "-", report.verification_refused or "")
     if report.verification_blocked_by:
         table.add_row("verification blocked by", ", ".join(report.verification_blocked_by), "no bound rule")
     table.add_row("IBP verified", _pct(report.ibp_verified_accuracy), s("ibp"))
@@ -232,8 +314,8 @@ def render_report(report: AuditReport):
     if report.bab is not None:
         b = report.bab
         table.add_row("branch and bound verified", _pct(report.bab_verified_accuracy),
-                      f"{b.verified} of {b.attacked} proven, {b.undecided} out of budget "
-                      f"({b.domains_per_example} domains or {b.seconds_per_example:g} s each); {s('bab')}")
+                      f"{b.verified} of {b.attacked} proven, {b.undecided} out of its {b.domains_per_example} "
+                      f"domains each, {b.timed_out} stopped by the {b.seconds_per_example:g} s cap; {s('bab')}")
     if report.verified_accuracy is not None:
         table.add_row("verified (best proof)", pct("verified_accuracy"), report.verified_method)
     for a in report.attacks:
@@ -242,10 +324,10 @@ def render_report(report: AuditReport):
                       f"of {a.attacked} attacked; {a.rejected_candidates} rejected by onnxruntime, "
                       f"{a.near_boundary_checked} near-boundary checks; {s(a.key)}")
     if report.pgd_robust_accuracy is not None:
-        st = report.settled
+        st = report.settled or Settled()
         table.add_row("robust to the gradient attacks", pct("pgd_robust_accuracy"),
-                      f"PGD settled: {st.get('broken', 0)} broken, {st.get('convergence', 0)} converged, "
-                      f"{st.get('full_budget', 0)} full budget; work {100 * (report.attack_work or 0):.1f}% of plain PGD")
+                      f"PGD settled: {st.broken} broken, {st.convergence} converged, "
+                      f"{st.full_budget} full budget; work {100 * (report.attack_work or 0):.1f}% of plain PGD")
         curve = report.robust_accuracy_by_restart
         if curve:
             marks = sorted({1, 10, len(curve)} & set(range(1, len(curve) + 1)))
@@ -258,10 +340,11 @@ def render_report(report: AuditReport):
         table.add_row("robust accuracy (all attacks)", pct("robust_accuracy"), "worst case per example")
     elif not report.attacks:
         table.add_row("robust accuracy", "-", "no attack ran")
-    if report.decided:
-        d = report.decided
-        table.add_row("decided", f"{d.get('undecided', 0)} undecided",
-                      f"{d.get('verified', 0)} proven robust, {d.get('broken', 0)} broken (clean mistakes included)")
+    d = report.decided
+    if d.verified + d.broken + d.undecided + d.timeout + d.error:
+        extra = "".join(f", {v} {k}" for k, v in (("timed out", d.timeout), ("errors", d.error)) if v)
+        table.add_row("decided", f"{d.undecided} undecided",
+                      f"{d.verified} proven robust, {d.broken} broken (clean mistakes included){extra}")
     if report.eps_sweep:
         table.add_row("eps sweep", "PGD robust", s("sweep"))
     for pt in report.eps_sweep:
