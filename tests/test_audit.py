@@ -205,6 +205,12 @@ def test_softmax_cnn_is_audited_on_its_logits(tmp_path):
     logits = load_onnx(path)(torch.from_numpy(x)).detach()
     assert np.array_equal(logits.argmax(1).numpy(), probs.argmax(1))
     assert not np.allclose(logits.sum(1).numpy(), 1.0)
+    # the parity check compares onnxruntime's probabilities with the graph's logits softmaxed again, and each
+    # record's margins are in logit space (none was broken beyond the clean mistakes: the clean margins)
+    assert report.parity.ok
+    z = logits.double().numpy()
+    want = z[np.arange(12), y] - np.where(np.eye(5, dtype=bool)[y], -np.inf, z).max(1)
+    np.testing.assert_allclose([r.margin_upper for r in report.examples][2:], want[2:], rtol=1e-5, atol=1e-5)
     render_report(report)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks import AttackOptions, AttackResult, apgd_attack, pgd_attack, robustness_curves, square_attack
-from pipeline.audit.deployed import Deployed, margins
+from pipeline.audit.deployed import Deployed
 from pipeline.audit.journal import Entry
 from pipeline.audit.parts import Bars, GroupTick, Parts, Task, Tick
 from pipeline.audit.records import Ledger
@@ -80,8 +80,8 @@ if tuple(ATTACK_SPECS) != ATTACK_ORDER:  # the params' vocabulary (config) and t
 
 def attack_chunk(deployed: Deployed, xt: torch.Tensor, yt: torch.Tensor, task: Task, tick: Tick) -> Entry:
     """One chunk of attack ``task.kind``: per example ``break_step``, ``break_restart`` (-1 = never) and
-    onnxruntime's margin at the confirmed adversarial point (+inf where none), one example per run, so it is the
-    same whichever examples share a chunk or a worker."""
+    the margin at the confirmed adversarial point (:meth:`Deployed.margin`; +inf where none), one example per run,
+    so it is the same whichever examples share a chunk or a worker."""
     t, p = time.perf_counter(), task.params
     ids = torch.as_tensor(task.rows, dtype=torch.long, device=xt.device)
     model = deployed.graph if task.model == "graph" else deployed.twin
@@ -92,7 +92,7 @@ def attack_chunk(deployed: Deployed, xt: torch.Tensor, yt: torch.Tensor, task: T
     margin = np.full(len(ids), np.inf)
     labels = y.cpu().numpy()
     for i, adv in zip(res.adv_index.tolist(), res.adv_x.cpu().numpy()):
-        margin[i] = margins(deployed.logits(adv[None]), labels[i:i + 1])[0]
+        margin[i] = deployed.margin(adv[None], labels[i:i + 1])[0]
     return ({"break_step": res.break_step.cpu().numpy(), "break_restart": res.break_restart.cpu().numpy(),
              "margin": margin},
             {"settled": res.settled, "rejected": res.rejected, "rejected_examples": res.rejected_examples,

@@ -78,6 +78,13 @@ class Deployed:
     def logits(self, xs: np.ndarray) -> np.ndarray:
         return ort_logits(self.session, xs)
 
+    def margin(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """The records' margins at ``xs``, in the graph's logit space: onnxruntime's, or the graph form's when the
+        loader stripped a final Softmax (onnxruntime's outputs are then probabilities; the sign is the same)."""
+        if getattr(self.graph, "stripped_output_ops", []):
+            return margins(graph_outputs(self.graph, xs, restore=False), ys)
+        return margins(self.logits(xs), ys)
+
     @property
     def twin(self) -> torch.nn.Module | None:
         """The graph without rounding (:func:`pipeline.graph.float_twin`), None when nothing in it rounds."""
@@ -151,7 +158,8 @@ def load_deployed(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int |
     t = time.perf_counter()
     parity = check_parity(graph, x, logits)
     clean_correct = torch.as_tensor(logits.argmax(1) == y, device=default_device())
-    # the records' margins are in the graph's logit space: onnxruntime's own unless it ends in a stripped Softmax
-    clean_margin = margins(graph_outputs(graph, x, restore=False) if getattr(graph, "stripped_output_ops", []) else logits, y)
-    return Deployed(Path(model_path), session, graph, classes, clean_correct, clean_margin, parity,
-                    {"load": load_seconds, "clean": clean_seconds, "parity": time.perf_counter() - t})
+    deployed = Deployed(Path(model_path), session, graph, classes, clean_correct, None, parity,
+                        {"load": load_seconds, "clean": clean_seconds, "parity": time.perf_counter() - t})
+    stripped = getattr(graph, "stripped_output_ops", [])
+    deployed.clean_margin = deployed.margin(x, y) if stripped else margins(logits, y)
+    return deployed
