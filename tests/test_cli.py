@@ -88,6 +88,13 @@ def test_audit_of_a_valid_model_writes_the_report(tiny_onnx):
     assert res.returncode == 0, res.stderr
     report = json.loads(Path(out).read_text())
     assert report["n"] == 6 and report["steps"] == 3 and report["restarts"] == 2
+    # a verdict per example beside the report, in CSV and JSON lines, whose counts are the report's
+    rows = [json.loads(line) for line in (tiny_onnx / "good.examples.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert len((tiny_onnx / "good.examples.csv").read_text().splitlines()) == 7
+    status = [r["status"] for r in rows]
+    assert status.count("proven") == report["decided"]["verified"]
+    assert status.count("broken") + status.count("clean-wrong") == report["decided"]["broken"]
 
 
 def test_audit_gate_fails_with_its_own_exit_code_when_a_figure_is_below_its_floor(tiny_onnx):
