@@ -77,8 +77,8 @@ def test_a_killed_audit_resumes_from_its_journal_and_reports_what_an_uninterrupt
     assert _without_seconds(got) == _without_seconds(want)
     assert got["seconds"]["ibp"] == round(ibp_seconds, 3)  # reused, not recomputed
     # and so is every example's record (the journal keeps the per-example arrays they are made of)
-    records = [[{**json.loads(line), "seconds": None} for line in (d / f"{name}.examples.jsonl").read_text().splitlines()]
-               for name in ("resumed", "plain")]
+    records = [[{**json.loads(line), "seconds": None}
+                for line in (d / f"{name}.examples.jsonl").read_text().splitlines()] for name in ("resumed", "plain")]
     assert records[0] == records[1] and len(records[0]) == 240
     assert got["settled"]["broken"] + got["settled"]["convergence"] + got["settled"]["full_budget"] > 16
     assert not journal.exists()  # emptied once the report was written
