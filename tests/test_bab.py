@@ -41,7 +41,7 @@ def test_bab_is_sound_and_complete_on_a_two_input_net(eps):
     with torch.no_grad():
         y = net(x).argmax(1)
     threat = ThreatModel(eps)
-    res = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=None)  # search every example
+    res = branch_and_bound(net, x, y, threat, time_budget_s=1e6, max_shortfall=None)  # search every example
     grid = _grid_min_margin(net, x, y, threat)
     statuses = torch.stack([res.verified, res.falsified, res.undecided, res.timed_out])
     assert (statuses.sum(0) == 1).all()  # one status per example
@@ -66,7 +66,7 @@ def test_bab_verifies_more_than_alpha_crown():
     alpha = certify(net, x, y, threat, "alpha-crown").verified
     bab = certify(net, x, y, threat, "bab")
     assert (bab.verified >= alpha).all() and bab.verified.sum() > alpha.sum()
-    res = branch_and_bound(net, x, y, threat)
+    res = branch_and_bound(net, x, y, threat, time_budget_s=1e6)
     assert torch.equal(res.verified, bab.verified)
     assert (res.domains[alpha] == 1).all() and (res.domains[res.verified & ~alpha] > 1).all()
     assert (res.seconds > 0).all()
@@ -80,7 +80,7 @@ def test_bab_on_a_cnn_is_sound_against_pgd():
     with torch.no_grad():
         y = net(x).argmax(1)
     threat = ThreatModel(0.1)
-    res = branch_and_bound(net, x, y, threat, time_budget_s=5.0, max_domains=400, batch=16)
+    res = branch_and_bound(net, x, y, threat, time_budget_s=1e6, max_domains=400, batch=16)
     attack = pgd_attack(net, x, y, 0.1, steps=100, restarts=10)
     assert not (res.verified & ~attack.robust).any()
     assert (res.domains <= 400).all()
@@ -110,9 +110,9 @@ def test_bab_searches_only_examples_within_reach():
     spec = margin_spec(y, 3)
     root = alpha_crown_bounds(net, lo, hi, spec, lower_only=True, target=0.0, intermediate=False)[0]
     gap = shortfall(net, lo, hi, spec, root)
-    full = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=None)
+    full = branch_and_bound(net, x, y, threat, time_budget_s=1e6, max_shortfall=None)
     gate = 0.5 * float(gap[full.verified & (gap > 0)].max())  # below the farthest example the search proves
-    gated = branch_and_bound(net, x, y, threat, time_budget_s=20.0, max_shortfall=gate)
+    gated = branch_and_bound(net, x, y, threat, time_budget_s=1e6, max_shortfall=gate)
     far = gap > gate
     assert far.any() and (full.verified & far).any(), "the gate must skip something the search would prove"
     assert (gated.domains[far] == 1).all() and not gated.verified[far].any()
@@ -183,7 +183,7 @@ def test_bab_splits_the_clip_floors_of_an_onnxruntime_int8_graph(tmp_path):
     x, y = torch.from_numpy(x_test[:40]), torch.from_numpy(y_test[:40])
     threat = ThreatModel(0.05)
     alpha = certify(graph, x, y, threat, "alpha-crown", logit_bounds=False).verified
-    res = branch_and_bound(graph, x, y, threat, max_domains=60)
+    res = branch_and_bound(graph, x, y, threat, max_domains=60, time_budget_s=1e6)  # domains, not seconds
     assert (res.verified >= alpha).all() and res.verified.sum() > alpha.sum()
     attack = pgd_attack(graph, x, y, 0.05, steps=100, restarts=5)
     assert not (res.verified & ~attack.robust).any()
@@ -240,7 +240,7 @@ def test_bab_reports_a_search_stopped_by_the_time_budget_as_timed_out():
     with torch.no_grad():
         y = net(x).argmax(1)
     threat = ThreatModel(0.3)
-    normal = branch_and_bound(net, x, y, threat, max_domains=120, batch=16, max_shortfall=None)
+    normal = branch_and_bound(net, x, y, threat, time_budget_s=1e6, max_domains=120, batch=16, max_shortfall=None)
     tiny = branch_and_bound(net, x, y, threat, time_budget_s=1e-9, max_domains=120, batch=16, max_shortfall=None)
     # every example the root bound leaves unproved is searched, and each search stops before its first round
     assert torch.equal(tiny.verified, normal.verified & (normal.domains == 1))
