@@ -180,3 +180,53 @@ def test_confidence_intervals_are_rounded_outward():
             exact_lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)
             exact_hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
             assert lo <= exact_lo and hi >= exact_hi and round(lo, 4) == lo and round(hi, 4) == hi
+
+
+def _qdq_onnx(path):
+    """input [N,1,2,2] -> Flatten -> QuantizeLinear (scale 1/4, U8) -> DequantizeLinear -> Gemm: inputs at odd
+    eighths sit exactly on a rounding tie."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.array([[1.0, -2.0, 0.5], [-1.0, 1.5, 2.0], [0.5, 1.0, -1.0], [2.0, -0.5, 1.0]], np.float32)
+    nodes = [helper.make_node("Flatten", ["input"], ["f"]),
+             helper.make_node("QuantizeLinear", ["f", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Gemm", ["d", "w"], ["logits"])]
+    inits = [numpy_helper.from_array(np.array(0.25, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z"), numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 1, 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_a_rounding_tie_decided_the_other_way_is_parity_but_a_wrong_loader_is_not(tmp_path, monkeypatch):
+    from pipeline.graph import Quantize
+
+    _qdq_onnx(tmp_path / "q.onnx")
+    x = np.full((6, 1, 2, 2), 0.5, np.float32)
+    x[:3, 0, 0, 0] = [0.125, 0.625, 0.875]  # 0.5 and 2.5 quanta: ties that half-to-even and half-up break apart
+    y = np.zeros(6, np.int64)
+    params = AuditParams(eps=0.01, steps=5, restarts=1, square_queries=10)
+    real = deployed_module.load_onnx
+
+    def half_up(path):  # a graph form that breaks ties upwards: one quantum off at a tie, exact elsewhere
+        graph = real(path)
+        for m in graph.modules():
+            if isinstance(m, Quantize):
+                m.forward = lambda v, m=m: torch.clamp(torch.floor(v / m.scale + 0.5) + m.zero_point, m.qmin, m.qmax)
+        return graph
+
+    monkeypatch.setattr(deployed_module, "load_onnx", half_up)
+    tie = run_audit(tmp_path / "q.onnx", x, y, params, progress=False)
+    assert tie.parity.max_logit_difference > tie.parity.tolerance  # one quantum (0.25) times a weight
+    assert tie.parity.ok and tie.parity.rounding_ties == 2 and tie.verification_refused is None
+
+    def skewed(path):  # and a tie-breaking graph whose weights are also off: no bound contains onnxruntime
+        graph = half_up(path)
+        [t for t in graph.state_dict().values() if t.is_floating_point() and t.dim() == 2][0].mul_(1.01)
+        return graph
+
+    monkeypatch.setattr(deployed_module, "load_onnx", skewed)
+    wrong = run_audit(tmp_path / "q.onnx", x, y, params, progress=False)
+    assert not wrong.parity.ok and wrong.verification_refused and wrong.verified_accuracy is None
