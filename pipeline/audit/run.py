@@ -54,7 +54,8 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
               hooks: AuditHooks | None = None) -> AuditReport:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
     ``params.eps`` (intersected with [0, 1]). Returns the typed report (each example's record in
-    ``report.examples``); writes the IBP / CROWN logit bounds to ``bounds_out`` (.npz) if given. Bad input raises
+    ``report.examples``); writes the IBP / CROWN logit bounds to ``bounds_out`` (.npz, without arrays when no
+    bound ran: verification blocked, refused or off) if given. Bad input raises
     :class:`~pipeline.errors.HydraPipeError`, before anything is written.
 
     ``journal``: a folder for the finished parts (:class:`~pipeline.audit.journal.Journal`). Started again after a
@@ -110,7 +111,7 @@ def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParam
         if params.smoothing_sigma is not None:
             smoothing = _smoothing(deployed, x, y, params, book if scratch is None else Journal(None))
             seconds["smoothing"] = smoothing.seconds
-    if bounds_out is not None and v.bounds:
+    if bounds_out is not None:  # without arrays when no bound ran: a stage declares the file all the same
         savez_atomic(Path(bounds_out), v.bounds)
     seconds.update(v.seconds)
     if a is not None:
