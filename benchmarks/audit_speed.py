@@ -8,7 +8,7 @@ the robust accuracy is not trivially 0. Examples: the first ``--n`` of the digit
 
 Contenders, every one on 1 thread (``--threads``), L-inf, eps ``--eps``, the same constant step ``2.5 eps /
 min(steps, 100)``:
-- ``ours``: :func:`pipeline.audit.run_audit` on the ONNX file (load, clean accuracy on onnxruntime, IBP and CROWN
+- ``ours``: :func:`pipeline.audit.run.run_audit` on the ONNX file (load, clean accuracy on onnxruntime, IBP and CROWN
   verification, PGD with margin loss confirmed on onnxruntime; Square off since peers have none), wall time of
   the whole call; plus ablations of :func:`pipeline.attacks.pgd_attack` on the same module.
 - ``torchattacks``: ``torchattacks.PGD`` called once per restart on the whole batch; an example is broken when any

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bab_budget.py [--domains 50,100,200,400] [--n 500] [--work /tmp/aa]
 
 The Fashion-MNIST CNN-small of the AutoAttack benchmark (``audit_speed.fashion_model``: PGD-trained here, 3
-epochs, cached in ``--work``), exported to ONNX and audited by ``pipeline.audit.run_audit`` on the first ``--n``
+epochs, cached in ``--work``), exported to ONNX and audited by ``pipeline.audit.run.run_audit`` on the first ``--n``
 test images at eps 0.1 (L-inf) with APGD-CE and APGD-T as its attacks (the card's PGD and Square off: this measures
 the verifier's side), CROWN, alpha-CROWN, then branch and bound with each ``audit.bab_domains`` of ``--domains``
 and the audit's other defaults (its shortfall gate, 30 s cap). One thread. Rows: the budget, the examples left to branch

@@ -4,7 +4,7 @@ Sehwag et al., "HYDRA: Pruning Adversarially Robust Neural Networks", NeurIPS 20
 ``pipeline.data`` (``fashion_mnist``: 55,000 training images, the 5,000 validation images calibrate int8, the test
 split is measured), ``pipeline.models`` (CNN-small, CNN-large), ``pipeline.training.train`` (every stage),
 ``pipeline.pruning.prune`` (``hydra``, ``lwm``, ``admm``), int8 (``pipeline.onnx_io.export_onnx``,
-``pipeline.quantization.quantize_int8``) and the audit's attack part (``pipeline.audit.run_audit``: APGD-CE,
+``pipeline.quantization.quantize_int8``) and the audit's attack part (``pipeline.audit.run.run_audit``: APGD-CE,
 APGD-T, then PGD) on the fp32 ONNX model (32-bit rows) and on the int8 model as deployed (8-bit rows).
 
 Experiments (``--experiments``, comma-separated):

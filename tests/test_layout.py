@@ -19,7 +19,7 @@ LAYERS = [
     {"models", "checkpoint", "onnx_io", "onnx_load", "channels", "quantization", "compression", "smoothing",
      "bounds", "attacks"},
     {"objectives", "training", "structured", "pruning"},
-    {"audit", "audit_report"},
+    {"audit"},
 ]
 # attacks and bounds run on the graph form only: no masks, no architectures, no ONNX
 GRAPH_CONSUMERS = {"bounds", "attacks"}
