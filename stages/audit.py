@@ -1,7 +1,7 @@
 """Stage 5: audit the quantized model as deployed (onnxruntime numerics) on a seeded subset of the test split.
 
 The audit journals its finished parts in ``.resume/audit/`` (ignored by git and DVC), so a stage killed midway
-resumes from them when rerun with the same params (:func:`pipeline.audit.run_audit`); the journal is removed once
+resumes from them when rerun with the same params (:func:`pipeline.audit.run.run_audit`); the journal is removed once
 every output is written.
 """
 

@@ -1,4 +1,4 @@
-"""The audit's report: one typed model that :func:`pipeline.audit.run_audit` returns and that the audit stage,
+"""The audit's report: one typed model that :func:`pipeline.audit.run.run_audit` returns and that the audit stage,
 the export stage (ONNX metadata, model card), ``hydra-pipe info`` and the README read by field, never by string.
 Every part of it is typed: the counts (:class:`Decided`, :class:`Settled`), the intervals, the seconds
 (:class:`Seconds`, one field per phase), so a wrong key fails where it is written, not after the whole audit.
