@@ -113,6 +113,23 @@ def test_alpha_crown_verifies_at_least_what_crown_does_and_can_be_off(mlp, eps):
     assert bab.bab.attacked == round((on.clean_accuracy - on.alpha_crown_verified_accuracy) * 40)
 
 
+def test_branch_and_bound_says_which_examples_it_did_not_search(mlp):
+    """Examples the shortfall gate keeps out of the search are counted as skipped, not as out of budget."""
+    import io
+
+    from rich.console import Console
+
+    x, y = _data(mlp)
+    gated = run_audit(mlp, x, y, AuditParams(eps=0.1, steps=0, bab_shortfall=0.0), progress=False)
+    every = run_audit(mlp, x, y, AuditParams(eps=0.1, steps=0, bab_shortfall=None, bab_domains=4), progress=False)
+    b = gated.bab
+    assert b.attacked > 0 and b.skipped == b.undecided > 0 and b.verified == 0  # a gate of 0 searches nothing
+    assert every.bab.skipped == 0 and every.bab.attacked == b.attacked
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(render_report(gated))
+    assert f"{b.skipped} not searched (root bound out of reach)" in console.export_text()
+
+
 def test_l2_audit_runs_and_is_bounded_by_clean(mlp):
     x, y = _data(mlp, n=20)
     report = run_audit(mlp, x, y, AuditParams(eps=0.3, norm="l2", **FAST), progress=False)

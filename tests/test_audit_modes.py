@@ -232,3 +232,25 @@ def test_a_rounding_tie_decided_the_other_way_is_parity_but_a_wrong_loader_is_no
     monkeypatch.setattr(deployed_module, "load_onnx", skewed)
     wrong = run_audit(tmp_path / "q.onnx", x, y, params, progress=False)
     assert not wrong.parity.ok and wrong.verification_refused and wrong.verified_accuracy is None
+
+
+def test_run_audit_takes_a_model_in_memory_and_returns_its_records(mlp):
+    import onnx
+
+    d, x, y = mlp
+    params = AuditParams(**PARAMS)
+    on_file = run_audit(d / "m.onnx", x, y, params, progress=False)
+    in_memory = run_audit(onnx.load(str(d / "m.onnx")), x, y, params, progress=False)
+    assert in_memory.model == "<onnx.onnx_ml_pb2.ModelProto>"
+    assert in_memory.model_dump(exclude={"seconds", "model"}) == on_file.model_dump(exclude={"seconds", "model"})
+    assert [r.status for r in in_memory.examples] == [r.status for r in on_file.examples]
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        labels = net(torch.from_numpy(x)).argmax(1).numpy()
+    report = run_audit(net, x, labels, params, progress=False)  # exported on the fly for x's shape
+    assert report.clean_accuracy == 1.0 and report.model.endswith("Sequential>") and len(report.examples) == len(x)
+    from pipeline.errors import HydraPipeError
+
+    with pytest.raises(HydraPipeError, match="must be the path of an ONNX file"):
+        run_audit(42, x, y, params, progress=False)

@@ -77,7 +77,8 @@ class Task:
         if self.is_attack:
             return {"break_step": (n,), "break_restart": (n,), "margin": (n,)}
         if self.kind == "bab":
-            return {"verified": (n,), "undecided": (n,), "timed_out": (n,), "margin": (n,), "seconds_each": (n,)}
+            return {"verified": (n,), "undecided": (n,), "skipped": (n,), "timed_out": (n,), "margin": (n,),
+                    "seconds_each": (n,)}
         return {"verified": (n,), "margin": (n,),
                 **({"lower": (n, classes), "upper": (n, classes)} if self.keeps_bounds else {})}
 

@@ -55,7 +55,10 @@ class BabSummary(_Model):
 
     attacked: int = Field(description="examples it ran on")
     verified: int = Field(description="of those, proven robust")
-    undecided: int = Field(description="of those, neither proven nor refuted within the domain budget")
+    undecided: int = Field(description="of those, neither proven nor refuted within the domain budget, or not "
+                                       "searched (skipped)")
+    skipped: int = Field(0, description="of the undecided, never searched: their root bound was out of reach "
+                                        "(audit.bab_shortfall)")
     timed_out: int = Field(0, description="of those, stopped by the time cap (audit.bab_seconds) before the domain "
                                           "budget: the one verdict that depends on the machine's speed")
     domains_per_example: int = Field(description="the per-example budget of bounded domains (audit.bab_domains)")
@@ -317,8 +320,9 @@ def render_report(report: AuditReport):
     if report.bab is not None:
         b = report.bab
         table.add_row("branch and bound verified", _pct(report.bab_verified_accuracy),
-                      f"{b.verified} of {b.attacked} proven, {b.undecided} out of its {b.domains_per_example} "
-                      f"domains each, {b.timed_out} stopped by the {b.seconds_per_example:g} s cap; {s('bab')}")
+                      f"{b.verified} of {b.attacked} proven, {b.undecided - b.skipped} undecided after "
+                      f"{b.domains_per_example} domains each, {b.skipped} not searched (root bound out of reach), "
+                      f"{b.timed_out} stopped by the {b.seconds_per_example:g} s cap; {s('bab')}")
     if report.verified_accuracy is not None:
         table.add_row("verified (best proof)", pct("verified_accuracy"), report.verified_method)
     for a in report.attacks:

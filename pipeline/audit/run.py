@@ -9,6 +9,7 @@ phase returns a typed result and writes each example's record (:mod:`~pipeline.a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from pipeline.audit.report import AuditReport, Decided, Seconds, SmoothingSummar
 from pipeline.audit.sweep import sweep
 from pipeline.audit.verify import Verification, verify, verify_late
 from pipeline.config import AuditParams
+from pipeline.errors import HydraPipeError
+from pipeline.onnx_io import export_onnx
 from pipeline.runtime import default_device, num_threads
 from pipeline.smoothing import certify_report
 
@@ -49,9 +52,43 @@ class AuditHooks:
     say: Callable[[str], None] = _stderr
 
 
-def run_audit(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
-              progress: bool = True, source: str = "data", journal: Path | None = None,
-              hooks: AuditHooks | None = None) -> AuditReport:
+def run_audit(model: Path | str | object, x: np.ndarray, y: np.ndarray, params: AuditParams,
+              bounds_out: Path | None = None, progress: bool = True, source: str = "data",
+              journal: Path | None = None, hooks: AuditHooks | None = None) -> AuditReport:
+    """Audit an ONNX classifier on ``(x, y)`` within the ``params.norm`` ball of radius ``params.eps``: ``model`` is
+    the path of an ONNX file, an in-memory ``onnx.ModelProto`` or a ``torch.nn.Module`` (exported with
+    :func:`pipeline.onnx_io.export_onnx` for ``x``'s shape first, so the audit is of what onnxruntime computes), each
+    written to a temporary file for the audit's time. See :func:`audit_file`."""
+    with contextlib.ExitStack() as stack:
+        path = _model_file(model, x, stack)
+        report = audit_file(path, x, y, params, bounds_out, progress, source, journal, hooks)
+        if not isinstance(model, (str, Path)):
+            report.model = f"<{type(model).__module__}.{type(model).__name__}>"
+        return report
+
+
+def _model_file(model: object, x: object, stack) -> Path:
+    """A file path for ``model`` (see :func:`run_audit`); one line for anything else."""
+    if isinstance(model, (str, Path)):
+        return Path(model)
+    import onnx
+
+    if not isinstance(model, (onnx.ModelProto, torch.nn.Module)):
+        raise HydraPipeError(f"run_audit: model must be the path of an ONNX file, an onnx.ModelProto or a "
+                             f"torch.nn.Module, got {type(model).__name__}")
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hydra-pipe-model-"))) / "model.onnx"
+    if isinstance(model, onnx.ModelProto):
+        onnx.save(model, str(path))
+        return path
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        raise HydraPipeError("run_audit: a torch model is exported for x's shape: x must be N x C x H x W")
+    export_onnx(model, path, tuple(int(d) for d in x.shape[1:]))
+    return path
+
+
+def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
+               progress: bool = True, source: str = "data", journal: Path | None = None,
+               hooks: AuditHooks | None = None) -> AuditReport:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
     ``params.eps`` (intersected with [0, 1]). Returns the typed report (each example's record in
     ``report.examples``); writes the IBP / CROWN logit bounds to ``bounds_out`` (.npz, without arrays when no

@@ -61,7 +61,8 @@ def verify_block(deployed: Deployed, xt: torch.Tensor, yt: torch.Tensor, task: T
         res = branch_and_bound(deployed.graph, xt[ids], yt[ids], p.threat, time_budget_s=p.bab_seconds,
                                max_domains=p.bab_domains, dtype=dtype, progress=tick, max_shortfall=p.bab_shortfall)
         verified = (res.verified & clean).cpu().numpy()
-        return ({"verified": verified, "undecided": res.undecided.cpu().numpy() & ~verified,
+        undecided = res.undecided.cpu().numpy() & ~verified
+        return ({"verified": verified, "undecided": undecided, "skipped": undecided & (res.domains.cpu().numpy() <= 1),
                  "timed_out": res.timed_out.cpu().numpy() & ~verified,
                  "margin": res.lower.min(1).values.double().cpu().numpy(),
                  "seconds_each": res.seconds.double().cpu().numpy()},
@@ -180,8 +181,10 @@ def verify_late(v: Verification, deployed: Deployed, xt: torch.Tensor, params: A
             proven = sum(int(out["verified"].sum()) for out, _ in results)
             timed_out = sum(int(out["timed_out"].sum()) for out, _ in results)
             left = sum(int(out["undecided"].sum()) for out, _ in results)
+            skipped = sum(int(out["skipped"].sum()) for out, _ in results)
             v.bab = v.accuracy
-            v.bab_summary = BabSummary(attacked=len(todo), verified=proven, undecided=left, timed_out=timed_out,
-                                       domains_per_example=params.bab_domains, seconds_per_example=params.bab_seconds)
+            v.bab_summary = BabSummary(attacked=len(todo), verified=proven, undecided=left, skipped=skipped,
+                                       timed_out=timed_out, domains_per_example=params.bab_domains,
+                                       seconds_per_example=params.bab_seconds)
     except UnsupportedOpError:  # IBP and CROWN ran, so every op has a rule; a refused form stops only these
         pass
