@@ -84,7 +84,7 @@ class Deployed:
         """The records' margins at ``xs``, in the graph's logit space: onnxruntime's, or the graph form's when the
         loader stripped a final Softmax (onnxruntime's outputs are then probabilities; the sign is the same)."""
         if getattr(self.graph, "stripped_output_ops", []):
-            return margins(graph_outputs(self.graph, xs, restore=False), ys)
+            return margins(graph_logits(self.graph, xs), ys)
         return margins(self.logits(xs), ys)
 
     @property
@@ -102,33 +102,31 @@ def open_model(model_path: Path, threads: int | None) -> tuple[object, torch.nn.
     return session, graph.to(default_device()).eval()
 
 
-def graph_outputs(graph: torch.nn.Module, x: np.ndarray, batch: int = 512, restore: bool = True) -> np.ndarray:
-    """The graph form's logits on ``x`` (float64, sound numerics: no TF32); ``restore``: with the output ops the
-    loader stripped (Softmax, LogSoftmax) applied again, so they compare with onnxruntime's outputs."""
-    out = []
+def graph_logits(graph: torch.nn.Module, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    """The graph form's logits on ``x`` (float64, sound numerics: no TF32)."""
     with torch.no_grad(), sound_numerics():
-        for i in range(0, len(x), batch):
-            z = graph(torch.as_tensor(x[i:i + batch], device=default_device()))
-            for op in getattr(graph, "stripped_output_ops", []) if restore else ():
-                z = torch.softmax(z, 1) if op == "Softmax" else torch.log_softmax(z, 1)
-            out.append(z.double().cpu().numpy())
-    return np.concatenate(out)
+        return np.concatenate([graph(torch.as_tensor(x[i:i + batch], device=default_device())).double().cpu().numpy()
+                               for i in range(0, len(x), batch)])
 
 
-def check_parity(graph: torch.nn.Module, x: np.ndarray, ort: np.ndarray) -> Parity:
-    """The graph form's outputs against onnxruntime's (``ort``) on ``x``. An example whose outputs differ by more
-    than float32's rounding (:data:`PARITY_RTOL`) still agrees when onnxruntime's logits lie within the graph
-    form's sound bounds at that very input (interval bounds on the zero-radius box, widened by the same
-    tolerance): an int8 graph's requantization can land on a rounding tie that a float sum in another order
-    decides the other way (one quantum of an activation, times the weights after it), and the bounds' rounding
-    relaxations cover exactly that (``QUANT_TOL``). A loader that computes something else fails both."""
-    diff = np.abs(graph_outputs(graph, x) - ort.astype(np.float64))
+def check_parity(graph: torch.nn.Module, x: np.ndarray, ort: np.ndarray, logits: np.ndarray) -> Parity:
+    """The graph form's ``logits`` on ``x`` against onnxruntime's outputs ``ort`` (with the output ops the loader
+    stripped, Softmax or LogSoftmax, applied again). An example whose outputs differ by more than float32's
+    rounding (:data:`PARITY_RTOL`) still agrees when onnxruntime's logits lie within the graph form's sound bounds
+    at that very input (interval bounds on the zero-radius box, widened by the same tolerance): an int8 graph's
+    requantization can land on a rounding tie that a float sum in another order decides the other way (one quantum
+    of an activation, times the weights after it), and the bounds' rounding relaxations cover exactly that
+    (``QUANT_TOL``). A loader that computes something else fails both."""
+    stripped = getattr(graph, "stripped_output_ops", [])
+    ours = torch.from_numpy(logits)
+    for op in stripped:
+        ours = torch.softmax(ours, 1) if op == "Softmax" else torch.log_softmax(ours, 1)
     finite = np.isfinite(ort)  # -inf outputs (a LogSoftmax's) are compared by argmax
-    diff = np.where(finite, diff, 0.0)
+    diff = np.where(finite, np.abs(ours.numpy() - ort.astype(np.float64)), 0.0)
     tol = PARITY_RTOL * max(1.0, float(np.abs(np.where(finite, ort, 0.0)).max(initial=0.0)))
     off = np.flatnonzero(diff.max(1, initial=0.0) > tol)
     ties = 0
-    if len(off) and not getattr(graph, "stripped_output_ops", []):  # bounds are of logits, not probabilities
+    if len(off) and not stripped:  # the bounds are of logits, not of probabilities
         try:
             with torch.no_grad(), sound_numerics():
                 xs = torch.as_tensor(x[off], device=default_device())
@@ -136,7 +134,7 @@ def check_parity(graph: torch.nn.Module, x: np.ndarray, ort: np.ndarray) -> Pari
             lo, hi = box.lo.double().cpu().numpy(), box.hi.double().cpu().numpy()
             ties = int(((ort[off] >= lo - tol) & (ort[off] <= hi + tol)).all(1).sum())
         except UnsupportedOpError:  # an op without a bound rule: nothing is verified anyway
-            ties = 0
+            pass
     return Parity(max_logit_difference=float(diff.max(initial=0.0)), tolerance=tol, rounding_ties=ties,
                   ok=bool(ties == len(off)))
 
@@ -175,10 +173,10 @@ def load_deployed(model_path: Path, x: np.ndarray, y: np.ndarray, threads: int |
         raise HydraPipeError(f"{source}: labels must lie in [0, {classes - 1}] for this model, found [{y.min()}, {y.max()}]")
     clean_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    parity = check_parity(graph, x, logits)
+    ours = graph_logits(graph, x)
+    parity = check_parity(graph, x, logits, ours)
     clean_correct = torch.as_tensor(logits.argmax(1) == y, device=default_device())
-    deployed = Deployed(Path(model_path), session, graph, classes, clean_correct, None, parity,
-                        {"load": load_seconds, "clean": clean_seconds, "parity": time.perf_counter() - t})
-    stripped = getattr(graph, "stripped_output_ops", [])
-    deployed.clean_margin = deployed.margin(x, y) if stripped else margins(logits, y)
-    return deployed
+    # the records' margins in logit space (Deployed.margin): onnxruntime's, or the graph's after a stripped Softmax
+    clean_margin = margins(ours if getattr(graph, "stripped_output_ops", []) else logits, y)
+    return Deployed(Path(model_path), session, graph, classes, clean_correct, clean_margin, parity,
+                    {"load": load_seconds, "clean": clean_seconds, "parity": time.perf_counter() - t})

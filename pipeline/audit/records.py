@@ -78,8 +78,7 @@ class Ledger:
         """A verifier's margin lower bounds on ``rows`` and which of them it proved."""
         margin = np.asarray(margin, dtype=np.float64)
         self.error[rows] |= np.isnan(margin)
-        known = np.isnan(self.margin_lower[rows])
-        self.margin_lower[rows] = np.where(known | (margin > self.margin_lower[rows]), margin, self.margin_lower[rows])
+        self.margin_lower[rows] = np.fmax(self.margin_lower[rows], margin)  # the best bound; NaN only where none
         new = rows[np.asarray(proven, dtype=bool) & (self.proven_by[rows] == "")]
         self.proven_by[new] = phase
 

@@ -203,4 +203,4 @@ def _report(model_path: Path, deployed: Deployed, params: AuditParams, v: Verifi
         decided=decided, smoothing=smoothing, eps_sweep=points,
         confidence_intervals={k: clopper_pearson(round(f * n), n) for k, f in figures.items() if f is not None},
         seconds=Seconds(**{k.replace("-", "_"): round(s, 3) for k, s in seconds.items() if s is not None}),
-        **{k: f for k, f in figures.items()})
+        **figures)
