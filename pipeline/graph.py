@@ -6,8 +6,8 @@ layers), sharing the model's modules so gradients reach weights and HYDRA's scor
 :func:`pipeline.onnx_load.load_onnx` for ONNX files. ``pipeline.bounds`` and ``pipeline.attacks`` only ever see
 this form, never ONNX or a particular architecture.
 
-The vocabulary: torch's Conv2d, Linear, ReLU, LeakyReLU, BatchNorm, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d,
-Flatten, Identity / Dropout (pass-throughs: no node), plus the modules below for ONNX ops without an exact ``nn``
+The vocabulary: torch's Conv2d, Linear, ReLU, LeakyReLU, Sigmoid, BatchNorm, MaxPool2d, AvgPool2d,
+AdaptiveAvgPool2d, Flatten, Identity / Dropout (pass-throughs: no node), plus the modules below for ONNX ops without an exact ``nn``
 equivalent (constants are buffers) and :class:`Normalize`, the first layer of every model of the registry.
 """
 
@@ -275,6 +275,58 @@ class Sum(nn.Module):
         return out
 
 
+class ReduceMean(nn.Module):
+    """ONNX ReduceMean over constant ``axes`` (negative ones count from the end; None: all of them), keeping the
+    reduced dims as size 1 when ``keepdims``. The dynamo exporter writes torch's global average pooling
+    (``AdaptiveAvgPool2d(1)``, ``x.mean((2, 3))``) as ``ReduceMean`` over axes ``[-1, -2]``. Averaging over the
+    batch axis would mix examples: refused at run time (the loader refuses it where it can see it)."""
+
+    def __init__(self, axes: Sequence[int] | None, keepdims: bool = True) -> None:
+        super().__init__()
+        self.axes = None if axes is None else [int(a) for a in axes]
+        self.keepdims = bool(keepdims)
+
+    def dims(self, ndim: int) -> list[int]:
+        dims = sorted({a % ndim for a in self.axes}) if self.axes is not None else list(range(ndim))
+        if 0 in dims:
+            raise UnsupportedOpError("ReduceMean over the batch axis", "ReduceMean")
+        return dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mean(x, dim=self.dims(x.dim()), keepdim=self.keepdims)
+
+
+class GatherND(nn.Module):
+    """ONNX GatherND with constant ``indices`` and ``batch_dims = 0``: ``out[i...] = data[indices[i...]]``, the
+    last axis of ``indices`` indexing the first dims of ``data``. The dynamo exporter writes it for an
+    ``AdaptiveAvgPool2d`` whose output is larger than its input (a VGG at 32 x 32: 1 x 1 -> 7 x 7), between two
+    Transposes that move the spatial dims first and back; the loader fuses that chain into a :class:`Select`."""
+
+    def __init__(self, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("indices", indices.long())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.indices.shape[-1]
+        return x[tuple(self.indices[..., j] for j in range(k))]
+
+
+class Select(nn.Module):
+    """A constant selection within each example: ``out[n] = x[n].flatten()[index]``, ``index`` a constant tensor
+    of flat positions (the output's per-example shape). The loader fuses a chain of index-moving ops that moves
+    the batch dimension away and back (Transpose -> GatherND -> Transpose, the dynamo exporter's upsampling
+    ``AdaptiveAvgPool2d``) into one, so bounds see an op that keeps the batch dimension. ``injective``: no
+    position is read twice."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("index", index.long())
+        self.injective = int(torch.unique(self.index).numel()) == self.index.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, self.index.flatten()].view(x.shape[0], *self.index.shape)
+
+
 class LRN(nn.Module):
     """ONNX LRN (AlexNet's local response normalisation) across channels:
     ``y = x / (bias + alpha / size * sum(x[c'] ** 2)) ** beta``, ``c'`` from ``c - floor((size - 1) / 2)`` to
@@ -422,7 +474,8 @@ def module_op(m: nn.Module) -> str | None:
         (Binary, "Binary"), (ChannelAffine, "BatchNormalization"), (Clip, "Clip"), (Reshape, "Reshape"),
         (Transpose, "Transpose"), (Pad, "Pad"), (Concat, "Concat"), (Quantize, "QuantizeLinear"),
         (Dequantize, "DequantizeLinear"), (Const, "Constant"), (Normalize, "Normalize"), (Sum, "Sum"), (LRN, "LRN"),
-        (Softmax, "Softmax")]
+        (Softmax, "Softmax"), (ReduceMean, "ReduceMean"), (nn.Sigmoid, "Sigmoid"), (GatherND, "GatherND"),
+        (Select, "Select")]
     for cls, op in table:
         if isinstance(m, cls):
             if op == "GlobalAveragePool" and tuple(np.broadcast_to(m.output_size, 2)) != (1, 1):  # type: ignore[arg-type]

@@ -4,12 +4,22 @@ The module computes what onnxruntime computes, so attacks get gradients and the 
 gets a graph it can propagate bounds through.
 
 Op vocabulary (``SUPPORTED_OPS``): Conv (2-D), Gemm, MatMul (constant right operand), Add, Sub, Mul, Div (two
-tensors, or a tensor and a constant), Sum, Relu, LeakyRelu, Clip, BatchNormalization (inference), MaxPool,
-AveragePool, GlobalAveragePool, LRN, Flatten, Reshape (constant shape), Transpose, Pad (constant mode), Concat,
-Softmax, LogSoftmax, Identity, Dropout (inference), Constant, QuantizeLinear / DequantizeLinear (uint8 / int8,
-per-tensor or per-axis). Any node whose inputs are all constants (weights stored as int8 + DequantizeLinear, int32
-biases, shape arithmetic on initializers ...) is folded at load time with ONNX's reference evaluator, whatever its
-op type. A model with ops outside the vocabulary is refused with one line naming every such op.
+tensors, or a tensor and a constant), Sum, Relu, LeakyRelu, Clip, Sigmoid, BatchNormalization (inference), MaxPool,
+AveragePool, GlobalAveragePool, ReduceMean (constant axes, not the batch's; axes as attribute before opset 18, as
+input from 18), LRN, Flatten, Reshape (constant shape), Transpose, GatherND (constant indices, ``batch_dims`` 0),
+Pad (constant mode), Concat, Softmax, LogSoftmax, Identity, Dropout (inference), Constant, QuantizeLinear /
+DequantizeLinear (uint8 / int8, per-tensor or per-axis). Any node whose inputs are all constants (weights stored as
+int8 + DequantizeLinear, int32 biases, shape arithmetic on initializers ...) is folded at load time with ONNX's
+reference evaluator, whatever its op type. A model with ops outside the vocabulary is refused with one line naming
+every such op and what to try (:func:`refusal_hint`: a fixed input size, the legacy exporter, a rewrite).
+
+Both of torch's exporters are read, opsets 13 to 21. The legacy one (``dynamo=False``) writes global average
+pooling as GlobalAveragePool + Flatten; the default (dynamo) one as ReduceMean over axes ``[-1, -2]`` + Reshape
+``[-1, C]``, folds BatchNormalization into the convolutions, writes SiLU as Sigmoid + Mul and squeeze-excitation
+as a Mul of two computed tensors (EfficientNet), and writes an upsampling ``AdaptiveAvgPool2d`` (torchvision's VGG
+at 32 x 32) as Transpose -> GatherND -> Transpose -> ReduceMean; a chain of index-moving ops like that one, which
+moves the batch dimension away and back, is fused into one per-example :class:`pipeline.graph.Select`
+(:func:`_fuse_batch_moves`) so bounds can cross it. (It also writes opset 18 when 13 or 17 is asked.)
 
 What people export is turned into logits N x classes, the form attacks and bounds need:
 
@@ -38,7 +48,8 @@ from torch import nn
 
 from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.graph import (LRN, Binary, ChannelAffine, Clip, Concat, Const, ConstBinary, Conv2d, Dequantize,
-                            Flatten, GraphModule, Node, Pad, Quantize, Reshape, Softmax, Sum, Transpose)
+                            Flatten, GatherND, GraphModule, Node, Pad, Quantize, ReduceMean, Reshape, Select, Softmax,
+                            Sum, Transpose)
 from pipeline.onnx_io import read_proto
 
 
@@ -62,9 +73,40 @@ class UnsupportedOpsError(UnsupportedOpError):
     def __init__(self, found: Sequence[tuple[str, str]], path: str) -> None:
         super().__init__(*found[0], path)
         self.found = list(found)
+        line = str(self.args[0])
         if len(found) > 1:
             ops = ", ".join(f"{op!r} (node {name!r})" for op, name in found)
-            self.args = (f"{path}: {len(found)} unsupported ONNX ops: {ops}",)
+            line = f"{path}: {len(found)} unsupported ONNX ops: {ops}"
+        self.hint = refusal_hint([op for op, _ in found])
+        self.args = (f"{line}; {self.hint}",)
+
+
+SHAPE_OPS = frozenset({"Shape", "Gather", "Slice", "Expand", "Squeeze", "Unsqueeze", "ConstantOfShape", "Range",
+                       "Where", "Equal", "Cast", "Size", "Tile", "ScatterND", "NonZero"})
+"""Ops that, on a computed tensor, are mostly shape arithmetic an exporter failed to fold (a dynamic height or
+width) or the dynamo exporter's form of an ``AdaptiveAvgPool2d`` whose output size does not divide its input
+(Gather + Where; the legacy exporter refuses that pooling)."""
+ACTIVATION_OPS = frozenset({"Tanh", "Erf", "Gelu", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Mish",
+                            "HardSigmoid", "HardSwish", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Abs", "Neg",
+                            "PRelu", "ThresholdedRelu", "Sin", "Cos"})
+
+
+def refusal_hint(ops: Sequence[str]) -> str:
+    """What to try about refused ops, in a few words: a re-export that writes supported ops, or a rewrite."""
+    hints = []
+    if any(op.split(" ")[0] in SHAPE_OPS for op in ops):
+        hints.append("export with a fixed input size (no dynamic height / width) so the exporter folds the shape "
+                     "arithmetic, and give every AdaptiveAvgPool2d an output size that divides its input (or use "
+                     "AvgPool2d)")
+    if any(op.split(" ")[0] in ACTIVATION_OPS for op in ops):
+        hints.append("replace the activation by ReLU, LeakyReLU, ReLU6 (Clip), Sigmoid or SiLU (x * sigmoid(x)) "
+                     "and retrain")
+    if any(op.split(" ")[0] in ("Resize", "Upsample", "ConvTranspose") for op in ops):
+        hints.append("feed the model at a size that needs no upsampling, or replace the layer by a convolution")
+    hints.append("re-export with torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17) (the legacy "
+                 "exporter writes Flatten / GlobalAveragePool), or rewrite the layer with the ops of "
+                 "pipeline.onnx_load.SUPPORTED_OPS")
+    return "to try: " + "; or ".join(hints)
 
 
 
@@ -79,9 +121,10 @@ def buffers_only(module: nn.Module) -> nn.Module:
 
 
 SUPPORTED_OPS = frozenset({
-    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "LeakyRelu", "Clip", "BatchNormalization",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "LRN", "Flatten", "Reshape", "Transpose", "Pad", "Concat",
-    "Softmax", "LogSoftmax", "Identity", "Dropout", "Constant", "QuantizeLinear", "DequantizeLinear"})
+    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Relu", "LeakyRelu", "Clip", "Sigmoid",
+    "BatchNormalization", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "LRN", "Flatten", "Reshape",
+    "Transpose", "GatherND", "Pad", "Concat", "Softmax", "LogSoftmax", "Identity", "Dropout", "Constant",
+    "QuantizeLinear", "DequantizeLinear"})
 PASS_THROUGH_OPS = frozenset({"Identity", "Dropout"})
 """Ops that become no node of the graph form (an alias of their input)."""
 OUTPUT_STRIPPED_OPS = frozenset({"Softmax", "LogSoftmax"})
@@ -175,7 +218,8 @@ class _Loader:
             if n.output in needed:
                 kept.append(n)
                 needed.update(n.inputs)
-        nodes, output_name = _drop_requantization(kept[::-1], output_name)
+        nodes = _fuse_batch_moves(kept[::-1], input_name, _dims(inputs[0]))
+        nodes, output_name = _drop_requantization(nodes, output_name)
         nodes, output_name, stripped = self.logits_form(nodes, output_name)
         return OnnxModule(nodes, input_name, output_name, self.path, stripped, self.fixed_batch)
 
@@ -385,6 +429,29 @@ class _Loader:
     def op_GlobalAveragePool(self, node) -> None:
         self.emit(node, "GlobalAveragePool", nn.AdaptiveAvgPool2d(1), [node.input[0]])
 
+    def op_ReduceMean(self, node) -> None:
+        a = self.attrs(node)
+        if self.opset < 18:
+            axes = a.get("axes")
+        else:  # an input from opset 18 on
+            c = self.opt_const(node, 1)
+            axes = None if c is None or c.size == 0 else c.reshape(-1).tolist()
+        if axes is None and a.get("noop_with_empty_axes", 0):
+            self.alias[node.output[0]] = self.name_of(node.input[0])
+            return
+        if axes is None or 0 in axes:  # all axes, or the batch's: a mean across examples
+            raise UnsupportedOpError("ReduceMean over the batch axis", node.name, self.path)
+        self.emit(node, "ReduceMean", ReduceMean(axes, bool(a.get("keepdims", 1))), [node.input[0]])
+
+    def op_Sigmoid(self, node) -> None:
+        self.emit(node, "Sigmoid", nn.Sigmoid(), [node.input[0]])
+
+    def op_GatherND(self, node) -> None:
+        if self.attrs(node).get("batch_dims", 0):
+            raise UnsupportedOpError("GatherND with batch_dims", node.name, self.path)
+        self.emit(node, "GatherND", GatherND(torch.from_numpy(self.const(node, 1, "indices").astype(np.int64))),
+                  [node.input[0]])
+
     def op_Flatten(self, node) -> None:
         self.emit(node, "Flatten", Flatten(self.attrs(node).get("axis", 1)), [node.input[0]])
 
@@ -445,6 +512,97 @@ class _Loader:
         scale, zero, axis = self._qparams(node)
         self.emit(node, "DequantizeLinear", Dequantize(scale, _tensor(zero.astype(np.float32)), axis),
                   [node.input[0]])
+
+
+INDEX_OPS = frozenset({"Transpose", "GatherND", "Reshape", "Flatten", "Select"})
+"""Single-input ops that only move or select elements: a chain of them is one constant :class:`Select`."""
+
+
+def _moves_batch(node: Node) -> bool:
+    return (node.op == "Transpose" and node.module.perm[0] != 0) or node.op == "GatherND"
+
+
+def _fuse_batch_moves(nodes: list[Node], input_name: str, input_dims: list[int | None] | None) -> list[Node]:
+    """Replace each chain of index-moving ops (:data:`INDEX_OPS`) that moves the batch dimension away from dim 0
+    and back by one :class:`pipeline.graph.Select`: bounds keep one row per example and refuse the parts of such a
+    chain, though the whole is a selection within each example. The dynamo exporter writes one for an
+    ``AdaptiveAvgPool2d`` that upsamples (VGG at 32 x 32: Transpose [2, 3, 0, 1] -> GatherND -> Transpose
+    [4, 5, 0, 1, 2, 3]).
+
+    The selection is found by running the chain on probe inputs whose entries are their own positions, batches of
+    2 and 3: it is fused only when every output row reads its own example's entries, the same positions in both.
+    Needs the input's per-example shape (declared, static); otherwise the chain is left as it is."""
+    if not any(_moves_batch(n) for n in nodes) or input_dims is None or len(input_dims) < 2 \
+            or not all(input_dims[1:]):
+        return nodes
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    shapes = _value_shapes(nodes, input_name, tuple(input_dims[1:]))  # type: ignore[arg-type]
+    by_input: dict[str, list[Node]] = {}
+    for n in nodes:
+        if n.inputs:
+            by_input.setdefault(n.inputs[0], []).append(n)
+    replaced: dict[str, Node] = {}  # the chain's last node's output -> the Select
+    removed: set[str] = set()
+    for start in nodes:
+        if not _moves_batch(start) or start.output in removed or start.inputs[0] not in shapes:
+            continue
+        chain, walk = [start], start
+        while True:
+            index = _probe_selection(chain, shapes[start.inputs[0]])
+            if index is not None:
+                break
+            nxt = by_input.get(walk.output, [])
+            if readers.get(walk.output) != 1 or len(nxt) != 1 or nxt[0].op not in INDEX_OPS:
+                break
+            walk = nxt[0]
+            chain.append(walk)
+        if index is None:
+            continue
+        last = chain[-1]
+        replaced[last.output] = Node(last.name, "Select", Select(index), (start.inputs[0],), last.output)
+        removed.update(n.output for n in chain[:-1])
+    if not replaced:
+        return nodes
+    return [replaced.get(n.output, n) for n in nodes if n.output not in removed]
+
+
+def _value_shapes(nodes: list[Node], input_name: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Every value's shape (batch dim included) on a zero input of batch 1; empty where the graph cannot run."""
+    env = {input_name: torch.zeros(1, *shape)}
+    try:
+        with torch.no_grad():
+            for n in nodes:
+                env[n.output] = n.module(*[env[i] for i in n.inputs])
+    except Exception:  # shapes are a nicety here: without them nothing is fused
+        return {}
+    return {k: tuple(v.shape) for k, v in env.items()}
+
+
+def _probe_selection(chain: list[Node], shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The constant per-example selection ``chain`` computes (flat positions, the output's per-example shape),
+    or None when it is not one (mixes examples, drops the batch dimension, depends on the batch size)."""
+    per = int(np.prod(shape[1:]))
+    found = None
+    for batch in (2, 3):
+        v = torch.arange(batch * per, dtype=torch.float64).view(batch, *shape[1:])
+        try:
+            with torch.no_grad():
+                for n in chain:
+                    v = n.module(v)
+        except Exception:
+            return None
+        if v.dim() < 1 or v.shape[0] != batch:
+            return None
+        rows = v - per * torch.arange(batch, dtype=torch.float64).view(-1, *([1] * (v.dim() - 1)))
+        if bool((rows != rows[:1]).any()) or bool((rows < 0).any()) or bool((rows >= per).any()):
+            return None
+        if found is not None and (found.shape != rows[0].shape or bool((found != rows[0]).any())):
+            return None
+        found = rows[0]
+    return None if found is None else found.long()
 
 
 GRID_PRESERVING_OPS = frozenset({"Flatten", "Reshape", "Transpose", "MaxPool"})

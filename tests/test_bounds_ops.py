@@ -412,9 +412,10 @@ def test_torchvision_resnet18_with_its_maxpool_stem_is_bounded(tmp_path):
     assert "MaxPool" in {n.op for n in graph.nodes}
     x = torch.rand(1, 3, 16, 16)  # 32 x 32 works the same (about 20 s of CROWN per image on one core)
     _check_bounded(net, graph, x, 1e-3)
-    torch.onnx.export(net, x, str(tmp_path / "tv.onnx"), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "n"}}, opset_version=17, dynamo=False)
-    _check_bounded(net, load_onnx(tmp_path / "tv.onnx"), x, 1e-3)
+    from tests.test_onnx_io import export_with
+
+    for dynamo in (True, False):  # the default exporter's ReduceMean + Reshape, the legacy one's GlobalAveragePool
+        _check_bounded(net, load_onnx(export_with(net, tmp_path / "tv.onnx", dynamo, 17, (3, 16, 16))), x, 1e-3)
 
 
 def test_crown_ibp_trains_resnet18():
@@ -456,3 +457,131 @@ def test_one_channel_conv_is_pulled_back_as_its_transpose(stride, padding, size)
     ref = torch.nn.functional.conv_transpose2d(a.flatten(0, 1), conv.weight, None, stride, padding, opad)
     torch.testing.assert_close(pulled, ref.view(2, 5, 1, size, size), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bias, (a.sum((3, 4)) * conv.bias).sum(2), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What torch's exporters write today (issue 27, item 1): ReduceMean, Select (the dynamo exporter's upsampling
+# AdaptiveAvgPool2d, fused), Sigmoid and the Mul of two tensors (SiLU, squeeze-excitation)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _random_boxes(g: torch.Generator, n: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of every kind: narrow and wide, negative, positive and across zero, some far out, some degenerate."""
+    centre = torch.randn(n, generator=g, dtype=dtype) * torch.tensor([0.5, 3.0, 12.0], dtype=dtype).repeat(n)[:n]
+    radius = torch.rand(n, generator=g, dtype=dtype) * torch.tensor([1e-7, 1e-3, 0.5, 4.0, 20.0], dtype=dtype
+                                                                     ).repeat(n)[:n]
+    radius[::17] = 0
+    return centre - radius, centre + radius
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_relaxation_contains_the_curve_on_random_boxes(dtype):
+    from pipeline.bounds.relax import sigmoid_relaxation
+
+    g = torch.Generator().manual_seed(0)
+    lo, hi = _random_boxes(g, 3000, dtype)
+    k, lower, upper = sigmoid_relaxation(lo, hi)
+    t = torch.linspace(0, 1, 401, dtype=dtype).unsqueeze(1)
+    x = torch.minimum(lo + t * (hi - lo), hi)  # [401, n], both endpoints included
+    s = torch.sigmoid(x)
+    assert bool((k * x + lower <= s).all()) and bool((s <= k * x + upper).all())
+    # tight: each line touches the curve on the box (within the float guard and the sampling step)
+    gap_lo, gap_hi = (s - k * x - lower).amin(0), (k * x + upper - s).amin(0)
+    step = ((hi - lo) / 400) ** 2 * 0.1 + 1e-5  # sigmoid'' <= 0.1: a line is that close to its touching point
+    assert bool((gap_lo <= step).all()) and bool((gap_hi <= step).all())
+
+
+def test_mccormick_planes_contain_the_product_on_random_boxes():
+    from pipeline.bounds.relax import mul_relaxation
+
+    g = torch.Generator().manual_seed(1)
+    xl, xh = _random_boxes(g, 2000)
+    yl, yh = _random_boxes(g, 2000)
+    ax, ay, a0, bx, by, b0 = mul_relaxation(Box(lo=xl, hi=xh), Box(lo=yl, hi=yh))
+    u, v = torch.rand(2, 64, 2000, generator=g)
+    u[:2], v[:2] = torch.tensor([0.0, 1.0]).view(2, 1), torch.tensor([1.0, 0.0]).view(2, 1)  # corners too
+    x, y = xl + u * (xh - xl), yl + v * (yh - yl)
+    z = x * y
+    t = 1e-5 * (1 + z.abs() + (ax * x).abs() + (ay * y).abs() + a0.abs() + (bx * x).abs() + (by * y).abs()
+                + b0.abs())
+    assert bool((ax * x + ay * y + a0 <= z + t).all()) and bool((z <= bx * x + by * y + b0 + t).all())
+
+
+def _exported(kind: str, dynamo: bool, opset: int, folder: Path) -> tuple[nn.Module, nn.Module]:
+    from tests.test_onnx_io import export_with, tiny_net
+
+    net = tiny_net(kind)
+    return net, load_onnx(export_with(net, folder / f"{kind}.onnx", dynamo, opset))
+
+
+@pytest.mark.parametrize("kind,dynamo,opset", [("gap", True, 18), ("eff", True, 21), ("eff", False, 13),
+                                               ("up", True, 18)], ids=lambda v: str(v))
+def test_exported_op_forms_bounds_contain_sampled_and_attacked_points(kind, dynamo, opset, tmp_path):
+    """IBP, CROWN and alpha-CROWN on each exporter's forms contain the graph's logits at uniform points, corners
+    and PGD's extreme points of the eps-box, and onnxruntime's; CROWN is no looser than IBP."""
+    from pipeline.bounds import alpha_crown_bounds
+
+    net, model = _exported(kind, dynamo, opset, tmp_path)
+    ops = {n.op for n in model.nodes}
+    assert ops & {"ReduceMean", "Select", "Sigmoid"}
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 8, 8)
+    for eps in (0.02, 0.1):
+        x_lo, x_hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+        with torch.no_grad():
+            ibp = interval_bounds(model, x_lo, x_hi)
+            crown = crown_bounds(model, x_lo, x_hi)
+        alpha = alpha_crown_bounds(model, x_lo, x_hi, iterations=5)
+        u = torch.rand(16, *x.shape)
+        pts = torch.cat([x_lo + u * (x_hi - x_lo), torch.where(u < 0.5, x_lo, x_hi),
+                         extreme_points(model, x_lo, x_hi, generator=torch.Generator().manual_seed(2))])
+        with torch.no_grad():
+            out = model(pts.reshape(-1, *x.shape[1:])).reshape(len(pts), len(x), -1)
+        ref = torch.from_numpy(ort_logits(ort_session(tmp_path / f"{kind}.onnx", 1),
+                                          pts.reshape(-1, *x.shape[1:]).numpy())).reshape(out.shape)
+        for lo, hi in (ibp, crown, alpha):
+            assert inside(out, lo, hi) and inside(ref, lo, hi)
+        assert width(crown) <= width(ibp) + 1e-6 and width(alpha) <= width(crown) + 1e-6
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_sigmoid_and_product_relaxations_beat_the_cut(dynamo, tmp_path, monkeypatch):
+    """CROWN through Sigmoid and McCormick's Mul is tighter than cutting the backward pass at them (what CROWN did
+    before these relaxations) on the squeeze-excitation net."""
+    from pipeline.bounds import ops
+
+    _, model = _exported("eff", dynamo, 17, tmp_path)
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 8, 8)
+    x_lo, x_hi = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    with torch.no_grad():
+        relaxed = crown_bounds(model, x_lo, x_hi)
+        monkeypatch.setattr(ops.SigmoidRule, "relaxed", False)
+        monkeypatch.setattr(ops.BinaryMulRule, "relaxed", False)
+        cut = crown_bounds(model, x_lo, x_hi)
+    assert width(relaxed) < width(cut)
+
+
+@pytest.mark.parametrize("kind", ["mean", "upsample"])
+def test_linear_reduce_mean_and_select_are_bounded_exactly(kind, tmp_path):
+    """On a network with no nonlinearity CROWN is exact: its bounds are the linear map's range ``J c +- |J| r``,
+    which checks the backward rules of ReduceMean (keepdims 1 and 0) and of the fused Select."""
+    from tests.test_onnx_io import export_with
+
+    torch.manual_seed(4)
+    if kind == "mean":
+        net, shape = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(4, 5)).eval(), (3, 6, 6)
+    else:  # VGG's classifier head at 32 x 32: a 1 x 1 map pooled to 3 x 3 (GatherND between Transposes)
+        net, shape = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 5)
+                                   ).eval(), (3, 1, 1)
+    model = load_onnx(export_with(net, tmp_path / "lin.onnx", True, 18, shape))
+    assert ("Select" in {n.op for n in model.nodes}) == (kind == "upsample")
+    x = torch.rand(1, *shape, dtype=torch.float64)
+    model = model.double()
+    r = torch.rand_like(x) * 0.1
+    jac = torch.autograd.functional.jacobian(lambda v: model(v), x).reshape(5, -1)
+    centre = model(x)[0]
+    radius = jac.abs() @ r.flatten()
+    lo, hi = crown_bounds(model, x - r, x + r)
+    torch.testing.assert_close(lo[0], (centre - radius).detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(hi[0], (centre + radius).detach(), rtol=1e-9, atol=1e-9)

@@ -193,14 +193,19 @@ def test_unreadable_file_names_the_file(tmp_path):
 # ---------------------------------------------------------------- what people export (issue 16)
 
 def export_plain(model: nn.Module, path: Path, shape: tuple[int, ...], dynamic: bool = True, opset: int = 17) -> Path:
-    """``torch.onnx.export`` as a user calls it: no masks, no metadata; ``dynamic=False`` fixes the batch at 1."""
+    """``torch.onnx.export`` as a user calls it: no masks, no metadata, the default (dynamo) exporter; ``dynamic=False``
+    fixes the batch at 1. Before opset 13 the legacy exporter (the dynamo one writes nothing older)."""
+    import contextlib
+    import io
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
+    dynamo = opset >= 13
+    axes = ({"dynamic_shapes": ({0: torch.export.Dim("n")},)} if dynamo else
+            {"dynamic_axes": {"input": {0: "n"}, "out": {0: "n"}}}) if dynamic else {}
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, *shape),), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["out"],
-                          dynamic_axes={"input": {0: "n"}, "out": {0: "n"}} if dynamic else None)
+        torch.onnx.export(model, (torch.zeros(1, *shape),), str(path), dynamo=dynamo, opset_version=opset,
+                          input_names=["input"], output_names=["out"], **axes)
     return path
 
 
@@ -588,3 +593,188 @@ def test_quantize_straight_through_gradient(rounding, axis):
     assert (x.grad[(q == 0) | (q == 25)] != 0).all()
     with torch.no_grad():
         assert torch.equal(m(x), q.clamp(0, 25))
+
+
+# ---------------------------------------------------------------- both of torch's exporters (issue 27, item 1)
+
+class _SqueezeExcite(nn.Module):
+    """EfficientNet's squeeze-excitation: global pool, 1 x 1 convs with SiLU, a sigmoid gate times the input."""
+
+    def __init__(self, c: int, r: int) -> None:
+        super().__init__()
+        self.pool, self.a, self.b = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.b(F.silu(self.a(self.pool(x)))))
+
+
+class _EfficientLike(nn.Module):
+    """The ops torchvision's EfficientNet / MobileNet export to, small: SiLU (Sigmoid * x), squeeze-excitation
+    (Mul of two computed tensors), ReLU6 (Clip) and ``x.mean((2, 3))`` (ReduceMean, keepdims 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.se, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), _SqueezeExcite(4, 2), \
+            nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu6(self.se(F.silu(self.bn(self.conv(x))))).mean((2, 3)))
+
+
+def tiny_net(kind: str) -> nn.Module:
+    """Tiny nets (3 x 8 x 8 inputs, 5 classes) that export to the op forms of torchvision's classifiers:
+    ``gap`` ResNet's AdaptiveAvgPool2d(1) + flatten, ``eff`` EfficientNet's SiLU and squeeze-excitation, ``up``
+    VGG's AdaptiveAvgPool2d(7) on a 1 x 1 map (at 32 x 32), here 3 x 3."""
+    torch.manual_seed(0)
+    if kind == "gap":
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    elif kind == "eff":
+        net = _EfficientLike()
+    else:
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(8), nn.AdaptiveAvgPool2d(3),
+                            nn.Flatten(), nn.Linear(36, 5))
+    for m in net.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def export_with(net: nn.Module, path: Path, dynamo: bool, opset: int, shape=(3, 8, 8)) -> Path:
+    """``torch.onnx.export`` with either exporter, dynamic batch (the dynamo exporter's output kept quiet)."""
+    import contextlib
+    import io
+    import warnings
+
+    kw = ({"dynamic_shapes": ({0: torch.export.Dim("n")},)} if dynamo else
+          {"dynamic_axes": {"input": {0: "n"}, "logits": {0: "n"}}})
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.rand(1, *shape),), str(path), dynamo=dynamo, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], **kw)
+    return path
+
+
+EXPORTS = [("gap", True, 18), ("gap", True, 21), ("gap", False, 13), ("gap", False, 21), ("eff", True, 17),
+           ("eff", True, 21), ("eff", False, 13), ("eff", False, 17), ("up", True, 18), ("up", True, 21)]
+"""(net, dynamo, opset): the legacy exporter refuses ``up`` (an AdaptiveAvgPool2d that upsamples), and the dynamo
+exporter writes opset 18 where 13 or 17 is asked."""
+FORMS = {("gap", True): {"ReduceMean", "Reshape"}, ("gap", False): {"GlobalAveragePool", "Flatten"},
+         ("eff", True): {"Sigmoid", "Mul", "ReduceMean", "Clip"}, ("eff", False): {"Sigmoid", "Mul", "ReduceMean"},
+         ("up", True): {"Select", "ReduceMean", "MaxPool"}}
+
+
+@pytest.mark.parametrize("kind,dynamo,opset", EXPORTS, ids=lambda v: str(v))
+def test_both_exporters_load_and_match_onnxruntime(kind, dynamo, opset, tmp_path):
+    net = tiny_net(kind)
+    path = export_with(net, tmp_path / "m.onnx", dynamo, opset)
+    module = load_onnx(path)
+    ops = {n.op for n in module.nodes}
+    assert FORMS[kind, dynamo] <= ops, ops
+    assert "Transpose" not in ops and "GatherND" not in ops  # the upsampling chain is one Select
+    x = np.random.default_rng(3).random((5, 3, 8, 8), dtype=np.float32)
+    ours = module(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ours, ort_logits(ort_session(path, 1), x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours, net(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    module(xt).sum().backward()  # attacks: a gradient reaches the input
+    assert xt.grad is not None and float(xt.grad.abs().sum()) > 0
+
+
+def test_dynamo_fixed_batch_export_runs_any_batch(tmp_path):
+    """``torch.onnx.export(model, (x,), path)`` as users call it today: dynamo, batch fixed at 1 (Reshape [1, C])."""
+    import contextlib
+    import io
+
+    net = tiny_net("gap")
+    path = tmp_path / "fixed.onnx"
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(net, (torch.rand(1, 3, 8, 8),), str(path))
+    module = load_onnx(path)
+    assert module.fixed_batch == 1 and "ReduceMean" in {n.op for n in module.nodes}
+    x = np.random.default_rng(4).random((6, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(module(torch.from_numpy(x)).detach().numpy(), ort_logits(ort_session(path, 1), x),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_reduce_mean_forms_and_refusals(tmp_path):
+    """ReduceMean's axes as an attribute (before opset 18) or an input (from 18), keepdims 0 / 1, negative axes;
+    over the batch axis (or all axes) it is refused, saying what to try."""
+    rng = np.random.default_rng(5)
+    x = rng.random((4, 2, 3, 3), dtype=np.float32)
+    for opset, axes, keep in ((13, [2, 3], 1), (13, [-1, -2], 0), (18, [-2, -1], 1), (21, [1, 3], 0)):
+        if opset < 18:
+            nodes = [helper.make_node("ReduceMean", ["input"], ["m"], axes=axes, keepdims=keep)]
+            inits = {}
+        else:
+            nodes = [helper.make_node("ReduceMean", ["input", "axes"], ["m"], keepdims=keep)]
+            inits = {"axes": np.array(axes, np.int64)}
+        nodes.append(helper.make_node("Flatten", ["m"], ["logits"]))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                             ["N", 2, 3, 3])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        path = tmp_path / f"rm{opset}.onnx"
+        onnx.save(model, str(path))
+        np.testing.assert_allclose(load_onnx(path)(torch.from_numpy(x)).detach().numpy(),
+                                   ort_logits(ort_session(path, 1), x), rtol=1e-6, atol=1e-6)
+    nodes = [helper.make_node("ReduceMean", ["input"], ["m"], axes=[0, 2], keepdims=1, name="batch_mean"),
+             helper.make_node("Flatten", ["m"], ["logits"])]
+    path = _onnx_model(tmp_path / "batch.onnx", nodes, {}, ["N", 2, 3, 3], "logits", [1, 2], opset=13)
+    with pytest.raises(UnsupportedOpError, match=r"'ReduceMean over the batch axis' at node 'batch_mean'; to try: "):
+        load_onnx(path)
+
+
+def test_refusal_line_says_what_to_try(tmp_path):
+    """A refused model's one line ends with what to try: a fixed input size for shape arithmetic, another
+    activation, the legacy exporter or a rewrite."""
+    path = tmp_path / "bad.onnx"
+    _helper_mlp(path, helper.make_node("Tanh", ["out"], ["prob"], name="the_tanh"))
+    with pytest.raises(UnsupportedOpError) as err:
+        load_onnx(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "to try: replace the activation" in msg and "dynamo=False" in msg
+    import contextlib
+    import io
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.AdaptiveAvgPool2d(3),
+                        nn.Flatten(), nn.Linear(36, 5)).eval()  # 2 x 2 -> 3 x 3: Gather + Where on the features
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(net, (torch.rand(1, 3, 8, 8),), str(tmp_path / "up.onnx"))
+    with pytest.raises(UnsupportedOpError, match=r"to try: .*output size that divides its input"):
+        load_onnx(tmp_path / "up.onnx")
+
+
+def test_export_onnx_with_the_dynamo_exporter_matches_and_quantizes(tmp_path):
+    """``export_onnx(dynamo=True)``: same logits as the legacy export, quantized to int8 QDQ with pruned zeros kept
+    (BatchNormalization folded into the convolutions: a zero weight stays zero), graph form = onnxruntime."""
+    from pipeline.data import DatasetInfo
+    from pipeline.models import build_model
+    from pipeline.quantization import int8_weight_zeros, quantize_int8
+
+    torch.manual_seed(0)
+    net = build_model("resnet18", DatasetInfo(3, 8, 10, (0.5,) * 3, (0.25,) * 3)).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("weight") and p.dim() > 1:
+                p.mul_((torch.rand_like(p) < 0.5).float())
+    x = np.random.default_rng(7).random((16, 3, 8, 8), dtype=np.float32)
+    outs = []
+    for dynamo in (True, False):
+        path = tmp_path / f"m{dynamo}.onnx"
+        export_onnx(net, path, (3, 8, 8), {"stage": "t"}, dynamo=dynamo)
+        outs.append(ort_logits(ort_session(path, 1), x))
+        assert read_metadata(path)["stage"] == "t"
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    path = tmp_path / "mTrue.onnx"
+    assert "ReduceMean" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    quantize_int8(path, tmp_path / "q.onnx", x)
+    pruned = sum(int((w == 0).sum()) for k, w in net.state_dict().items() if k.endswith("weight") and w.dim() > 1)
+    assert sum(int8_weight_zeros(tmp_path / "q.onnx").values()) >= pruned > 0
+    q = load_onnx(tmp_path / "q.onnx")
+    assert "QuantizeLinear" in {n.op for n in q.nodes}
+    np.testing.assert_allclose(q(torch.from_numpy(x)).detach().numpy(), ort_logits(ort_session(tmp_path / "q.onnx", 1), x),
+                               rtol=1e-4, atol=1e-4)

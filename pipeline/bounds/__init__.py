@@ -22,14 +22,18 @@ or CROWN margins send gradients to the weights and, through ``effective_weight``
 verdicts of :func:`certify` are computed without gradients.
 
 Op vocabulary (the graph form's ops): Conv, Gemm/Linear, BatchNormalization (running statistics), Normalize,
-Add/Sub/Mul/Div with a constant, Add/Sub of two tensors, Sum, AveragePool, GlobalAveragePool, Flatten, Reshape and
-Transpose that keep the batch dimension, Pad, Concat, Relu, LeakyRelu, Clip, MaxPool, QuantizeLinear,
-DequantizeLinear, Constant. Anything else raises :class:`UnsupportedOpError` naming the op and the node.
+Add/Sub/Mul/Div with a constant, Add/Sub/Mul of two tensors, Sum, AveragePool, GlobalAveragePool, ReduceMean over
+non-batch axes, Flatten, Reshape and Transpose that keep the batch dimension, Select (a per-example selection: the
+loader's fusion of a Transpose -> GatherND -> Transpose chain), Pad, Concat, Relu, LeakyRelu, Clip, Sigmoid,
+MaxPool, QuantizeLinear, DequantizeLinear, Constant. Anything else raises :class:`UnsupportedOpError` naming the op
+and the node.
 
-How CROWN handles ops without a linear relaxation here (Clip, LeakyRelu, Mul of two tensors): the backward pass
-stops at that node and bounds its contribution with the node's interval box (a "cut"), which is sound because each
-term of the linear bound is bounded separately. MaxPool has a linear relaxation (auto_LiRPA's ``BoundMaxPool``:
-the input with the largest lower bound below, exact above when it dominates its window).
+How CROWN handles ops without a linear relaxation here (Clip, LeakyRelu): the backward pass stops at that node and
+bounds its contribution with the node's interval box (a "cut"), which is sound because each term of the linear
+bound is bounded separately. MaxPool has a linear relaxation (auto_LiRPA's ``BoundMaxPool``: the input with the
+largest lower bound below, exact above when it dominates its window); Sigmoid two lines parallel to its chord that
+touch the curve; Mul of two tensors McCormick's planes (sound for SiLU's ``x * sigmoid(x)``, but loose: they
+treat the factors as independent). alpha-CROWN optimises the ReLU slopes only; the other relaxations stay fixed.
 
 Quantized graphs (QuantizeLinear -> DequantizeLinear, as onnxruntime's QDQ format writes them):
 - IBP: ``q(v) = clip(round(v), qmin, qmax)`` with ``v = x / s + z`` is monotone, so the box's endpoints are

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.bounds.box import Box, as_rows, dot, from_rows, unbroadcast, value_const
-from pipeline.bounds.relax import (QUANT_WIDE, maxpool_relaxation, quant_endpoints, quant_relaxation,
-                                   relu_backward, relu_relaxation)
+from pipeline.bounds.relax import (QUANT_WIDE, maxpool_relaxation, mul_relaxation, quant_endpoints, quant_relaxation,
+                                   relu_backward, relu_relaxation, sigmoid_relaxation)
 from pipeline.errors import UnsupportedOpError
 from pipeline.graph import Binary, ConstBinary, Node, conv_input_grad
 from pipeline.graph import affine_weight as effective_weight
@@ -85,7 +85,7 @@ def _kind(node: Node) -> str:
     if isinstance(node.module, ConstBinary):
         return "ConstBinary"
     if isinstance(node.module, Binary):
-        return "Binary"
+        return "BinaryMul" if node.module.op == "Mul" else "Binary"
     return node.op
 
 
@@ -300,7 +300,7 @@ class ConstBinaryRule(OpRule):
 
 @_rule("Binary")
 class BinaryRule(OpRule):
-    """``a op b`` of two computed tensors: Add / Sub are linear; Mul has an interval rule only (a cut)."""
+    """``a op b`` of two computed tensors: Add / Sub are linear; Div has no rule; Mul is :class:`BinaryMulRule`."""
 
     def is_linear(self, node: Node) -> bool:
         return node.module.op in ("Add", "Sub")
@@ -323,6 +323,32 @@ class BinaryRule(OpRule):
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         sa, sb = boxes[node.inputs[0]].shape, boxes[node.inputs[1]].shape
         return [unbroadcast(a, sa), unbroadcast(-a if node.module.op == "Sub" else a, sb)], 0.0
+
+
+@_rule("BinaryMul")
+class BinaryMulRule(OpRule):
+    """``x * y`` of two computed tensors (SiLU's ``x * sigmoid(x)``, squeeze-excitation's channel scaling): IBP
+    by the four corner products; CROWN by McCormick's planes (:func:`pipeline.bounds.relax.mul_relaxation`), the
+    lower plane for positive coefficients, the upper one for negative. The planes treat ``x`` and ``y`` as
+    independent, so on ``x * sigmoid(x)`` they are sound but loose."""
+
+    relaxed = True
+
+    def unstable(self, node: Node, box: Box) -> Tensor:
+        return torch.zeros_like(box.lo, dtype=torch.bool)  # the operands are tightened for their other readers
+
+    def ibp(self, node: Node, boxes: list[Box]) -> Box:
+        a, b = boxes
+        p = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+        return Box(lo=p.amin(0), hi=p.amax(0))
+
+    def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
+        bx, by = boxes[node.inputs[0]], boxes[node.inputs[1]]
+        lx_c, ly_c, l0, ux_c, uy_c, u0 = mul_relaxation(bx, by)
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        cx = pos * lx_c.unsqueeze(1) + neg * ux_c.unsqueeze(1)
+        cy = pos * ly_c.unsqueeze(1) + neg * uy_c.unsqueeze(1)
+        return [unbroadcast(cx, bx.shape), unbroadcast(cy, by.shape)], dot(pos, l0) + dot(neg, u0)
 
 
 @_rule("Sum")
@@ -401,6 +427,48 @@ class AveragePoolRule(GlobalAveragePoolRule):
         x0 = torch.zeros((rows.shape[0], *in_shape[1:]), dtype=a.dtype, device=a.device)
         _, vjp = torch.func.vjp(node.module, x0)
         return [from_rows(vjp(rows)[0], na, mm)], 0.0
+
+
+@_rule("ReduceMean")
+class ReduceMeanRule(OpRule):
+    """The mean over constant non-batch axes (the dynamo exporter's global average pooling): affine, exact."""
+
+    linear, exactness = True, "general"
+
+    def ibp(self, node: Node, boxes: list[Box]) -> Box:
+        m, b = node.module, boxes[0]
+        dims = m.dims(len(b.shape))
+        return Box.cr(b.c.mean(dims, keepdim=m.keepdims), b.r.mean(dims, keepdim=m.keepdims))
+
+    def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
+        m, in_shape = node.module, _in_shape(node, boxes)
+        dims = m.dims(len(in_shape))
+        if not m.keepdims:
+            for d in dims:  # ascending: each unsqueeze puts a reduced dim back where it was
+                a = a.unsqueeze(d + 1)
+        count = math.prod(in_shape[d] for d in dims)
+        return [(a / count).expand(*a.shape[:2], *in_shape[1:])], 0.0
+
+
+@_rule("Select")
+class SelectRule(OpRule):
+    """A constant selection within each example (:class:`pipeline.graph.Select`): linear; IBP maps both forms;
+    CROWN sums the coefficients of the output entries that read each input entry."""
+
+    linear = True
+
+    def ibp_exactness(self, node: Node) -> Exactness:
+        return "diagonal" if node.module.injective else None  # a duplicated entry is no independent coordinate
+
+    def ibp(self, node: Node, boxes: list[Box]) -> Box:
+        return boxes[0].map(node.module)
+
+    def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
+        in_shape = _in_shape(node, boxes)
+        flat = a.flatten(2)
+        index = node.module.index.flatten().expand_as(flat)
+        pulled = torch.zeros(*a.shape[:2], math.prod(in_shape[1:]), dtype=a.dtype, device=a.device)
+        return [pulled.scatter_add(2, index, flat).view(*a.shape[:2], *in_shape[1:])], 0.0
 
 
 @_rule("Pad")
@@ -530,6 +598,23 @@ class MaxPoolRule(MonotoneRule):
         pulled = pulled.scatter_add(3, index.unsqueeze(1).expand(n, m, c, length), coef)
         pulled = pulled.view(n, m, c, hp, wp)[..., pad[0]:pad[0] + h, pad[1]:pad[1] + w]
         return [pulled], bias
+
+
+@_rule("Sigmoid")
+class SigmoidRule(MonotoneRule):
+    """Monotone for IBP; for CROWN two lines parallel to the chord, each touching the curve over the box
+    (:func:`pipeline.bounds.relax.sigmoid_relaxation`). Every neuron with a box of some width is worth
+    tightening (the lines depend on both bounds)."""
+
+    relaxed = True
+
+    def unstable(self, node: Node, box: Box) -> Tensor:
+        return box.hi > box.lo
+
+    def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
+        box = boxes[node.inputs[0]]
+        k, lower, upper = sigmoid_relaxation(box.lo, box.hi)
+        return [a * k.unsqueeze(1)], dot(a.clamp(min=0), lower) + dot(a.clamp(max=0), upper)
 
 
 @_rule("QuantizeLinear")

@@ -5,6 +5,9 @@ ReLU: CROWN's (Zhang et al., NeurIPS 2018), the chord above and auto_LiRPA's ada
 QuantizeLinear: the chords of the clipped lines ``clip(v -/+ (1/2 + QUANT_TOL), q(v_lo), q(v_hi))`` that enclose the
 staircase (the lines ``v -/+ (1/2 + QUANT_TOL)`` inside the clip range); why the endpoints are widened by
 ``QUANT_TOL`` before rounding is in :mod:`pipeline.bounds` ("Quantized graphs").
+Sigmoid: two lines parallel to the chord over the box, each moved to touch the curve (exact extrema of
+``sigmoid(x) - k x`` over the box), the shape-agnostic form of CROWN's sigmoid bounds (Zhang et al. 2018).
+Mul of two bounded tensors: McCormick's planes (McCormick, Math. Programming 1976; auto_LiRPA's ``BoundMul``).
 MaxPool: auto_LiRPA's ``BoundMaxPool`` (Xu et al. 2020): below, the input with the largest lower bound; above, that
 input where its lower bound reaches every other input's upper bound (exact), else the window's largest upper bound.
 """
@@ -201,3 +204,40 @@ def maxpool_relaxation(pool: torch.nn.MaxPool2d, lo: Tensor, hi: Tensor, out_hw:
     length = positions.shape[1]
     index = positions.reshape(-1)[arg * length + torch.arange(length, device=lo.device)]  # positions[arg, l]
     return index, exact, upper, geometry
+
+
+def sigmoid_relaxation(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Linear bounds ``k x + lower <= sigmoid(x) <= k x + upper`` on ``[lo, hi]``, elementwise.
+
+    ``k`` is the chord's slope (clamped to ``[0, 1/4]``, the range of ``sigmoid'``; any ``k`` gives sound lines),
+    ``lower`` / ``upper`` the exact minimum / maximum of ``g(x) = sigmoid(x) - k x`` over the box: ``g' = 0``
+    where ``sigmoid'(x) = s (1 - s) = k``, i.e. at ``x = logit((1 -/+ sqrt(1 - 4k)) / 2)``, so the extrema are
+    among the endpoints and those two points clamped into the box. Where the box is convex (``hi <= 0``) the upper
+    line is the chord and the lower one the tangent parallel to it; concave, the other way round; across 0 both
+    lines touch the curve. Widened by a few ulps of the magnitudes involved (float rounding of ``sigmoid`` and of
+    ``k x``)."""
+    width = hi - lo
+    s_lo, s_hi = torch.sigmoid(lo), torch.sigmoid(hi)
+    mid = (lo + hi) * 0.5
+    s_mid = torch.sigmoid(mid)
+    chord = (s_hi - s_lo) / width.clamp_min(1e-12)
+    k = torch.where(width > 1e-6, chord, s_mid * (1 - s_mid)).clamp(0.0, 0.25)
+    root = torch.sqrt((1 - 4 * k).clamp_min(0.0))
+    s1 = ((1 - root) * 0.5).clamp(1e-30, 1 - 1e-7)
+    x1 = torch.log(s1) - torch.log1p(-s1)  # logit, <= 0; its mirror -x1 is the other critical point
+    cands = torch.stack([lo, hi, torch.minimum(torch.maximum(x1, lo), hi), torch.minimum(torch.maximum(-x1, lo), hi)])
+    g = torch.sigmoid(cands) - k * cands
+    magnitude = 1.0 + k * torch.maximum(lo.abs(), hi.abs())
+    guard = 8 * torch.finfo(lo.dtype).eps * magnitude
+    return k, g.amin(0) - guard, g.amax(0) + guard
+
+
+def mul_relaxation(x: Box, y: Box) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """McCormick's planes for ``z = x * y`` on the boxes (broadcast to the product's shape):
+    ``z >= ly x + lx y - lx ly`` (as ``(x - lx)(y - ly) >= 0``) and ``z <= uy x + lx y - lx uy`` (as
+    ``(x - lx)(uy - y) >= 0``). Returns the lower plane's x and y coefficients and constant, then the upper
+    plane's."""
+    lx, ly, uy = x.lo, y.lo, y.hi
+    shape = torch.broadcast_shapes(lx.shape, ly.shape)
+    lx, ly, uy = (t.expand(shape) for t in (lx, ly, uy))
+    return ly, lx, -lx * ly, uy, lx, -lx * uy
