@@ -52,7 +52,64 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
 # the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
 _MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "batch_size", "seed",
                "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal", "workers", "attacks",
-               "float64")
+               "float64", "apgd_steps", "apgd_restarts", "apgd_targets", "square_queries", "square_restarts",
+               "bab_domains", "bab_seconds", "bab_shortfall", "verifier_share", "n_examples")
+
+_SETTINGS = ("eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "float64", "batch_size", "seed",
+             "smoothing_sigma", "workers", "apgd_steps", "apgd_restarts", "apgd_targets", "square_queries",
+             "square_restarts", "bab_domains", "bab_seconds", "n_examples")
+"""The options that are AuditParams fields of the same name, as they are (attacks, sweep_eps, bab_shortfall and
+verifier_share are parsed first)."""
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed on the command line (by name: typer may carry its own copy of click's
+    ParameterSource enum)."""
+    return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+
+def _none_or_float(option: str, spec: str) -> float | None:
+    """``none`` -> None, else a number (one line otherwise)."""
+    if spec.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return float(spec)
+    except ValueError:
+        raise HydraPipeError(f"--{option}: {spec!r}: expected a number or 'none'") from None
+
+
+def audit_settings(ctx: typer.Context, options: dict, params_file: Path | None):
+    """The audit's :class:`~pipeline.config.AuditParams`: ``params_file``'s audit section when given (else the
+    defaults, every example), each option typed on the command line overriding it. An explicit ``--bab`` also
+    asks for branch and bound without alpha-CROWN (``bab_alone``). A bad value is one line naming the option."""
+    from pydantic import ValidationError
+
+    from pipeline.config import AuditParams, load_params, located
+
+    parsers = {"attacks": parse_attacks, "sweep_eps": parse_sweep,
+               "bab_shortfall": lambda v: _none_or_float("bab-shortfall", v),
+               "verifier_share": lambda v: _none_or_float("verifier-share", v)}
+    values = load_params(params_file).audit.model_dump() if params_file is not None else {"n_examples": None}
+    for name in (*_SETTINGS, *parsers):
+        value = options[name]
+        if (params_file is None or _given(ctx, name)) and value is not None:
+            values[name] = parsers[name](value) if name in parsers else value
+    if _given(ctx, "bab") and options["bab"]:
+        values["bab_alone"] = True
+    try:
+        return AuditParams(**values)
+    except ValidationError as e:  # a field's check or the section's (whose message starts with the field)
+        where, msg = located(e.errors()[0])
+        option = where.partition(".")[0].replace("_", "-") if where else "options"
+        raise HydraPipeError(f"--{option}: {msg}") from None
+
+
+def interrupted_line(journal: Path | None) -> str:
+    """What Ctrl-C prints for ``hydra-pipe audit MODEL``: whether a rerun resumes."""
+    if journal is None:
+        return ("audit interrupted; no report written, and nothing will resume: the rerun starts over "
+                "(--journal DIR keeps the finished parts)")
+    return f"audit interrupted; no report written: the rerun with the same options resumes from {journal}"
 
 
 def audit(
@@ -61,7 +118,8 @@ def audit(
     data: Annotated[Optional[str], typer.Option(
         help=".npz with x (N x C x H x W, [0, 1]) and y, or 'digits' / 'fashion_mnist' (the test split) "
              "(required with MODEL)")] = None,
-    eps: Annotated[Optional[float], typer.Option(help="perturbation radius (inputs in [0, 1]) (required with MODEL)")] = None,
+    eps: Annotated[Optional[float], typer.Option(
+        help="perturbation radius (inputs in [0, 1]) (required with MODEL, unless --params gives it)")] = None,
     steps: Annotated[int, typer.Option(help="PGD steps; 0 runs no attack")] = 1000,
     restarts: Annotated[int, typer.Option(help="PGD random restarts")] = 100,
     norm: Annotated[str, typer.Option(help="linf or l2")] = "linf",
@@ -70,11 +128,28 @@ def audit(
     alpha_crown: Annotated[bool, typer.Option("--alpha-crown/--no-alpha-crown",
                                               help="alpha-CROWN on what CROWN left unverified")] = True,
     bab: Annotated[bool, typer.Option("--bab/--no-bab", help="branch and bound on what alpha-CROWN and the cheap "
-                                                             "attacks left undecided")] = True,
+                                                             "attacks left undecided (only with alpha-CROWN, "
+                                                             "unless --bab is typed)")] = True,
     float64: Annotated[bool, typer.Option("--float64", help="compute the bounds in float64")] = False,
     attacks: Annotated[Optional[str], typer.Option(
         help="the attacks to run, e.g. apgd-ce,apgd-t (default all: apgd-ce, apgd-t, pgd, square; they run "
              "cheapest first whatever the order given)")] = None,
+    apgd_steps: Annotated[int, typer.Option(help="APGD-CE and APGD-T iterations per restart")] = 100,
+    apgd_restarts: Annotated[int, typer.Option(help="APGD random restarts")] = 1,
+    apgd_targets: Annotated[int, typer.Option(help="APGD-T target classes")] = 9,
+    square_queries: Annotated[int, typer.Option(help="Square queries per restart; 0 = off")] = 5000,
+    square_restarts: Annotated[int, typer.Option(help="Square restarts")] = 1,
+    bab_domains: Annotated[int, typer.Option(help="branch and bound's budget per example, in domains")] = 100,
+    bab_seconds: Annotated[float, typer.Option(help="branch and bound's time cap per example (a timeout)")] = 30.0,
+    bab_shortfall: Annotated[Optional[str], typer.Option(
+        help="branch and bound searches only examples whose root bound is within this shortfall of a proof "
+             "(default 0.25; 'none' = all)")] = None,
+    verifier_share: Annotated[Optional[str], typer.Option(
+        help="CROWN, alpha-CROWN and branch and bound are skipped (the report says why) when their estimated "
+             "work per example exceeds this multiple of the attacks' requested work (default 1; 'none' = "
+             "never skipped)")] = None,
+    n_examples: Annotated[Optional[int], typer.Option(
+        help="a seeded subset of DATA (default all; --params: its audit.n_examples)")] = None,
     batch_size: Annotated[int, typer.Option(help="memory budget: examples x restarts per attack batch")] = 4096,
     seed: Annotated[int, typer.Option(help="seed of the random starts")] = 0,
     smoothing_sigma: Annotated[Optional[float], typer.Option(
@@ -96,14 +171,14 @@ def audit(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Audit a model: clean accuracy, robust accuracy under APGD-CE, APGD-T, PGD and Square (worst case per example,
-    confirmed on onnxruntime), verified accuracy by IBP, CROWN, alpha-CROWN and branch and bound.
+    confirmed on onnxruntime), verified accuracy by IBP, CROWN, alpha-CROWN and branch and bound, each verifier
+    sized to the network against the attacks' requested work.
 
+    With MODEL, --params FILE supplies its audit section's settings and the options typed override them.
     Without MODEL: the pipeline's audit stage on the quantized model, settings from params.yaml's `audit`.
     """
     if model is None:
-        # by name: typer may carry its own copy of click's ParameterSource enum
-        given = [f"--{n.replace('_', '-')}" for n in _MODEL_ONLY
-                 if getattr(ctx.get_parameter_source(n), "name", None) == "COMMANDLINE"]
+        given = [f"--{n.replace('_', '-')}" for n in _MODEL_ONLY if _given(ctx, n)]
         if given:
             raise HydraPipeError(f"audit: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a MODEL "
                                  "(hydra-pipe audit MODEL.onnx ...); without MODEL the audit stage runs with "
@@ -112,34 +187,32 @@ def audit(
 
         run(params)
         return
-    from pydantic import ValidationError
-
     from pipeline.audit.journal import discard_journal
     from pipeline.audit.records import write_results
     from pipeline.audit.report import render_report
     from pipeline.audit.run import run_audit
-    from pipeline.config import AuditParams
     from pipeline.reporting import show, write_json
 
-    if data is None or eps is None or out is None:
-        missing = [o for o, v in (("--data", data), ("--eps", eps), ("--out", out)) if v is None]
+    params_file = params if _given(ctx, "params") else None
+    missing = [o for o, v in (("--data", data), ("--eps", eps if params_file is None else 0.0), ("--out", out))
+               if v is None]
+    if missing:
         raise HydraPipeError(f"audit {model}: missing option(s) {', '.join(missing)}")
     floors = parse_floors(fail_under) if fail_under is not None else {}
-    sweep = parse_sweep(sweep_eps) if sweep_eps is not None else []
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
-    try:
-        chosen = {} if attacks is None else {"attacks": parse_attacks(attacks)}
-        settings = AuditParams(eps=eps, steps=steps, restarts=restarts, norm=norm, ibp=ibp, crown=crown,
-                               alpha_crown=alpha_crown, bab=bab, float64=float64, batch_size=batch_size, seed=seed,
-                               n_examples=None, smoothing_sigma=smoothing_sigma, sweep_eps=sweep, workers=workers,
-                               **chosen)
-    except ValidationError as e:
-        err = e.errors()[0]
-        option = str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
-        raise HydraPipeError(f"--{option}: {err['msg']}") from None
+    settings = audit_settings(ctx, dict(locals()), params_file)
     x, y = load_audit_data(data)
-    report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data, journal=journal)
+    if settings.n_examples is not None and settings.n_examples < len(x):  # the stage's seeded subset
+        import numpy as np
+
+        idx = np.sort(np.random.default_rng(settings.seed).choice(len(x), size=settings.n_examples, replace=False))
+        x, y = x[idx], y[idx]
+    try:
+        report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data, journal=journal)
+    except KeyboardInterrupt:
+        typer.echo(interrupted_line(journal), err=True)
+        raise typer.Exit(130) from None
     write_results(report.examples, out)  # OUT's per-example results beside it (.examples.csv, .examples.jsonl)
     write_json(out, report.model_dump(mode="json"))
     if journal is not None:

@@ -39,9 +39,26 @@ def test_bad_params_stop_the_stage(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-def test_missing_checkpoint_is_one_line(tmp_path):
+def test_missing_checkpoint_is_one_line_naming_the_stage_to_run_first(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")
-    assert_one_line_error(cli("prune", cwd=tmp_path), "pretrained")
+    assert_one_line_error(cli("prune", cwd=tmp_path), "error: models/pretrained.safetensors not found: run the "
+                          "pretrain stage first (hydra-pipe pretrain, or dvc repro pretrain)")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/pruned.safetensors").write_bytes(b"")  # the weights without their sidecar
+    assert_one_line_error(cli("finetune", cwd=tmp_path), "models/pruned.json not found: run the prune stage first")
+
+
+def test_images_of_integers_say_how_to_scale_them(tmp_path):
+    from pipeline.audit.deployed import validate
+    from pipeline.errors import HydraPipeError
+
+    y = np.zeros(2, np.int64)
+    with pytest.raises(HydraPipeError, match=r"got dtype uint8: divide by 255: x.astype\(np.float32\) / 255"):
+        validate(np.zeros((2, 1, 8, 8), np.uint8), y)
+    with pytest.raises(HydraPipeError, match=r"found \[0, 255\]; pixel values 0..255\? divide by 255"):
+        validate(np.full((2, 1, 8, 8), 255.0, np.float32) * np.array([0, 1]).reshape(2, 1, 1, 1), y)
+    with pytest.raises(HydraPipeError, match="got dtype int64: scale it into"):
+        validate(np.zeros((2, 1, 8, 8), np.int64), y)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +83,8 @@ def tiny_onnx(tmp_path_factory):
     (["missing.onnx", "--data", "ok.npz", "--eps", "0.1"], ["missing.onnx"]),
     (["garbage.onnx", "--data", "ok.npz", "--eps", "0.1"], ["garbage.onnx"]),
     (["m.onnx", "--data", "ok.npz", "--eps", "-0.1"], ["--eps"]),
+    (["m.onnx", "--data", "ok.npz", "--eps", "8"], ["--eps", "8/255"]),
+    (["m.onnx", "--data", "ok.npz", "--eps", "0.1", "--sweep-eps", "0.1,4"], ["--sweep-eps", "4/255"]),
     (["m.onnx", "--data", "range.npz", "--eps", "0.1"], ["range.npz" , "[0, 1]"]),
     (["m.onnx", "--data", "nolabels.npz", "--eps", "0.1"], ["nolabels.npz", "y"]),
     (["m.onnx", "--data", "nowhere.npz", "--eps", "0.1"], ["nowhere.npz"]),

@@ -11,20 +11,23 @@ the per-example verdicts and margins are bit for bit the one-process audit's.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 from pipeline.audit.deployed import Deployed, open_model
 from pipeline.audit.journal import Entry, Journal
 from pipeline.config import ATTACK_ORDER, AuditParams
 from pipeline.errors import HydraPipeError, UnsupportedOpError
-from pipeline.reporting import progress_bar
 from pipeline.runtime import default_device
 
 Tick = Callable[[int, int], None]
@@ -95,11 +98,44 @@ class Compute(Protocol):
     def __call__(self, deployed: Deployed, xt: torch.Tensor, yt: torch.Tensor, task: Task, tick: Tick) -> Entry: ...
 
 
+def eta_seconds(elapsed: float | None, done: float, left: float) -> float | None:
+    """Seconds left at the average pace since the bar started: ``elapsed`` seconds for ``done`` units, ``left`` to
+    go; None before the first unit (rich's own estimate averages over the last 30 s only, so a bar that advances
+    less often than that, CROWN's or branch and bound's on a deep network, never showed a time)."""
+    if left <= 0:
+        return 0.0
+    if elapsed is None or done <= 0:
+        return None
+    return elapsed / done * left
+
+
+class EtaColumn(ProgressColumn):
+    """The time left (:func:`eta_seconds`) of a bar, from when it started and what it had done then."""
+
+    def render(self, task) -> Text:
+        seconds = eta_seconds(task.elapsed, task.completed - task.fields.get("base", 0),
+                              (task.total or 0) - task.completed)
+        if seconds is None:
+            return Text("-:--:--", style="progress.remaining")
+        return Text(str(timedelta(seconds=int(seconds))), style="progress.remaining")
+
+
 class Bars:
-    """The audit's progress bars (rich, on stderr), or none: ``task(description, total)`` gives a bar's tick."""
+    """The audit's progress bars (rich, on stderr), or none: ``task(description, total)`` gives a bar's tick. A bar
+    starts its clock at its first tick (a verifier's bar when its first block starts), and shows its total and the
+    time left at the pace since then (:class:`EtaColumn`)."""
 
     def __init__(self, enabled: bool = True) -> None:
-        self.bar = progress_bar() if enabled else None
+        self.bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+
+            from pipeline.reporting import console
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), EtaColumn(), console=console, transient=False,
+                                disable=os.environ.get("HYDRA_PIPE_QUIET") == "1")
 
     def __enter__(self) -> Bars:
         if self.bar:
@@ -113,8 +149,17 @@ class Bars:
     def task(self, description: str, total: int) -> Tick:
         if not self.bar:
             return lambda done, total: None
-        task = self.bar.add_task(description, total=total)
-        return lambda done, total_: self.bar.update(task, completed=done, total=total_)
+        bar = self.bar
+        task = bar.add_task(description, total=total, start=False, base=0)
+        started: list[bool] = []
+
+        def tick(done: int, total_: int) -> None:
+            if not started:
+                started.append(True)
+                bar.update(task, base=done)
+                bar.start_task(task)
+            bar.update(task, completed=done, total=total_)
+        return tick
 
 
 class GroupTick:
@@ -125,6 +170,7 @@ class GroupTick:
         self.tasks, self.bars = tasks, bars
         self.done, self.sums = [0] * len(tasks), dict.fromkeys(bars, 0)
         self.shown = {group: base for group, (_, base, _) in bars.items()}  # the caller has shown the base
+        self.started: set[str] = set()
 
     def __call__(self, i: int, done: int) -> None:
         group = self.tasks[i].kind
@@ -133,7 +179,8 @@ class GroupTick:
         self.sums[group] += done - self.done[i]
         self.done[i] = done
         update, base, total = self.bars[group]
-        if self.shown.get(group) != base + self.sums[group]:
+        if group not in self.started or self.shown.get(group) != base + self.sums[group]:  # the first starts it
+            self.started.add(group)
             self.shown[group] = base + self.sums[group]
             update(base + self.sums[group], total)
 
@@ -226,6 +273,7 @@ class Parts:
                 tick(i, len(tasks[i].rows))
         if self.pool is None:
             for i in missing:
+                tick(i, 0)  # its bar's clock starts with its first task
                 results[i] = self.compute(self.deployed, self.xt, self.yt, tasks[i],
                                           lambda done, total, i=i: tick(i, done))
                 self.book.put(tasks[i].part, *results[i])
@@ -240,6 +288,8 @@ class Parts:
 
         classes = self.deployed.classes
         futures = {self.pool.executor.submit(_work, tasks[i]): i for i in missing}
+        for i in missing:
+            tick(i, 0)
         try:
             for future in as_completed(futures):
                 i = futures[future]

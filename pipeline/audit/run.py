@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.audit import sizing
 from pipeline.audit.attacks import AttackPhase, fraction, run_attacks
 from pipeline.audit.compute import compute_task
 from pipeline.audit.deployed import Deployed, load_deployed, validate
 from pipeline.audit.journal import Journal, journal_key, savez_atomic
 from pipeline.audit.parts import Bars, Compute, Layout, Parts, Pool
 from pipeline.audit.records import Ledger
-from pipeline.audit.report import AuditReport, Decided, Seconds, SmoothingSummary, clopper_pearson
+from pipeline.audit.report import AuditReport, Decided, Seconds, SkippedVerifier, SmoothingSummary, clopper_pearson
 from pipeline.audit.sweep import sweep
 from pipeline.audit.verify import Verification, verify, verify_late
+from pipeline.bounds.ops import verification_blockers
 from pipeline.config import AuditParams
-from pipeline.errors import HydraPipeError
+from pipeline.errors import HydraPipeError, UnsupportedOpError
 from pipeline.onnx_io import export_onnx
 from pipeline.runtime import default_device, num_threads
 from pipeline.smoothing import certify_report
@@ -114,6 +116,10 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
         seconds = dict(deployed.seconds)
         xt, yt = torch.as_tensor(x, device=default_device()), torch.as_tensor(y, device=default_device())
         ledger = Ledger(y, deployed.clean_correct.cpu().numpy(), deployed.clean_margin.copy())
+        skipped = size_verifiers(deployed, xt, params)
+        for s_ in skipped:
+            hooks.say(sizing.line(s_))
+        sized = sizing.apply(params, skipped)  # what runs; the journal's key stays the request's
         if params.workers > 1 and journal is None:  # the workers hand their entries over in a journal
             journal = scratch = Path(tempfile.mkdtemp(prefix="hydra-pipe-audit-"))
         book = Journal(None)
@@ -128,16 +134,16 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
                 pool = Pool(params.workers, Path(model_path), x, y, deployed, params, book, hooks.compute)
             parts = Parts(book, deployed, xt, yt, hooks.compute, hooks.layout, pool)
             with hooks.bars(progress) as bars:
-                v = verify(deployed, xt, params, bars, parts, want_bounds, ledger)
-                attacked = params.steps > 0 and bool(params.attacks)
+                v = verify(deployed, xt, sized, bars, parts, want_bounds, ledger)
+                attacked = sized.steps > 0 and bool(sized.attacks)
                 if attacked:
-                    a = run_attacks(deployed, params, v.verified, bars, parts, ledger,
-                                    lambda undecided: verify_late(v, deployed, xt, params, bars, parts, undecided,
+                    a = run_attacks(deployed, sized, v.verified, bars, parts, ledger,
+                                    lambda undecided: verify_late(v, deployed, xt, sized, bars, parts, undecided,
                                                                   ledger))
                 else:
-                    verify_late(v, deployed, xt, params, bars, parts, deployed.clean_correct, ledger)
+                    verify_late(v, deployed, xt, sized, bars, parts, deployed.clean_correct, ledger)
                     a = None
-                points, seconds["sweep"] = sweep(deployed, xt, params, bars, parts) if params.sweep_eps else ([], None)
+                points, seconds["sweep"] = sweep(deployed, xt, sized, bars, parts) if sized.sweep_eps else ([], None)
             aborted = False
         finally:
             if pool is not None:
@@ -155,8 +161,28 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
         seconds.update(a.seconds)
     seconds["total"] = time.perf_counter() - t_total
     report = _report(model_path, deployed, params, v, a, points, smoothing, ledger, seconds)
+    report.skipped_verifiers = skipped
     report.attach(ledger.records())
     return report
+
+
+def size_verifiers(deployed: Deployed, xt: torch.Tensor, params: AuditParams) -> list[SkippedVerifier]:
+    """The verifiers that are on but will not run (:func:`pipeline.audit.sizing.plan`): none when no bound can run
+    (parity failed, an op without a bound rule) or no example is clean-correct."""
+    if not (params.crown or params.alpha_crown or params.bab):
+        return []
+    if (deployed.parity is not None and not deployed.parity.ok) or verification_blockers(deployed.graph.nodes):
+        return []
+    rows = deployed.clean_correct.nonzero().squeeze(1)
+    if not len(rows):
+        return []
+    x_lo, x_hi = params.threat.box(xt[rows[:sizing.SAMPLE]].float())
+    try:
+        cost = sizing.network_cost(deployed.graph, x_lo, x_hi)
+    except UnsupportedOpError:  # a refused form of an op: verification says so itself
+        return []
+    twin = params.float_twin and deployed.twin is not None and "apgd" in " ".join(params.attacks)
+    return sizing.plan(cost, params, twin)
 
 
 def _smoothing(deployed: Deployed, x: np.ndarray, y: np.ndarray, params: AuditParams, book: Journal
