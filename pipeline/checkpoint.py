@@ -60,7 +60,10 @@ def read_sidecar(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(side.read_text())
     except FileNotFoundError:
-        raise HydraPipeError(f"{side}: checkpoint sidecar not found") from None
+        if not Path(path).exists():
+            raise HydraPipeError(f"{path}: checkpoint not found") from None
+        raise HydraPipeError(f"{side} not found: the JSON that describes the checkpoint {path} (written beside it "
+                             "by the stage that made it; run that stage again)") from None
     except json.JSONDecodeError as e:
         raise HydraPipeError(f"{side}: not valid JSON ({e.msg}, line {e.lineno})") from None
     for key in ("arch", "dataset"):

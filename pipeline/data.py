@@ -153,8 +153,10 @@ def digits_arrays(test_fraction: float = 0.25, split_seed: int = 0) -> tuple[np.
 DIGIT_LABELS = tuple(str(d) for d in range(10))
 PREPROCESSING["digits"] = Preprocessing(
     "scikit-learn's load_digits images (8 x 8, one channel, integer pixel values 0..16) divided by 16 into [0, 1]",
-    "from sklearn.datasets import load_digits\n"
-    "image = load_digits().images[0]                    # raw: 8 x 8, pixel values 0..16\n"
+    "# a sample image (a zero: load_digits().images[0]); raw: 8 x 8, integer pixel values 0..16\n"
+    "image = np.array([[0, 0, 5, 13, 9, 1, 0, 0], [0, 0, 13, 15, 10, 15, 5, 0], [0, 3, 15, 2, 0, 11, 8, 0],\n"
+    "                  [0, 4, 12, 0, 0, 8, 8, 0], [0, 5, 8, 0, 0, 9, 8, 0], [0, 4, 11, 0, 1, 12, 7, 0],\n"
+    "                  [0, 2, 14, 5, 10, 12, 0, 0], [0, 0, 6, 13, 10, 0, 0, 0]])\n"
     "x = (image / 16.0).astype(np.float32)[None, None]  # 1 x 1 x 8 x 8 in [0, 1]")
 
 

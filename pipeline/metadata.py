@@ -28,6 +28,9 @@ class ModelMetadata(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # said first: the export's floor (export.floor) was not met, the model shipped anyway (export.below_floor: warn)
+    warning: Optional[str] = Field(None, description="why this model should not be trusted as is (an audited "
+                                                    "figure below the export's floor)")
     # what it is
     arch: Optional[str] = Field(None, description="architecture name (pipeline.models), e.g. cnn_small")
     dataset: Optional[str] = Field(None, description="dataset name (pipeline.data), e.g. digits")

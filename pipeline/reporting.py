@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,20 @@ def metrics_table(title: str, metrics: Mapping[str, Any]) -> Table:
             continue
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     return t
+
+
+def layer_labels(kinds: Mapping[str, str]) -> dict[str, str]:
+    """Names people can read for a network's weight layers: ``kinds`` maps each layer's module name, in network
+    order, to its kind (``conv``, ``fc``). A name that is only a position (an ``nn.Sequential`` index such as ``1``
+    or ``features.3``) becomes its kind and rank among the layers of that kind (conv1, conv2, fc1, ...); a name
+    with words (ResNet's ``layer1.0.conv1``) is kept as it is."""
+    rank: Counter[str] = Counter()
+    labels: dict[str, str] = {}
+    for name, kind in kinds.items():
+        rank[kind] += 1
+        label = f"{kind}{rank[kind]}" if name.rpartition(".")[2].isdigit() else name
+        labels[name] = f"{label} ({name})" if label != name and label in kinds else label
+    return labels
 
 
 def show(table: Table) -> None:

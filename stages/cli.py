@@ -2,9 +2,9 @@
 and ``hydra-pipe info MODEL.onnx``.
 
 This module is the app: it registers the commands, in pipeline order, and turns library errors
-(:class:`HydraPipeError`) into one line on stderr and exit code 2; nothing is half written. The commands live by
-job: :mod:`stages.launch` (a stage's process, torchrun workers included), :mod:`stages.audit_cli` (the standalone
-audit and its release gate), :mod:`stages.info`.
+(:class:`HydraPipeError`) into one line on stderr and exit code 2 (3: a release floor not met); nothing is half
+written. The commands live by job: :mod:`stages.launch` (a stage's process, torchrun workers included),
+:mod:`stages.audit_cli` (the standalone audit and its release gate), :mod:`stages.info`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except HydraPipeError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             # outputs are renamed into place whole, so none is partial; a training stage resumes on its rerun,
             # an audit (the stage, or MODEL with --journal) from its finished parts

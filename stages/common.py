@@ -28,6 +28,7 @@ FP32_ONNX = MODELS / "finetuned.onnx"
 INT8_ONNX = MODELS / "quantized.onnx"
 AUDIT_REPORT = REPORTS / "audit.json"
 AUDIT_BOUNDS = REPORTS / "bounds.npz"
+AUDIT_TIMINGS = REPORTS / "audit.timing.json"  # this machine's wall times: ignored by git, not a DVC output
 SHIPPED = DEPLOY / "model.onnx"
 MODEL_CARD = DEPLOY / "MODEL_CARD.md"
 
@@ -59,10 +60,30 @@ def write_figures(stage: str, figures: dict, title: str | None = None) -> dict:
     return figures
 
 
-def setup(params_path: Path) -> tuple[Params, Splits, torch.device]:
-    """Validate params first (a bad key stops the stage before anything is read or written), then load data.
-    Under torchrun (a training stage with ``compute.workers > 1``) this joins the process group."""
+MADE_BY = {PRETRAINED: "pretrain", PRUNED: "prune", FINETUNED: "finetune", FP32_ONNX: "quantize",
+           INT8_ONNX: "quantize", AUDIT_REPORT: "audit", SHIPPED: "export"}
+"""The stage that writes each input a later stage reads: what to run when it is missing."""
+
+
+def require(*paths: Path) -> None:
+    """One line naming the first of ``paths`` (a checkpoint: its weights or its JSON sidecar) that is missing and
+    the stage that writes it: ``models/pretrained.safetensors not found: run the pretrain stage first (...)``."""
+    for path in paths:
+        files = [path, path.with_suffix(".json")] if path.suffix == ".safetensors" else [path]
+        for file in files:
+            if not file.is_file():
+                stage = MADE_BY.get(path)
+                run = (f": run the {stage} stage first (hydra-pipe {stage}, or dvc repro {stage})" if stage
+                       else "")
+                raise HydraPipeError(f"{file} not found{run}")
+
+
+def setup(params_path: Path, needs: tuple[Path, ...] = ()) -> tuple[Params, Splits, torch.device]:
+    """Validate params first (a bad key stops the stage before anything is read or written), then check that the
+    earlier stages' outputs ``needs`` are there (:func:`require`), then load data. Under torchrun (a training stage
+    with ``compute.workers > 1``) this joins the process group."""
     params = load_params(params_path)
+    require(*needs)
     torch.set_num_threads(params.compute.threads)  # the figures depend on it (see ComputeParams)
     device = distributed.init(params.compute.device)
     return params, load_dataset(params.data), device

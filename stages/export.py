@@ -12,20 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from rich.markup import escape
+from torch import nn
 
 from pipeline import __version__
 from pipeline.audit.report import AuditReport
 from pipeline.channels import channel_report
 from pipeline.checkpoint import load_checkpoint
 from pipeline.compression import archive, compact_file
-from pipeline.config import params_hash
+from pipeline.config import ExportParams, params_hash
 from pipeline.data import DatasetInfo, Preprocessing, as_arrays, preprocessing
-from pipeline.errors import HydraPipeError
-from pipeline.masking import sparsity_report
+from pipeline.errors import BelowFloorError, HydraPipeError
+from pipeline.masking import masked_layers, sparsity_report
 from pipeline.metadata import ModelMetadata
 from pipeline.onnx_io import (INPUT_NAME, OUTPUT_NAME, ort_logits, ort_session, read_metadata, read_proto,
                               set_metadata, torch_logits, used_opsets_only)
-from pipeline.reporting import atomic_write_bytes
+from pipeline.reporting import atomic_write_bytes, console, layer_labels
 from pipeline.threat import ThreatModel
 from stages.common import AUDIT_REPORT, FINETUNED, INT8_ONNX, MODEL_CARD, SHIPPED, setup, write_figures
 
@@ -63,8 +65,40 @@ def _input_output(meta: ModelMetadata) -> str:
 **Output.** `logits`: batch x {meta.classes}; the predicted class is the argmax. Labels (index `name`): {shown}{more}."""
 
 
+FLOOR_FIGURES = {"clean": ("clean accuracy", "clean_accuracy"),
+                 "pgd": ("robust accuracy, gradient attacks", "pgd_robust_accuracy"),
+                 "robust": ("robust accuracy, all attacks", "robust_accuracy"),
+                 "verified": ("verified robust accuracy", "verified_accuracy"),
+                 "ibp": ("verified, IBP", "ibp_verified_accuracy"),
+                 "crown": ("verified, CROWN", "crown_verified_accuracy"),
+                 "alpha_crown": ("verified, alpha-CROWN", "alpha_crown_verified_accuracy"),
+                 "bab": ("verified, branch and bound", "bab_verified_accuracy")}
+"""``export.floor``'s names (those of ``hydra-pipe audit --fail-under``) -> (the card's words, the audit report's
+field)."""
+
+
+def below_floor(export: ExportParams, audit: AuditReport) -> list[str]:
+    """The audited figures below ``export.floor``, each as ``clean accuracy 22.5% < floor 50.0%``; a figure whose
+    part did not run counts as 0 (as with ``--fail-under``)."""
+    below = []
+    for name, floor in export.floor.items():
+        words, field = FLOOR_FIGURES[name]
+        value = getattr(audit, field) or 0.0
+        if value < floor:
+            below.append(f"{words} {_pct(getattr(audit, field))} < floor {_pct(floor)}")
+    return below
+
+
+def floor_warning(below: list[str], classes: int) -> str:
+    """The one warning a model below its floor ships with (console, card, ONNX metadata key ``warning``)."""
+    return (f"below the floor set for shipping it (export.floor): {'; '.join(below)} (chance on {classes} classes is "
+            f"{_pct(1 / classes)}); do not deploy it as is. Prune less (a larger prune.keep_ratio) or train longer; "
+            f"export.below_floor: refuse stops the export instead")
+
+
 def _how_to_run(prep: Preprocessing) -> str:
-    return f"""**How to run it** (numpy and onnxruntime; the labels are read from the model's metadata):
+    libraries = "numpy, Pillow and onnxruntime" if "PIL" in prep.code else "numpy and onnxruntime"
+    return f"""**How to run it** ({libraries}; the labels are read from the model's metadata):
 
 ```python
 import json
@@ -132,16 +166,20 @@ CARD_KEYS = ("arch", "dataset", "classes", "input_shape", "bits", "labels", "inp
 """The metadata keys the card states (``channels_per_layer`` and ``granularity`` only where present)."""
 
 
-def model_card(meta: ModelMetadata, audit: AuditReport, export_metrics: dict, prep: Preprocessing) -> str:
-    """The card, from the shipped file's own metadata (so the two cannot disagree) and the audit report."""
+def model_card(meta: ModelMetadata, audit: AuditReport, export_metrics: dict, prep: Preprocessing,
+               labels: dict[str, str] | None = None) -> str:
+    """The card, from the shipped file's own metadata (so the two cannot disagree) and the audit report; ``labels``
+    names the layers for people (:func:`pipeline.reporting.layer_labels`), the metadata's own names beside them."""
     meta.require(*CARD_KEYS, source=SHIPPED)
     layers = meta.sparsity_per_layer
     channels = meta.channels_per_layer or {}
-    rows = "\n".join(f"| {n} | {100 * s:.1f}% | {channels.get(n, '')} |" for n, s in layers.items())
+    names = {n: (f"{labels[n]} (`{n}`)" if labels and labels.get(n, n) != n else f"`{n}`") for n in layers}
+    rows = "\n".join(f"| {names[n]} | {100 * s:.1f}% | {channels.get(n, '')} |" for n, s in layers.items())
     mb = export_metrics["bytes"] / 1e6
+    warning = f"> **WARNING: this model is {meta.warning}.**\n\n" if meta.warning else ""
     return f"""# Model card: {meta.arch} on {meta.dataset}
 
-{_what_it_is(meta)}
+{warning}{_what_it_is(meta)}
 
 {_input_output(meta)}
 
@@ -191,17 +229,25 @@ def _stamp(path: Path) -> None:
 
 
 def run(params_path: Path) -> dict:
-    params, data, _ = setup(params_path)
+    params, data, _ = setup(params_path, needs=(AUDIT_REPORT, INT8_ONNX, FINETUNED))
     audit = AuditReport.read(AUDIT_REPORT)
-    model, ckpt_meta = load_checkpoint(FINETUNED)
     info = data.info
+    below = below_floor(params.export, audit)
+    if below and params.export.below_floor == "refuse":  # before anything is written
+        raise BelowFloorError(f"export refused (export.below_floor: refuse): the audited model is below "
+                              f"export.floor: {'; '.join(below)}; nothing was written")
+    warning = floor_warning(below, info.classes) if below else None
+    if warning:
+        console.print(f"[bold red]WARNING: export: this model is {escape(warning)}[/]")
+    model, ckpt_meta = load_checkpoint(FINETUNED)
     prep = preprocessing(params.data.name, info)
     layers = {n: round(r["sparsity"], 6) for n, r in sparsity_report(model).items()}
     channels = {n: f"{r['kept']}/{r['channels']}" for n, r in channel_report(model).items()}
     dense_fp32 = 4 * sum(int(t.numel()) for n, t in model.state_dict().items()
                          if n.endswith(("weight", "bias")) and not n.endswith("weight_mask"))
     meta = ModelMetadata(
-        arch=params.model.arch, dataset=params.data.name, bits=8, **_dataset_metadata(info, prep, audit),
+        warning=warning, arch=params.model.arch, dataset=params.data.name, bits=8,
+        **_dataset_metadata(info, prep, audit),
         sparsity=round(ckpt_meta["sparsity"], 6), sparsity_per_layer=layers, granularity=params.prune.granularity,
         channels_per_layer=channels, encoding=ENCODING, verified_method=audit.verified_method,
         audit=audit.headline(),
@@ -233,5 +279,9 @@ def run(params_path: Path) -> dict:
     tmp.replace(SHIPPED)
     metrics["archive_bytes"] = archive(SHIPPED, ARCHIVE)
     shipped_meta = ModelMetadata.from_onnx_props(read_metadata(SHIPPED), SHIPPED)
-    atomic_write_bytes(MODEL_CARD, model_card(shipped_meta, audit, metrics, prep).encode())
-    return write_figures("export", metrics)
+    kinds = {n: "conv" if isinstance(m, nn.Conv2d) else "fc" for n, m in masked_layers(model)}
+    atomic_write_bytes(MODEL_CARD, model_card(shipped_meta, audit, metrics, prep, layer_labels(kinds)).encode())
+    figures = write_figures("export", metrics)
+    if warning:  # again after the table, the last thing on the console
+        console.print(f"[bold red]WARNING: {SHIPPED} is {escape(warning)}[/]")
+    return figures

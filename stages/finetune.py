@@ -13,7 +13,7 @@ from stages.common import FINETUNED, PLOTS, PRUNED, finished, resume_args, setup
 
 
 def run(params_path: Path) -> dict:
-    params, data, device = setup(params_path)
+    params, data, device = setup(params_path, needs=(PRUNED,))
     p = params.finetune
     model, _ = load_checkpoint(PRUNED)
     model.to(device)

@@ -14,7 +14,7 @@ from stages.common import PLOTS, PRETRAINED, PRUNED, finished, resume_args, setu
 
 
 def run(params_path: Path) -> dict:
-    params, data, device = setup(params_path)
+    params, data, device = setup(params_path, needs=(PRETRAINED,))
     p = params.prune
     model, parent = load_checkpoint(PRETRAINED)
     model.to(device)

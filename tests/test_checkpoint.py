@@ -65,6 +65,16 @@ def test_untrusted_checkpoints_are_refused_with_one_line(tmp_path, pruned, digit
         load_checkpoint(path)
 
 
+def test_a_missing_checkpoint_or_sidecar_says_which_file_in_plain_words(tmp_path, pruned, digits_info):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(HydraPipeError, match=r"m.safetensors: checkpoint not found$"):
+        load_checkpoint(path)
+    save_checkpoint(pruned, path, "cnn_small", digits_info, "abc")
+    path.with_suffix(".json").unlink()
+    with pytest.raises(HydraPipeError, match=r"m\.json not found: the JSON that describes the checkpoint .*"):
+        load_checkpoint(path)
+
+
 class _Planted:
     """Unpickling it creates the folder ``marker``: what a malicious "checkpoint" would do instead."""
 

@@ -10,6 +10,9 @@ import io
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,100 @@ def test_card_snippet_turns_a_raw_image_into_the_predicted_label(run_dir):
     x = (load_digits().images[:1] / 16.0).astype(np.float32)[:, None]
     expected = DIGIT_LABELS[int(ort_logits(ort_session(run_dir / "deploy/model.onnx"), x).argmax(1)[0])]
     assert out.getvalue().strip() == expected
+
+
+def test_card_snippet_needs_only_numpy_and_onnxruntime(run_dir, tmp_path):
+    """The card says "numpy and onnxruntime": its code runs, as a script beside the model, where importing
+    scikit-learn (or anything else of ours) fails."""
+    from pipeline.onnx_io import ort_logits, ort_session
+
+    card = (run_dir / "deploy/MODEL_CARD.md").read_text()
+    assert "**How to run it** (numpy and onnxruntime;" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    stubs = tmp_path / "stubs"
+    for name in ("sklearn", "torch", "PIL", "pipeline"):
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('the card snippet imported {name}')\n")
+    script = tmp_path / "snippet.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(stubs)}
+    res = subprocess.run([sys.executable, str(script)], cwd=run_dir / "deploy", env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().images[:1] / 16.0).astype(np.float32)[:, None]  # the sample image the card embeds
+    expected = DIGIT_LABELS[int(ort_logits(ort_session(run_dir / "deploy/model.onnx"), x).argmax(1)[0])]
+    assert res.stdout.strip() == expected
+
+
+def test_card_names_the_layers_for_people(run_dir):
+    card = (run_dir / "deploy/MODEL_CARD.md").read_text()
+    for label, name in (("conv1", "1"), ("conv2", "3"), ("fc1", "6"), ("fc2", "8")):
+        assert f"| {label} (`{name}`) |" in card
+
+
+def _floored(run_dir, dest, floor, below_floor="warn"):
+    """A copy of the run whose params set ``export.floor``; its export outputs removed."""
+    shutil.copytree(run_dir, dest)
+    for out in ("deploy", "reports/export.json", "metrics/export.json"):
+        path = dest / out
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["export"] = {"floor": floor, "below_floor": below_floor}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params))
+    return dest
+
+
+def _lowest_figure(run_dir) -> tuple[str, float]:
+    from stages.export import FLOOR_FIGURES
+
+    audit = json.loads((run_dir / "reports/audit.json").read_text())
+    return min(((name, audit[field] or 0.0) for name, (_, field) in FLOOR_FIGURES.items()), key=lambda t: t[1])
+
+
+def test_a_model_below_the_export_floor_ships_with_a_loud_warning(run_dir, tmp_path, monkeypatch, capsys):
+    name, value = _lowest_figure(run_dir)
+    floor = round(value + 0.05, 4)
+    d = _floored(run_dir, tmp_path / "below", {name: floor})
+    monkeypatch.chdir(d)
+    importlib.import_module("stages.export").run("params.yaml")
+    console = " ".join(capsys.readouterr().err.split())
+    assert "WARNING: export: this model is below the floor set for shipping it (export.floor)" in console
+    assert f"< floor {100 * floor:.1f}%" in console and "chance on 10 classes is 10.0%" in console
+    card = (d / "deploy/MODEL_CARD.md").read_text()
+    top = card.split("\n\n")[1]  # the first paragraph after the title
+    assert top.startswith("> **WARNING: this model is below the floor set for shipping it") and "do not deploy" in top
+    meta = {p.key: p.value for p in onnx.load(str(d / "deploy/model.onnx")).metadata_props}
+    assert meta["warning"].startswith("below the floor") and f"< floor {100 * floor:.1f}%" in meta["warning"]
+    shown = _info(str(d / "deploy/model.onnx")).output
+    assert "below the floor" in shown and shown.index("warning") < shown.index("arch")  # info says it first
+    page = importlib.import_module("stages.report").build(d)
+    assert '<p class="warning"><strong>WARNING: the shipped model is below the floor' in page
+
+
+def test_a_model_at_or_above_the_export_floor_ships_without_a_warning(run_dir, tmp_path, monkeypatch, capsys):
+    name, value = _lowest_figure(run_dir)
+    d = _floored(run_dir, tmp_path / "above", {name: value})  # at the floor is not below it
+    monkeypatch.chdir(d)
+    importlib.import_module("stages.export").run("params.yaml")
+    assert "WARNING" not in capsys.readouterr().err
+    assert "WARNING" not in (d / "deploy/MODEL_CARD.md").read_text()
+    assert "warning" not in {p.key for p in onnx.load(str(d / "deploy/model.onnx")).metadata_props}
+    assert 'class="warning"' not in importlib.import_module("stages.report").build(d)
+
+
+def test_below_floor_refuse_is_one_line_exit_code_3_and_writes_nothing(run_dir, tmp_path):
+    name, value = _lowest_figure(run_dir)
+    d = _floored(run_dir, tmp_path / "refuse", {name: round(value + 0.05, 4)}, below_floor="refuse")
+    env = {**os.environ, "HYDRA_PIPE_QUIET": "1"}
+    res = subprocess.run([sys.executable, "-c", "from stages.cli import app; app()", "export"], cwd=d, env=env,
+                         capture_output=True, text=True, timeout=300)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 3 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "export refused (export.below_floor: refuse)" in lines[0] and "nothing was written" in lines[0]
+    assert not (d / "deploy").exists()
+    assert not (d / "reports/export.json").exists() and not (d / "metrics/export.json").exists()
 
 
 def test_metadata_states_labels_input_and_stores_each_figure_once(meta):

@@ -37,7 +37,9 @@ def validate(x: object, y: object, source: str = "data") -> tuple[np.ndarray, np
     if x.ndim != 4:
         raise HydraPipeError(f"{source}: x must be N x C x H x W, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
-        raise HydraPipeError(f"{source}: x must be float32 in [0, 1], got dtype {x.dtype}")
+        fix = ("divide by 255: x.astype(np.float32) / 255" if x.dtype == np.uint8 else
+               "scale it into [0, 1] as the model's training data was")
+        raise HydraPipeError(f"{source}: x must be float32 in [0, 1], got dtype {x.dtype}: {fix}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise HydraPipeError(f"{source}: y must be a 1-D integer (int64) array, got dtype {y.dtype} and shape {y.shape}")
     if len(x) != len(y):
@@ -48,7 +50,8 @@ def validate(x: object, y: object, source: str = "data") -> tuple[np.ndarray, np
     if not np.isfinite(x).all():
         raise HydraPipeError(f"{source}: x contains NaN or infinite values")
     if x.min() < 0.0 or x.max() > 1.0:
-        raise HydraPipeError(f"{source}: x values must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]")
+        hint = "; pixel values 0..255? divide by 255" if x.min() >= 0.0 and 1.0 < x.max() <= 255.0 else ""
+        raise HydraPipeError(f"{source}: x values must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]{hint}")
     return np.ascontiguousarray(x), y.astype(np.int64, copy=False)
 
 
