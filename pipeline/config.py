@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import HydraPipeError
-from pipeline.threat import Norm, ThreatModel
+from pipeline.threat import Norm, ThreatModel, whole_box_radius
 
 Objective = Literal["benign", "pgd", "trades", "ibp", "crown-ibp", "mixtrain", "smoothing"]
 
@@ -83,6 +83,13 @@ class TrainParams(Strict):
     mixtrain_base: Literal["pgd", "benign"] = Field("pgd", description="the loss the symbolic loss is mixed with")
     # smoothing (Cohen et al. 2019): Gaussian data augmentation
     smoothing_sigma: float = Field(0.25, gt=0.0, description="std of the Gaussian noise added to training inputs")
+
+    @field_validator("eps")
+    @classmethod
+    def _not_the_whole_box(cls, eps: float) -> float:
+        if (why := whole_box_radius(eps)) is not None:
+            raise ValueError(why)
+        return eps
 
     @property
     def threat(self) -> ThreatModel:
@@ -190,6 +197,14 @@ class AuditParams(Strict):
                                                     "falls short of zero by at most this share of its distance to "
                                                     "the margin at the box centre (pipeline.bounds.bab."
                                                     "BAB_SHORTFALL); null = every example")
+    bab_alone: bool = Field(False, description="branch and bound also when alpha-CROWN is off (it builds on "
+                                               "alpha-CROWN's bounds, so by default it runs only with it; an "
+                                               "explicit --bab sets this)")
+    verifier_share: float | None = Field(
+        1.0, ge=0.0, allow_inf_nan=False,
+        description="the verifiers sized to the network (pipeline.audit.sizing): CROWN, alpha-CROWN and branch and "
+                    "bound are skipped (the report's skipped_verifiers says why) when their estimated work per "
+                    "example exceeds this multiple of the attacks' requested work per example; null = never skipped")
     float64: bool = Field(False, description="compute the bounds in float64 (slower; for ill-conditioned networks)")
     threads: int | None = Field(None, gt=0, description="CPU threads of the attack and onnxruntime; null = default")
     workers: int = Field(1, ge=1, le=1024, description="processes the examples are sharded across (one per GPU, or "
@@ -212,7 +227,11 @@ class AuditParams(Strict):
     @model_validator(mode="after")
     def _attacks_once(self) -> "AuditParams":
         if len(set(self.attacks)) != len(self.attacks):
-            raise ValueError(f"attacks lists an attack twice: {self.attacks}")
+            raise ValueError(f"attacks: an attack is listed twice: {self.attacks}")
+        for name, radii in (("eps", [self.eps]), ("sweep_eps", self.sweep_eps)):
+            for eps in radii:
+                if (why := whole_box_radius(eps, self.norm)) is not None:
+                    raise ValueError(f"{name}: {why}")
         return self
 
     @property
@@ -220,9 +239,33 @@ class AuditParams(Strict):
         return ThreatModel(self.eps, self.norm)
 
 
+FloorFigure = Literal["clean", "pgd", "robust", "verified", "ibp", "crown", "alpha_crown", "bab"]
+"""The audited figures a floor may name: those of ``hydra-pipe audit --fail-under``."""
+
+
 class ExportParams(Strict):
-    opset: int = Field(17, ge=13)
+    exporter: Literal["dynamo", "legacy"] = Field(
+        "dynamo", description="torch.onnx.export's exporter: dynamo (torch's default, what users get) or legacy "
+                              "(the TorchScript one, opsets 13-17)")
+    opset: int = Field(18, ge=13, description="ONNX opset of the exported model (dynamo: 18 or later)")
     parity_atol: float = Field(1e-4, gt=0.0)
+    floor: dict[FloorFigure, Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: {"clean": 0.5},
+        description="audited figures of the deployed int8 model below which the export warns or refuses "
+                    "(below_floor), named as in `hydra-pipe audit --fail-under` (clean, pgd, robust, verified, ibp, "
+                    "crown, alpha_crown, bab); a figure whose part did not run counts as 0; {} = no floor. Default "
+                    "clean 0.5: a model that gets most test images wrong is not one to ship unnoticed")
+    below_floor: Literal["warn", "refuse"] = Field(
+        "warn", description="warn: ship it with a warning on the console, at the top of the model card and in "
+                            "the ONNX metadata (key warning); refuse: one line, exit code 3, nothing written")
+
+    @model_validator(mode="after")
+    def _opset_the_exporter_writes(self) -> "ExportParams":
+        # the dynamo exporter writes opset 18 when an older one is asked for networks with global pooling
+        if self.exporter == "dynamo" and self.opset < 18:
+            raise ValueError(f"opset: the dynamo exporter writes opset 18 or later, not {self.opset}; set "
+                             f"export.exporter: legacy for opset {self.opset}")
+        return self
 
 
 class Params(Strict):
@@ -237,9 +280,19 @@ class Params(Strict):
     export: ExportParams = ExportParams()
 
 
+def located(err: dict) -> tuple[str, str]:
+    """(where, what) of one pydantic error: a section's own check (a model validator, which pydantic places at the
+    section) starts its message with the field it is about (``"eps: ..."``), and that field joins the place."""
+    loc = [str(p) for p in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    field, sep, rest = msg.partition(": ")
+    if err["type"] == "value_error" and sep and field.isidentifier():
+        loc, msg = [*loc, field], rest
+    return ".".join(loc), msg
+
+
 def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    loc, msg = located(err)
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     return f"{loc}: {msg}"

@@ -23,6 +23,18 @@ PGD_STEP_CAP = 100
 """The default PGD step crosses the ball in at most this many steps, however long the run (see :meth:`step_size`)."""
 
 
+def whole_box_radius(eps: float, norm: str = "linf", lo: float = 0.0, hi: float = 1.0) -> str | None:
+    """Why an L-inf ``eps`` cannot be meant (None when it can): at ``hi - lo`` or more the ball is the whole input
+    range, every image may become every other, and robust accuracy is that of a constant. The usual slip is a
+    radius on the 0-255 pixel scale (8 for 8/255)."""
+    if norm != "linf" or not eps >= hi - lo:
+        return None
+    levels = f"{eps:g} pixel levels is {eps:g}/255 = {eps / 255:.4g}" if 1 <= eps <= 255 else \
+        "8 pixel levels is 8/255 = 0.03137"
+    return (f"an L-inf eps of {eps:g} covers the whole input range [{lo:g}, {hi:g}]: eps is on the scale of the "
+            f"inputs, not of 0-255 pixels ({levels})")
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     eps: float

@@ -65,10 +65,6 @@ def table(root: Path = Path(".")) -> str:
          " / ".join(str(a.broken) for a in audit.attacks)),
         ("audit", "examples proven robust / broken / undecided",
          f"{audit.decided.verified} / {audit.decided.broken} / {audit.decided.undecided + audit.decided.timeout}"),
-        ("audit", "seconds: attacks / verifiers / whole audit",
-         f"{audit.seconds.spent(*(a.key for a in audit.attacks)):.1f} / "
-         f"{audit.seconds.spent('ibp', 'crown', 'alpha_crown', 'bab'):.1f} / "
-         f"{audit.seconds.spent('total'):.1f}"),
         ("export", "`deploy/model.onnx` / `.xz` archive",
          f"{ex['bytes'] / 1e3:.1f} kB / {ex['archive_bytes'] / 1e3:.1f} kB "
          f"(dense fp32 weights: {ex['dense_fp32_weight_bytes'] / 1e3:.1f} kB)"),

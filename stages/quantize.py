@@ -17,14 +17,14 @@ from stages.common import FINETUNED, FP32_ONNX, INT8_ONNX, setup, write_figures
 
 
 def run(params_path: Path) -> dict:
-    params, data, _ = setup(params_path)
+    params, data, _ = setup(params_path, needs=(FINETUNED,))
     q = params.quantize
     model, meta = load_checkpoint(FINETUNED)
     if params.prune.granularity == "filter":  # pruned channels leave the graph: a narrower, faster network
         model = narrow(model)
     info = data.info
     export_onnx(model, FP32_ONNX, (info.channels, info.size, info.size), {"stage": "finetuned", "bits": "32"},
-                opset=params.export.opset)
+                opset=params.export.opset, dynamo=params.export.exporter == "dynamo")
     x_test, y_test = as_arrays(data.test)
     torch_out = torch_logits(model, x_test)
     fp32_out = ort_logits(ort_session(FP32_ONNX), x_test)

@@ -26,6 +26,7 @@ def test_repository_params_are_valid():
     ("prune:\n  kep_ratio: 0.1\n", "prune.kep_ratio: unknown key"),
     ("colour: blue\n", "colour: unknown key"),
     ("prune:\n  schedule_keep: [0.5, 2.0]\n", "prune"),
+    ("audit:\n  attacks: [pgd, pgd]\n", "audit.attacks: an attack is listed twice"),
 ])
 def test_bad_values_name_file_section_and_key(tmp_path, text, needle):
     p = write(tmp_path, text)
@@ -49,3 +50,35 @@ def test_params_hash_tracks_sections(tmp_path):
     b = load_params(write(tmp_path, "prune:\n  keep_ratio: 0.2\n"))
     assert params_hash(a, "pretrain") == params_hash(b, "pretrain")
     assert params_hash(a, "prune") != params_hash(b, "prune")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("audit:\n  eps: 8\n", "audit.eps"),
+    ("audit:\n  eps: 1\n", "audit.eps"),
+    ("audit:\n  eps: 0.1\n  sweep_eps: [0.05, 16]\n", "audit.sweep_eps"),
+    ("pretrain:\n  eps: 8\n", "pretrain.eps"),
+    ("prune:\n  eps: 2\n", "prune.eps"),
+    ("finetune:\n  eps: 255\n", "finetune.eps"),
+])
+def test_an_linf_eps_on_the_pixel_scale_is_refused_naming_the_255_form(tmp_path, text, needle):
+    """eps >= 1 on inputs in [0, 1] lets every image become every other: the slip is 8 for 8/255."""
+    p = write(tmp_path, text)
+    with pytest.raises(HydraPipeError) as e:
+        load_params(p)
+    msg = str(e.value)
+    assert needle in msg and "/255" in msg and "\n" not in msg
+
+
+def test_radii_below_the_whole_range_and_l2_radii_stay_accepted(tmp_path):
+    params = load_params(write(tmp_path, "audit:\n  eps: 0.999\n  sweep_eps: [0.5]\npretrain:\n  eps: 0.0314\n"))
+    assert params.audit.eps == 0.999 and params.pretrain.eps == 0.0314
+    # an L2 ball of radius 2 on 64 pixels is far from the whole box (its diameter is 8)
+    assert load_params(write(tmp_path, "audit:\n  norm: l2\n  eps: 2.0\n")).audit.eps == 2.0
+
+
+def test_the_dynamo_exporter_is_the_default_and_refuses_an_opset_it_would_not_write(tmp_path):
+    params = load_params(write(tmp_path, ""))
+    assert params.export.exporter == "dynamo" and params.export.opset >= 18
+    with pytest.raises(HydraPipeError, match="export.opset: the dynamo exporter writes opset 18"):
+        load_params(write(tmp_path, "export:\n  opset: 17\n"))
+    assert load_params(write(tmp_path, "export:\n  exporter: legacy\n  opset: 17\n")).export.opset == 17

@@ -286,3 +286,49 @@ def test_a_failed_write_is_one_line_naming_the_file_and_the_reason_and_leaves_no
     (tmp_path / "blocked").write_text("")
     with pytest.raises(HydraPipeError, match=r"blocked/m.json: cannot write \("):
         atomic_write_bytes(tmp_path / "blocked" / "m.json", b"{}")
+
+
+def test_a_killed_dvc_repro_leaves_the_stage_s_previous_outputs_in_place(tmp_path):
+    """DVC deletes a stage's outputs before it runs the command unless they are ``persist``: the git-tracked
+    metrics, plots and reports of a killed ``dvc repro`` were gone. Every output in dvc.yaml persists, and the
+    stages replace each file whole (write then rename), so what a kill leaves is the previous run's files."""
+    import shutil
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC wants every section a stage reads
+    for section, values in TINY.items():
+        params[section] = {**params.get(section, {}), **values}
+    work = scratch(tmp_path, "run", params)
+    for folder in ("pipeline", "stages", "bin"):
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    bindir = str(Path(sys.executable).parent)
+    dvc = shutil.which("dvc", path=bindir) or "dvc"
+    env = {**_env(), "VIRTUAL_ENV": sys.prefix, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "DVC_NO_ANALYTICS": "1"}
+    init = subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert init.returncode == 0, init.stderr
+    previous = {work / "models/pretrained.safetensors": b"previous weights",
+                work / "models/pretrained.json": b'{"previous": true}',
+                work / "metrics/pretrain.json": b'{"accuracy": 0.5}',
+                work / "plots/pretrain.csv": b"epoch,loss,lr\n1,2.0,0.05\n",
+                work / "reports/pretrain.json": b'{"previous": true}'}
+    for path, content in previous.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(content)
+    child = subprocess.Popen([dvc, "repro", "pretrain"], cwd=work, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    state = work / ".resume/pretrain" / STATE_FILE
+    deadline = time.monotonic() + 240
+    while not state.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not state.exists():
+        child.kill()
+        pytest.fail(f"the stage never reached its first epoch under dvc repro: {child.communicate()[0]}")
+    os.killpg(child.pid, signal.SIGTERM)  # dvc and the stage it runs, as a terminal's kill does
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode != 0, out
+    assert {p: p.read_bytes() for p in previous} == previous, out
+    assert not _temp_files(work)

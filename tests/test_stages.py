@@ -102,6 +102,35 @@ def test_audit_on_the_deployed_int8_model(pipeline):
     assert bounds["ibp_lower"].shape == (24, 10) and (bounds["ibp_lower"] <= bounds["ibp_upper"]).all()
 
 
+def test_a_rerun_of_the_audit_stage_rewrites_its_tracked_files_byte_for_byte(pipeline):
+    """`make repro` on a clone must leave git clean: the files git and dvc.lock track hold no wall time; this
+    machine's seconds go to reports/audit.timing.json (ignored by git, not a DVC output)."""
+    d, _ = pipeline
+    tracked = ["reports/audit.json", "reports/audit.examples.csv", "reports/audit.examples.jsonl",
+               "metrics/audit.json", "plots/audit_restarts.csv", "plots/audit_eps.csv"]
+    before = {p: (d / p).read_bytes() for p in tracked}
+    timings = json.loads((d / "reports/audit.timing.json").read_text())
+    assert timings["seconds"]["total"] > 0 and len(timings["examples"]) == 24
+    assert any(sum(e["seconds"].values()) > 0 for e in timings["examples"])
+    report = json.loads(before["reports/audit.json"])
+    assert all(v is None for v in report["seconds"].values())
+    assert "seconds" not in before["reports/audit.examples.csv"].decode().splitlines()[0]
+    old = os.getcwd()
+    os.chdir(d)
+    try:
+        importlib.import_module("stages.audit").run("params.yaml")
+    finally:
+        os.chdir(old)
+    assert {p: (d / p).read_bytes() for p in tracked} == before
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    for run in (root, root / "runs/fashion"):
+        ignore = (run / "reports/.gitignore").read_text().split()
+        assert "/audit.timing.json" in ignore and "/report.html" in ignore
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["report"]
+    assert stage.get("always_changed") and not stage.get("outs")
+
+
 def test_export_ships_the_audited_graph_with_metadata_and_card(pipeline):
     from pipeline.onnx_io import read_metadata
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -121,9 +121,12 @@ def results_paths(report: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".examples.csv"), stem.with_name(stem.name + ".examples.jsonl")
 
 
-def write_results(records: list[ExampleRecord], report: Path) -> tuple[Path, Path]:
-    """Write the results files beside ``report`` (each whole or not at all); returns their paths."""
+def write_results(records: list[ExampleRecord], report: Path, seconds: bool = True) -> tuple[Path, Path]:
+    """Write the results files beside ``report`` (each whole or not at all); returns their paths. ``seconds=False``
+    leaves the per-phase times out (the audit stage writes them apart: :func:`write_timings`)."""
     csv_path, jsonl_path = results_paths(report)
+    if not seconds:
+        records = [replace(r, seconds={}) for r in records]
     phases = sorted({k for r in records for k in r.seconds})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -136,6 +139,25 @@ def write_results(records: list[ExampleRecord], report: Path) -> tuple[Path, Pat
     atomic_write_bytes(csv_path, buf.getvalue().encode())
     atomic_write_bytes(jsonl_path, "".join(json.dumps(r.as_json()) + "\n" for r in records).encode())
     return csv_path, jsonl_path
+
+
+def write_timings(report, path: Path) -> Path:
+    """One machine's wall times of an audit (``report``: an :class:`pipeline.audit.report.AuditReport` with its
+    records): the seconds of every part and of every example's phases. The audit stage keeps them out of the files
+    git tracks, which a rerun on the same machine kind then reproduces byte for byte."""
+    body = {"seconds": report.seconds.model_dump(mode="json"),
+            "smoothing": report.smoothing.seconds if report.smoothing is not None else None,
+            "examples": [{"index": r.index, "seconds": r.seconds} for r in report.examples]}
+    atomic_write_bytes(Path(path), (json.dumps(body, indent=1) + "\n").encode())
+    return Path(path)
+
+
+def with_timings(records: list[ExampleRecord], timings: Path) -> list[ExampleRecord]:
+    """``records`` with each example's seconds from a :func:`write_timings` file (unchanged when there is none)."""
+    if not Path(timings).is_file():
+        return records
+    spent = {e["index"]: e["seconds"] for e in json.loads(Path(timings).read_text())["examples"]}
+    return [replace(r, seconds=spent.get(r.index, r.seconds)) for r in records]
 
 
 def read_results(path: Path) -> list[ExampleRecord]:

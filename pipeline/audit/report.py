@@ -65,6 +65,17 @@ class BabSummary(_Model):
     seconds_per_example: float = Field(description="the per-example time cap (audit.bab_seconds)")
 
 
+class SkippedVerifier(_Model):
+    """A verifier that was on but did not run: sized out by its estimated cost (:mod:`pipeline.audit.sizing`), or
+    branch and bound without the alpha-CROWN it builds on."""
+
+    name: str = Field(description="crown, alpha-crown or bab")
+    reason: str = Field(description="why, in words")
+    work: float | None = Field(None, description="its estimated work per example (multiply-adds)")
+    budget: float | None = Field(None, description="what it was allowed per example: audit.verifier_share x the "
+                                                   "attacks' requested work (multiply-adds)")
+
+
 class SmoothingSummary(_Model):
     """Randomized smoothing's CERTIFY (Cohen et al. 2019) on the deployed numerics."""
 
@@ -75,7 +86,7 @@ class SmoothingSummary(_Model):
     certified_accuracy: dict[str, float] = Field(description="L2 radius -> certified accuracy (radius 0: accuracy)")
     abstain_rate: float
     mean_certified_radius: float
-    seconds: float
+    seconds: float | None = Field(None, description="null where the wall times are kept apart (the audit stage)")
 
 
 class EpsPoint(_Model):
@@ -180,6 +191,10 @@ class AuditReport(_Model):
         "null), the attacks did")
     bab_verified_accuracy: float | None = Field(
         None, description="proven by branch and bound or by a method before it")
+    skipped_verifiers: list[SkippedVerifier] = Field(
+        default_factory=list, description="verifiers that were on but did not run, and why: sized out by their "
+        "estimated cost against the attacks' requested work (audit.verifier_share), or branch and bound without "
+        "alpha-CROWN")
     pgd_robust_accuracy: float | None = Field(
         None, description="no iterate of the gradient attacks (APGD-CE, APGD-T, PGD) misclassified on onnxruntime")
     robust_accuracy: float | None = Field(None, description="after every attack (the gradient attacks, then Square)")
@@ -209,8 +224,19 @@ class AuditReport(_Model):
     eps_sweep: list[EpsPoint] = Field(
         default_factory=list, description="robust accuracy vs eps (audit.sweep_eps): per radius eps, clean, "
         "pgd_robust (a smaller PGD: steps x restarts), ibp_verified, crown_verified, alpha_crown_verified")
-    seconds: Seconds = Field(default_factory=Seconds, description="wall time per part")
+    seconds: Seconds = Field(default_factory=Seconds, description="wall time per part (null in the audit stage's "
+                             "reports/audit.json, which a rerun reproduces byte for byte: its times are in "
+                             "reports/audit.timing.json, not tracked)")
     _examples: list = PrivateAttr(default_factory=list)
+
+    def without_timings(self) -> "AuditReport":
+        """This report with its wall times null (``seconds``, ``smoothing.seconds``; its records keep theirs): what
+        one machine's rerun reproduces byte for byte, so the pipeline's audit stage tracks it in git and writes the
+        times apart (:func:`pipeline.audit.records.write_timings`)."""
+        smoothing = self.smoothing and self.smoothing.model_copy(update={"seconds": None})
+        out = self.model_copy(update={"seconds": Seconds(), "smoothing": smoothing})
+        out.attach(self._examples)
+        return out
 
     def attach(self, records: list) -> None:
         """Keep the audit's per-example records (:class:`pipeline.audit.records.ExampleRecord`) with the report."""
@@ -314,6 +340,8 @@ def render_report(report: AuditReport):
     if report.verification_blocked_by:
         table.add_row("verification blocked by", ", ".join(report.verification_blocked_by), "no bound rule")
     table.add_row("IBP verified", _pct(report.ibp_verified_accuracy), s("ibp"))
+    for sk in report.skipped_verifiers:
+        table.add_row(f"{sk.name} skipped", "-", sk.reason)
     table.add_row("CROWN verified", _pct(report.crown_verified_accuracy), s("crown"))
     if report.alpha_crown_verified_accuracy is not None:
         table.add_row("alpha-CROWN verified", _pct(report.alpha_crown_verified_accuracy), s("alpha_crown"))
