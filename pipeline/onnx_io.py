@@ -57,6 +57,7 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int],
                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
                                             dynamic_shapes=({0: torch.export.Dim("batch")},))
             proto = program.model_proto
+            _strip_trace(proto)
         else:
             buf = io.BytesIO()
             torch.onnx.export(folded, (dummy,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
@@ -66,6 +67,16 @@ def export_onnx(model: nn.Module, path: Path, input_shape: tuple[int, int, int],
     _set_props(proto, metadata or {})
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
+
+
+def _strip_trace(proto) -> None:
+    """Drop what the dynamo exporter notes per node for debugging (``metadata_props``: stack traces with this
+    machine's file paths, FX node text, class hierarchies; ``doc_string``): a third of a small model's bytes, and
+    bytes that differ between two checkouts of the same code, so the same weights would not give the same file."""
+    for graph in [proto.graph, *(f for f in proto.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
 
 
 def _quiet_dynamo():
