@@ -217,11 +217,13 @@ def test_used_opsets_only_keeps_domains_of_subgraphs_and_the_default():
 
 
 def test_info_shows_the_graph_first_then_the_metadata(run_dir):
+    from pipeline.config import ExportParams  # the opset the pipeline exports at
+
     res = _info(str(run_dir / "deploy/model.onnx"))
     assert res.exit_code == 0, res.output
     out = res.output
     for needle in ("input input", "float32 [batch, 1, 8, 8]", "output logits", "float32 [batch, 10]",
-                   "ai.onnx 17", f"hydra-pipe {pipeline.__version__}", "labels", "0, 1, 2, 3", "input_range",
+                   f"ai.onnx {ExportParams().opset}", f"hydra-pipe {pipeline.__version__}", "labels", "0, 1, 2, 3", "input_range",
                    "preprocessing", "audit.alpha_crown_verified_accuracy", "verified_method"):
         assert needle in out, needle
     assert "com.microsoft" not in out
