@@ -153,6 +153,8 @@ ATTACK_ORDER = ("apgd-ce", "apgd-t", "pgd", "square")
 then the gradient-free Square (an example only it breaks points at gradient masking). The params' vocabulary of
 :data:`pipeline.audit.attacks.ATTACK_SPECS` (which checks at import that the two are one list)."""
 Attack = Literal[ATTACK_ORDER]  # type: ignore[valid-type]
+QUICK_ATTACKS = ("apgd-ce", "apgd-t", "square")
+"""`audit.budget: quick`'s attacks: AutoAttack's standard set (APGD-CE, APGD-T, Square), without the card's PGD."""
 
 
 class AuditParams(Strict):
@@ -174,6 +176,10 @@ class AuditParams(Strict):
         default_factory=lambda: list(ATTACK_ORDER),
         description="the attacks that run, always cheapest first (apgd-ce, apgd-t, pgd, square), each on what the "
                     "verifiers and the attacks before it left undecided; pgd is the card's steps x restarts")
+    budget: Literal["card", "quick"] = Field(
+        "card", description="card: every attack and verifier that is on, the card's PGD included; quick (a CI "
+                            "gate): AutoAttack's attacks (apgd-ce, apgd-t, square; those of `attacks`) and IBP + "
+                            "CROWN only, and the report says so")
     apgd_steps: int = Field(100, ge=1, description="APGD iterations per restart (AutoAttack: 100)")
     apgd_restarts: int = Field(1, ge=1, description="APGD-CE random restarts (AutoAttack standard: 1)")
     apgd_targets: int = Field(9, ge=1, description="APGD-T target classes, the top ones of the clean logits (AutoAttack: 9)")
@@ -237,6 +243,14 @@ class AuditParams(Strict):
     @property
     def threat(self) -> ThreatModel:
         return ThreatModel(self.eps, self.norm)
+
+    def what_runs(self) -> "AuditParams":
+        """These settings under :attr:`budget`: ``quick`` keeps the AutoAttack-equivalent attacks of ``attacks``
+        and IBP + CROWN (no card's PGD, alpha-CROWN or branch and bound); ``card`` is as it is."""
+        if self.budget == "card":
+            return self
+        return self.model_copy(update={"attacks": [a for a in self.attacks if a in QUICK_ATTACKS],
+                                       "alpha_crown": False, "bab": False})
 
 
 FloorFigure = Literal["clean", "pgd", "robust", "verified", "ibp", "crown", "alpha_crown", "bab"]

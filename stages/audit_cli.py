@@ -53,11 +53,11 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
 _MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "batch_size", "seed",
                "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal", "workers", "attacks",
                "float64", "apgd_steps", "apgd_restarts", "apgd_targets", "square_queries", "square_restarts",
-               "bab_domains", "bab_seconds", "bab_shortfall", "verifier_share", "n_examples")
+               "bab_domains", "bab_seconds", "bab_shortfall", "verifier_share", "n_examples", "budget")
 
 _SETTINGS = ("eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "float64", "batch_size", "seed",
              "smoothing_sigma", "workers", "apgd_steps", "apgd_restarts", "apgd_targets", "square_queries",
-             "square_restarts", "bab_domains", "bab_seconds", "n_examples")
+             "square_restarts", "bab_domains", "bab_seconds", "n_examples", "budget")
 """The options that are AuditParams fields of the same name, as they are (attacks, sweep_eps, bab_shortfall and
 verifier_share are parsed first)."""
 
@@ -134,6 +134,9 @@ def audit(
     attacks: Annotated[Optional[str], typer.Option(
         help="the attacks to run, e.g. apgd-ce,apgd-t (default all: apgd-ce, apgd-t, pgd, square; they run "
              "cheapest first whatever the order given)")] = None,
+    budget: Annotated[Optional[str], typer.Option(
+        help="card (default): every attack and verifier asked for; quick, a CI gate: AutoAttack's attacks (APGD-CE, "
+             "APGD-T, Square) and IBP + CROWN only, and the report says so")] = None,
     apgd_steps: Annotated[int, typer.Option(help="APGD-CE and APGD-T iterations per restart")] = 100,
     apgd_restarts: Annotated[int, typer.Option(help="APGD random restarts")] = 1,
     apgd_targets: Annotated[int, typer.Option(help="APGD-T target classes")] = 9,

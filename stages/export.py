@@ -128,6 +128,8 @@ def _figures(audit: AuditReport) -> str:
     ci = audit.confidence_intervals
     attacks = ", ".join(f"{a.name} ({a.budget}{', float twin' if a.model == 'float twin' else ''})"
                         for a in audit.attacks) or "none"
+    if audit.budget == "quick":  # a CI gate's preset: say so wherever the figures are
+        attacks += " (audit.budget quick: AutoAttack's attacks and IBP + CROWN, not the card's PGD budget)"
     rows = [("clean accuracy", audit.clean_accuracy, "onnxruntime on this int8 graph"),
             ("robust accuracy, gradient attacks", audit.pgd_robust_accuracy,
              "APGD-CE, APGD-T and PGD, each on what the ones before left, worst case per image"),

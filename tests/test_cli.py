@@ -116,6 +116,33 @@ def test_audit_of_a_valid_model_writes_the_report(tiny_onnx):
     assert status.count("broken") + status.count("clean-wrong") == report["decided"]["broken"]
 
 
+def test_the_quick_budget_runs_autoattack_s_attacks_and_crown_only_and_says_so(tiny_onnx):
+    """`--budget quick` (issue 26's CI-gate preset): APGD-CE, APGD-T and Square, IBP and CROWN; not the card's PGD,
+    alpha-CROWN or branch and bound; the report, its table and the headline a model carries name the budget."""
+    import json
+
+    out = tiny_onnx / "quick.json"
+    res = cli("audit", "m.onnx", "--data", "ok.npz", "--eps", "0.05", "--budget", "quick", "--square-queries", "20",
+              "--out", str(out), cwd=tiny_onnx)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["budget"] == "quick"
+    ran = {a["name"] for a in report["attacks"]}
+    assert "pgd" not in ran and {"apgd-ce"} <= ran, ran
+    assert report["crown_verified_accuracy"] is not None and report["ibp_verified_accuracy"] is not None
+    assert report["alpha_crown_verified_accuracy"] is None and report["bab_verified_accuracy"] is None
+    assert any(line.split("│")[1:3] and "budget" in line.split("│")[1] and "quick" in line.split("│")[2]
+               for line in res.stdout.splitlines() if line.count("│") >= 3), res.stdout  # the table's budget row
+    from pipeline.audit.report import AuditReport
+
+    assert AuditReport.read(out).headline()["budget"] == "quick"
+    card = cli("audit", "m.onnx", "--data", "ok.npz", "--eps", "0.05", "--steps", "2", "--restarts", "1",
+               "--square-queries", "20", "--out", str(tiny_onnx / "card.json"), cwd=tiny_onnx)
+    assert card.returncode == 0, card.stderr
+    default = json.loads((tiny_onnx / "card.json").read_text())
+    assert default["budget"] == "card" and default["alpha_crown_verified_accuracy"] is not None
+
+
 def test_audit_gate_fails_with_its_own_exit_code_when_a_figure_is_below_its_floor(tiny_onnx):
     import json
 

@@ -82,3 +82,14 @@ def test_the_dynamo_exporter_is_the_default_and_refuses_an_opset_it_would_not_wr
     with pytest.raises(HydraPipeError, match="export.opset: the dynamo exporter writes opset 18"):
         load_params(write(tmp_path, "export:\n  opset: 17\n"))
     assert load_params(write(tmp_path, "export:\n  exporter: legacy\n  opset: 17\n")).export.opset == 17
+
+
+def test_the_audit_stage_takes_the_quick_budget(tmp_path):
+    from pipeline.config import QUICK_ATTACKS
+
+    audit = load_params(write(tmp_path, "audit:\n  budget: quick\n")).audit
+    runs = audit.what_runs()
+    assert runs.attacks == list(QUICK_ATTACKS) and not runs.alpha_crown and not runs.bab and runs.crown
+    assert load_params(write(tmp_path, "")).audit.what_runs() == load_params(write(tmp_path, "")).audit
+    with pytest.raises(HydraPipeError, match="audit.budget"):
+        load_params(write(tmp_path, "audit:\n  budget: fast\n"))

@@ -53,6 +53,7 @@ README_COMMANDS = {
     "make install && .venv/bin/dvc repro prune": "pretrains then prunes the default run: " + LONG,
     "dvc exp run -S prune.keep_ratio=0.01 -S prune.method=lwm": LONG,
     ".venv/bin/dvc exp run -S prune.keep_ratio=0.01 -S prune.method=lwm": LONG,
+    "dvc exp run -S audit.budget=quick": "reruns the audit, export and report stages of the default run: " + LONG,
     "dvc exp run -S audit.n_examples=null": "audits all 450 test images at the card's budget: " + LONG,
     "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:PORT -m stages pretrain":
         "two nodes of 8 GPUs; tests/test_distributed.py runs torchrun on the CPU",

@@ -171,6 +171,9 @@ class AuditReport(_Model):
         "LogSoftmax: monotone per row, onnxruntime's argmax unchanged)")
     eps: float = Field(description="perturbation radius, inputs in [0, 1]")
     norm: str = Field(description="linf or l2")
+    budget: str = Field("card", description="card: the card's budget (every attack and verifier asked for); quick: "
+                        "AutoAttack's attacks (APGD-CE, APGD-T, Square) and IBP + CROWN only, a CI gate's preset: "
+                        "not the card's PGD, alpha-CROWN or branch and bound")
     steps: int = Field(description="PGD steps per restart (0: no attack)")
     restarts: int = Field(description="PGD random restarts per example (worst case kept)")
     loss: str = Field(description="PGD's loss: margin or ce")
@@ -272,7 +275,7 @@ class AuditReport(_Model):
 
     def headline(self) -> dict[str, float | int | str | None]:
         """The figures a deployed model carries about itself (ONNX metadata, model card)."""
-        keys = ("n", "eps", "norm", "steps", "restarts", "loss", "step_size", "seed", "clean_accuracy",
+        keys = ("n", "eps", "norm", "budget", "steps", "restarts", "loss", "step_size", "seed", "clean_accuracy",
                 "pgd_robust_accuracy", "robust_accuracy", "ibp_verified_accuracy", "crown_verified_accuracy",
                 "alpha_crown_verified_accuracy", "bab_verified_accuracy", "verified_accuracy")
         dump = self.model_dump(mode="json")
@@ -331,6 +334,9 @@ def render_report(report: AuditReport):
         band = ci.get(key)
         return _pct(v) + (f" [{100 * band[0]:.1f}, {100 * band[1]:.1f}]" if band and v is not None else "")
 
+    if report.budget == "quick":
+        table.add_row("budget", "quick", "AutoAttack's attacks (APGD-CE, APGD-T, Square) and IBP + CROWN only: "
+                                          "not the card's PGD, alpha-CROWN or branch and bound")
     table.add_row("clean accuracy", pct("clean_accuracy"), "onnxruntime; [95% Clopper-Pearson interval]")
     if report.stripped_output_ops:
         table.add_row("stripped output ops", ", ".join(report.stripped_output_ops),

@@ -116,10 +116,11 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
         seconds = dict(deployed.seconds)
         xt, yt = torch.as_tensor(x, device=default_device()), torch.as_tensor(y, device=default_device())
         ledger = Ledger(y, deployed.clean_correct.cpu().numpy(), deployed.clean_margin.copy())
-        skipped = size_verifiers(deployed, xt, params)
+        budgeted = params.what_runs()  # audit.budget: quick keeps AutoAttack's attacks and IBP + CROWN
+        skipped = size_verifiers(deployed, xt, budgeted)
         for s_ in skipped:
             hooks.say(sizing.line(s_))
-        sized = sizing.apply(params, skipped)  # what runs; the journal's key stays the request's
+        sized = sizing.apply(budgeted, skipped)  # what runs; the journal's key stays the request's
         if params.workers > 1 and journal is None:  # the workers hand their entries over in a journal
             journal = scratch = Path(tempfile.mkdtemp(prefix="hydra-pipe-audit-"))
         book = Journal(None)
@@ -217,7 +218,8 @@ def _report(model_path: Path, deployed: Deployed, params: AuditParams, v: Verifi
     return AuditReport(
         model=str(model_path), n=n, classes=deployed.classes,
         stripped_output_ops=list(getattr(deployed.graph, "stripped_output_ops", [])), eps=params.threat.eps,
-        norm=params.threat.norm, steps=params.steps, restarts=params.restarts, loss=params.loss, seed=params.seed,
+        norm=params.threat.norm, budget=params.budget, steps=params.steps, restarts=params.restarts,
+        loss=params.loss, seed=params.seed,
         batch_size=params.batch_size, parity=deployed.parity, verification_refused=v.refused,
         verification_blocked_by=v.blocked_by, ibp_verified_accuracy=v.ibp, crown_verified_accuracy=v.crown,
         alpha_crown_verified_accuracy=v.alpha_crown, bab_verified_accuracy=v.bab, bab=v.bab_summary,
