@@ -153,9 +153,9 @@ PEERS = {"plain": plain_pgd, "torchattacks": torchattacks_pgd, "art": art_pgd}
 # --suite autoattack: the whole audit and its attack part against AutoAttack and torchattacks' PGD
 # ---------------------------------------------------------------------------------------------------------------
 
-def fashion_model(work: Path, epochs: int, threads: int) -> tuple[nn.Module, np.ndarray, np.ndarray]:
-    """CNN-small PGD-trained on Fashion-MNIST (eps 0.1, PGD-10, ``epochs`` over the 60,000 training images) by
-    this script (cached in ``work``), and the test split."""
+def fashion_model(work: Path, epochs: int, threads: int, seed: int = 0) -> tuple[nn.Module, np.ndarray, np.ndarray]:
+    """CNN-small PGD-trained on Fashion-MNIST (eps 0.1, PGD-10, ``epochs`` over the 60,000 training images, torch
+    seeded with ``seed``) by this script (cached in ``work``), and the test split."""
     from pipeline.config import DataParams, TrainParams
     from pipeline.data import as_arrays, load_dataset
     from pipeline.masking import plain_copy
@@ -164,13 +164,14 @@ def fashion_model(work: Path, epochs: int, threads: int) -> tuple[nn.Module, np.
 
     data = load_dataset(DataParams(name="fashion_mnist"))
     model = build_model("cnn_small", data.info)
-    weights = work / f"fashion_cnn_small_pgd_{epochs}.pt"
+    weights = work / f"fashion_cnn_small_pgd_{epochs}{f'_seed{seed}' if seed else ''}.pt"
     if weights.exists():
         model.load_state_dict(torch.load(weights, weights_only=True))
     else:
         t = time.perf_counter()
+        torch.manual_seed(seed)
         train(model, data.train, TrainParams(objective="pgd", epochs=epochs, batch_size=128, lr=0.05, eps=0.1,
-                                             attack_steps=10, eps_ramp=0.0))
+                                             attack_steps=10, eps_ramp=0.0, seed=seed))
         print(f"trained the Fashion-MNIST model in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         torch.save(model.state_dict(), weights)
     x, y = as_arrays(data.test)
@@ -244,11 +245,12 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
         models.append(("default pipeline int8 (digits)", Path("models/quantized.onnx"),
                        load_onnx(Path("models/quantized.onnx")).eval(), x_te[:args.n], y_te[:args.n], 0.1))
     if "fashion" in args.models or "resnet18" in args.models:
-        fashion, fx, fy = fashion_model(work, args.fashion_epochs, args.threads)
+        fashion, fx, fy = fashion_model(work, args.fashion_epochs, args.threads, args.fashion_seed)
         if "fashion" in args.models:
             path = work / "fashion_cnn_small.onnx"
             export_onnx(fashion, path, (1, 28, 28))
-            models.append(("Fashion-MNIST CNN-small, PGD-trained here", path, fashion, fx[:args.n], fy[:args.n], 0.1))
+            models.append((f"Fashion-MNIST CNN-small, PGD-trained here ({args.fashion_epochs} epochs, seed "
+                           f"{args.fashion_seed})", path, fashion, fx[:args.n], fy[:args.n], 0.1))
         if "resnet18" in args.models:
             from pipeline.data import as_arrays, load_dataset
             from pipeline.config import DataParams
@@ -271,11 +273,18 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
         line: dict = dict(model=name, n=len(x), eps=eps)
         base = dict(eps=eps, threads=args.threads, n_examples=None, batch_size=args.batch_size)
         heavy = "ResNet" in name
-        runs = [("ours_attacks", AuditParams(**base, ibp=False, crown=False, alpha_crown=False, bab=False))]
-        if not heavy:
+        chosen = set(args.contenders.split(","))
+        runs = []
+        if "attacks" in chosen:
+            runs.append(("ours_attacks", AuditParams(**base, ibp=False, crown=False, alpha_crown=False, bab=False)))
+        if "audit" in chosen and not heavy:
             runs.append(("ours_audit", AuditParams(**base)))
-        runs.append(("ours_pgd_peer_budget", AuditParams(**base, steps=p_steps, restarts=p_restarts, attacks=["pgd"],
-                                                         ibp=False, crown=False, alpha_crown=False, bab=False)))
+        if "quick" in chosen:  # the CI gate's preset: AutoAttack's attacks and IBP + CROWN
+            runs.append(("ours_quick", AuditParams(**base, budget="quick")))
+        if "pgd_peer" in chosen:
+            runs.append(("ours_pgd_peer_budget", AuditParams(**base, steps=p_steps, restarts=p_restarts,
+                                                             attacks=["pgd"], ibp=False, crown=False,
+                                                             alpha_crown=False, bab=False)))
         for label, params in runs:
             rep = run_audit(path, x, y, params, progress=False)
             line[label] = dict(seconds=rep.seconds.total, robust=rep.robust_accuracy,
@@ -287,10 +296,12 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
         robust = autoattack(module, xs, ys, eps, confirm)
         line["autoattack"] = dict(seconds=time.perf_counter() - t, robust=float(robust.float().mean()))
         print(name, "autoattack", line["autoattack"], file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        robust = torchattacks_pgd_ce(module, xs, ys, eps, p_steps, p_restarts, confirm)
-        line["torchattacks_pgd_peer_budget"] = dict(seconds=time.perf_counter() - t, robust=float(robust.float().mean()))
-        print(name, "torchattacks pgd", line["torchattacks_pgd_peer_budget"], file=sys.stderr, flush=True)
+        if "pgd_peer" in chosen:
+            t = time.perf_counter()
+            robust = torchattacks_pgd_ce(module, xs, ys, eps, p_steps, p_restarts, confirm)
+            line["torchattacks_pgd_peer_budget"] = dict(seconds=time.perf_counter() - t,
+                                                        robust=float(robust.float().mean()))
+            print(name, "torchattacks pgd", line["torchattacks_pgd_peer_budget"], file=sys.stderr, flush=True)
         line["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         line["load_average"] = os.getloadavg()
         rows.append(line)
@@ -301,6 +312,7 @@ def autoattack_suite(args: argparse.Namespace) -> dict:
 
 _CONTENDERS = (("ours_attacks", "**ours, attacks** (APGD-CE, APGD-T, PGD 1000 x 100, Square 5000)"),
                ("ours_audit", "**ours, whole audit** (defaults)"),
+               ("ours_quick", "**ours, `--budget quick`** (APGD-CE, APGD-T, Square 5000; IBP + CROWN)"),
                ("autoattack", "AutoAttack standard (torchattacks)"),
                ("ours_pgd_peer_budget", "ours, PGD {budget}"),
                ("torchattacks_pgd_peer_budget", "torchattacks PGD {budget}"))
@@ -344,6 +356,10 @@ def main() -> None:
                          "AutoAttack standard and torchattacks' PGD on three models")
     ap.add_argument("--models", default="default,fashion,resnet18", help="autoattack suite: the models")
     ap.add_argument("--fashion-epochs", type=int, default=3, help="autoattack suite: PGD-training epochs")
+    ap.add_argument("--fashion-seed", type=int, default=0, help="autoattack suite: the Fashion-MNIST model's seed")
+    ap.add_argument("--contenders", default="attacks,audit,quick,pgd_peer",
+                    help="autoattack suite: ours besides AutoAttack (attacks, audit, quick, pgd_peer: also "
+                         "torchattacks' PGD at the peer budget)")
     ap.add_argument("--resnet-n", type=int, default=50, help="autoattack suite: examples for ResNet-18")
     ap.add_argument("--resnet-eps", type=float, default=2 / 255, help="autoattack suite: eps for ResNet-18")
     ap.add_argument("--peer-budget", default="50x10", help="autoattack suite: PGD steps x restarts for both")
