@@ -49,17 +49,14 @@ def load_audit_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
         raise HydraPipeError(f"{path}: not a readable .npz file ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
-# the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
-_MODEL_ONLY = ("data", "eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "batch_size", "seed",
-               "smoothing_sigma", "out", "bounds_out", "fail_under", "sweep_eps", "journal", "workers", "attacks",
-               "float64", "apgd_steps", "apgd_restarts", "apgd_targets", "square_queries", "square_restarts",
-               "bab_domains", "bab_seconds", "bab_shortfall", "verifier_share", "n_examples", "budget")
-
 _SETTINGS = ("eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", "bab", "float64", "batch_size", "seed",
              "smoothing_sigma", "workers", "apgd_steps", "apgd_restarts", "apgd_targets", "square_queries",
              "square_restarts", "bab_domains", "bab_seconds", "n_examples", "budget")
-"""The options that are AuditParams fields of the same name, as they are (attacks, sweep_eps, bab_shortfall and
-verifier_share are parsed first)."""
+"""The options that are AuditParams fields of the same name, as they are."""
+_PARSED = ("attacks", "sweep_eps", "bab_shortfall", "verifier_share")
+"""The options that are AuditParams fields once parsed (:func:`audit_settings`)."""
+# the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
+_MODEL_ONLY = ("data", "out", "bounds_out", "fail_under", "journal", *_SETTINGS, *_PARSED)
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -90,7 +87,7 @@ def audit_settings(ctx: typer.Context, options: dict, params_file: Path | None):
                "bab_shortfall": lambda v: _none_or_float("bab-shortfall", v),
                "verifier_share": lambda v: _none_or_float("verifier-share", v)}
     values = load_params(params_file).audit.model_dump() if params_file is not None else {"n_examples": None}
-    for name in (*_SETTINGS, *parsers):
+    for name in (*_SETTINGS, *_PARSED):
         value = options[name]
         if (params_file is None or _given(ctx, name)) and value is not None:
             values[name] = parsers[name](value) if name in parsers else value

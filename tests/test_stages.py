@@ -6,6 +6,7 @@ the tests pass in any order and under any distribution (``pytest -n 2``)."""
 import importlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -122,7 +123,6 @@ def test_a_rerun_of_the_audit_stage_rewrites_its_tracked_files_byte_for_byte(pip
     finally:
         os.chdir(old)
     assert {p: (d / p).read_bytes() for p in tracked} == before
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     for run in (root, root / "runs/fashion"):
         ignore = (run / "reports/.gitignore").read_text().split()
