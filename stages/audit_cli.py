@@ -56,7 +56,9 @@ _SETTINGS = ("eps", "steps", "restarts", "norm", "ibp", "crown", "alpha_crown", 
 _PARSED = ("attacks", "sweep_eps", "bab_shortfall", "verifier_share")
 """The options that are AuditParams fields once parsed (:func:`audit_settings`)."""
 # the options of `hydra-pipe audit MODEL`; without MODEL the audit stage reads params.yaml's audit section
-_MODEL_ONLY = ("data", "out", "bounds_out", "fail_under", "journal", *_SETTINGS, *_PARSED)
+_MODEL_ONLY = ("data", "out", "bounds_out", "fail_under", "journal", "shard", *_SETTINGS, *_PARSED)
+_MERGE_OPTIONS = ("out", "fail_under")
+"""The options of ``hydra-pipe audit merge PARTS... --out REPORT.json``."""
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -168,6 +170,10 @@ def audit(
     workers: Annotated[int, typer.Option(
         help="processes to shard the examples across (CPU cores; one per GPU with CUDA); the report equals "
              "one process's but for its seconds")] = 1,
+    shard: Annotated[Optional[str], typer.Option(
+        help="K/N: audit examples K, K+N, K+2N, ... only and write a part to --out (one per machine: a Slurm "
+             "array task, a node); `hydra-pipe audit merge PARTS... --out REPORT.json` gives the one-process "
+             "report. Under torchrun the ranks shard and merge by themselves")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Audit a model: clean accuracy, robust accuracy under APGD-CE, APGD-T, PGD and Square (worst case per example,
@@ -176,7 +182,16 @@ def audit(
 
     With MODEL, --params FILE supplies its audit section's settings and the options typed override them.
     Without MODEL: the pipeline's audit stage on the quantized model, settings from params.yaml's `audit`.
+
+    `hydra-pipe audit merge PARTS... --out REPORT.json`: the report of the parts that `--shard K/N` wrote.
     """
+    extra = list(ctx.args)
+    if model is not None and str(model) == "merge" and not model.is_file():
+        merge(ctx, extra, out, fail_under)
+        return
+    if extra:
+        raise HydraPipeError(f"audit: unexpected argument(s) {' '.join(extra)} (one MODEL; `hydra-pipe audit merge "
+                             "PARTS... --out REPORT.json` merges shards)")
     if model is None:
         given = [f"--{n.replace('_', '-')}" for n in _MODEL_ONLY if _given(ctx, n)]
         if given:
@@ -188,10 +203,7 @@ def audit(
         run(params)
         return
     from pipeline.audit.journal import discard_journal
-    from pipeline.audit.records import write_results
-    from pipeline.audit.report import render_report
     from pipeline.audit.run import run_audit
-    from pipeline.reporting import show, write_json
 
     params_file = params if _given(ctx, "params") else None
     missing = [o for o, v in (("--data", data), ("--eps", eps if params_file is None else 0.0), ("--out", out))
@@ -202,6 +214,14 @@ def audit(
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
     settings = audit_settings(ctx, dict(locals()), params_file)
+    from pipeline.audit.shards import Part, Shard, gather_parts, merge_parts, write_part
+
+    part = Shard.parse(shard) if shard is not None else None
+    under_torchrun = part is None and Shard.from_torchrun() is not None
+    if part is not None and floors:
+        raise HydraPipeError(f"--shard {shard}: --fail-under applies to the whole audit: give it to `hydra-pipe "
+                             "audit merge`")
+    part = part or Shard.from_torchrun()
     x, y = load_audit_data(data)
     if settings.n_examples is not None and settings.n_examples < len(x):  # the stage's seeded subset
         import numpy as np
@@ -209,20 +229,65 @@ def audit(
         idx = np.sort(np.random.default_rng(settings.seed).choice(len(x), size=settings.n_examples, replace=False))
         x, y = x[idx], y[idx]
     try:
-        report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data, journal=journal)
+        report = run_audit(model, x, y, settings, bounds_out=bounds_out, source=data, journal=journal, shard=part,
+                           progress=not under_torchrun or part.index == 0)
     except KeyboardInterrupt:
         typer.echo(interrupted_line(journal), err=True)
         raise typer.Exit(130) from None
-    write_results(report.examples, out)  # OUT's per-example results beside it (.examples.csv, .examples.jsonl)
-    write_json(out, report.model_dump(mode="json"))
+    if part is not None:
+        from pipeline.audit.journal import journal_key
+
+        key = journal_key(model, x, y, {"params": settings.model_dump(mode="json")})[1]
+        mine = Part(str(out), part, key, report, report.examples)
+        if not under_torchrun:
+            write_part(out, mine)
+            if journal is not None:
+                discard_journal(journal)
+            typer.echo(f"audit shard {part}: {len(report.examples)} of {report.n} examples -> {out}; merge the "
+                       f"{part.count} parts with: hydra-pipe audit merge PARTS... --out REPORT.json")
+            return
+        parts = gather_parts(mine)
+        if journal is not None:
+            discard_journal(journal)
+        if parts is None:  # rank > 0: rank 0 writes the report
+            return
+        report = merge_parts(parts)
+    _finish(report, out, floors, f"audit {model}")
     if journal is not None:
         discard_journal(journal)  # only now: the report is safely written
+
+
+def _finish(report, out: Path, floors: dict[str, float], what: str) -> None:
+    """Write ``report`` to ``out`` with its per-example results beside it, show it, and apply the release gate."""
+    from pipeline.audit.records import write_results
+    from pipeline.audit.report import render_report
+    from pipeline.reporting import show, write_json
+
+    write_results(report.examples, out)  # OUT's per-example results beside it (.examples.csv, .examples.jsonl)
+    write_json(out, report.model_dump(mode="json"))
     show(render_report(report))
     below = [f"{name} {_figure(report, name)} < {floor}" for name, floor in floors.items()
              if (_figure(report, name) or 0.0) < floor]
     if below:
-        typer.echo(f"audit {model}: below the release floor: {'; '.join(below)}", err=True)
+        typer.echo(f"{what}: below the release floor: {'; '.join(below)}", err=True)
         raise typer.Exit(GATE_EXIT_CODE)
+
+
+def merge(ctx: typer.Context, paths: list[str], out: Path | None, fail_under: str | None) -> None:
+    """``hydra-pipe audit merge PARTS... --out REPORT.json``: the one-process report from the parts of
+    ``--shard K/N`` (:func:`pipeline.audit.shards.merge_parts`), with the per-example results beside it."""
+    from pipeline.audit.shards import merge_parts, read_part
+
+    given = [f"--{n.replace('_', '-')}" for n in _MODEL_ONLY if n not in _MERGE_OPTIONS and _given(ctx, n)]
+    if given:
+        raise HydraPipeError(f"audit merge: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to an audit, "
+                             "not to a merge (the parts carry their settings)")
+    if not paths or out is None:
+        raise HydraPipeError("audit merge: expected the parts and --out: hydra-pipe audit merge PARTS... --out "
+                             "REPORT.json")
+    floors = parse_floors(fail_under) if fail_under is not None else {}
+    report = merge_parts([read_part(Path(p)) for p in paths])
+    _finish(report, out, floors, f"audit merge ({len(paths)} parts)")
 
 
 GATE_EXIT_CODE = 3

@@ -77,7 +77,8 @@ def _stage(name: str) -> None:
 # in pipeline order, as `hydra-pipe --help` lists them
 for _name in ("pretrain", "prune", "finetune", "quantize"):
     _stage(_name)
-app.command("audit")(one_line_errors(audit))  # stage 5 without MODEL
+# stage 5 without MODEL; `audit merge PARTS...` takes the parts as extra arguments
+app.command("audit", context_settings={"allow_extra_args": True})(one_line_errors(audit))
 _stage("export")
 _stage("report")
 app.command("info")(one_line_errors(info))

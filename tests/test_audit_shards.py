@@ -4,6 +4,7 @@ one-process report but for ``seconds``, and so do the bounds; a worker that dies
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -125,3 +126,130 @@ def test_one_worker_never_starts_a_process(workload, monkeypatch):
     assert report.pgd_robust_accuracy is not None
     with pytest.raises(AssertionError, match="a pool was started"):
         run_audit(d / "m.onnx", x, y, AuditParams(eps=0.15, steps=10, restarts=2, workers=2), progress=False)
+
+
+# --shard K/N across machines, and the merge (issue 26)
+
+def _verdicts(records):  # every per-example verdict, and the attacks' margins (their floats do not depend on a batch)
+    return [(r.index, r.label, r.status, r.phase, r.margin_upper) for r in records]
+
+
+def _assert_merge_is_one_process(one, merged):
+    assert merged.model_dump(exclude={"seconds"}) == one.model_dump(exclude={"seconds"})  # every figure, bit for bit
+    assert _verdicts(merged.examples) == _verdicts(one.examples)
+    # a bound's float sums depend on the batch it ran in (and alpha-CROWN's iterations on the rows beside it)
+    lo1 = np.array([np.nan if r.margin_lower is None else r.margin_lower for r in one.examples])
+    lo2 = np.array([np.nan if r.margin_lower is None else r.margin_lower for r in merged.examples])
+    assert np.array_equal(np.isnan(lo1), np.isnan(lo2)) and np.allclose(lo1, lo2, rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
+def test_shards_and_their_merge_report_exactly_what_one_process_does(workload, tmp_path):
+    from pipeline.audit.shards import Part, Shard, merge_parts, read_part, write_part
+
+    d, x, y = workload
+    one = run_audit(d / "m.onnx", x, y, AuditParams(**PARAMS), progress=False)
+    paths = []
+    for k in (2, 0, 1):  # any order
+        part = run_audit(d / "m.onnx", x, y, AuditParams(**PARAMS), progress=False, shard=Shard(k, 3))
+        assert [r.index for r in part.examples] == list(range(k, len(x), 3))
+        assert part.n == len(x) and part.decided.model_dump() != one.decided.model_dump()
+        paths.append(write_part(tmp_path / f"p{k}.json", Part(f"p{k}", Shard(k, 3), "key", part, part.examples)))
+    merged = merge_parts([read_part(p) for p in paths])
+    _assert_merge_is_one_process(one, merged)
+    # the workload decides in every part: proofs by every verifier, breaks by every attack, a sweep
+    assert 0 < one.ibp_verified_accuracy < one.crown_verified_accuracy < one.verified_accuracy < one.clean_accuracy
+    assert one.bab.verified > 0 and sum(a.broken for a in one.attacks) > 0 and one.decided.broken > 3
+    assert one.robust_accuracy_by_restart and len(one.eps_sweep) == 2
+
+
+def _cli(*args):
+    from stages.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_audit_shard_and_merge_on_the_command_line(workload, tmp_path):
+    import json
+
+    d, x, y = workload
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    opts = ["--data", tmp_path / "d.npz", "--eps", "0.06", "--steps", "40", "--restarts", "4", "--batch-size", "8",
+            "--square-queries", "60"]
+    r = _cli("audit", d / "m.onnx", *opts, "--out", tmp_path / "one.json")
+    assert r.exit_code == 0, r.output
+    for k in range(2):
+        r = _cli("audit", d / "m.onnx", *opts, "--shard", f"{k}/2", "--out", tmp_path / f"part{k}.json")
+        assert r.exit_code == 0, r.output
+        assert f"shard {k}/2" in r.output and "hydra-pipe audit merge" in r.output
+    r = _cli("audit", "merge", tmp_path / "part1.json", tmp_path / "part0.json", "--out", tmp_path / "merged.json",
+             "--fail-under", "clean=0.99")
+    assert r.exit_code == 3 and "below the release floor" in r.output  # the gate applies to the merged report
+    one, merged = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "merged.json"))
+    assert {k: v for k, v in merged.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
+    lines = [(tmp_path / f).read_text().splitlines() for f in ("one.examples.csv", "merged.examples.csv")]
+    assert len(lines[0]) == len(lines[1]) == len(x) + 1
+    assert [ln.split(",")[:4] for ln in lines[0]] == [ln.split(",")[:4] for ln in lines[1]]  # index .. phase
+
+
+def test_merge_refuses_parts_that_are_not_one_audit(workload, tmp_path):
+    from pipeline.audit.shards import Part, Shard, merge_parts, read_part, write_part
+    from pipeline.errors import HydraPipeError
+
+    d, x, y = workload
+    runs = {k: run_audit(d / "m.onnx", x, y, AuditParams(eps=0.06, steps=5, restarts=1), progress=False,
+                         shard=Shard(k, 2)) for k in range(2)}
+    p0, p1 = (Part(f"p{k}.json", Shard(k, 2), "key", r, r.examples) for k, r in runs.items())
+    cases = {"shard(s) 1 of 2 missing": [p0], "are both shard 0/2": [p0, p0],
+             "parts of different audits": [p0, Part("q.json", Shard(1, 2), "other", p1.report, p1.records)]}
+    for words, parts in cases.items():
+        with pytest.raises(HydraPipeError, match=re.escape(words)):
+            merge_parts(parts)
+    (tmp_path / "foreign.json").write_text('{"n": 3}')
+    for path, words in ((tmp_path / "foreign.json", "not an audit part"), (tmp_path / "none.json", "not found")):
+        with pytest.raises(HydraPipeError, match=re.escape(words)):
+            read_part(path)
+    write_part(tmp_path / "p0.json", p0)
+    r = _cli("audit", "merge", tmp_path / "p0.json", "--out", tmp_path / "r.json")
+    assert r.exit_code == 2 and "shard(s) 1 of 2 missing" in r.output and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--shard", "2/2"], "expected K/N with 0 <= K < N"),
+    (["--shard", "a/2"], "expected K/N"),
+    (["--shard", "0/2", "--bounds-out", "b.npz"], "not sharded"),
+    (["--shard", "0/2", "--fail-under", "robust=0.5"], "give it to `hydra-pipe audit merge`"),
+])
+def test_bad_shard_requests_are_one_line(workload, tmp_path, extra, words):
+    d, x, y = workload
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    r = _cli("audit", d / "m.onnx", "--data", tmp_path / "d.npz", "--eps", "0.06", "--steps", "5", "--restarts", "1",
+             "--out", tmp_path / "p.json", *extra)
+    assert r.exit_code == 2 and words in r.output and not (tmp_path / "p.json").exists(), r.output
+    r = _cli("audit", "merge", tmp_path / "p.json", "--eps", "0.1", "--out", tmp_path / "r.json")
+    assert r.exit_code == 2 and "--eps applies to an audit" in r.output
+
+
+def test_under_torchrun_the_ranks_shard_and_rank_0_merges(workload, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    d, x, y = workload
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    opts = ["--data", str(tmp_path / "d.npz"), "--eps", "0.06", "--steps", "20", "--restarts", "2",
+            "--square-queries", "30"]
+    r = _cli("audit", d / "m.onnx", *opts, "--out", tmp_path / "one.json")
+    assert r.exit_code == 0, r.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), "-m", "stages", "audit", str(d / "m.onnx"), *opts,
+                          "--out", str(tmp_path / "ranks.json")], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, ranks = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "ranks.json"))
+    assert {k: v for k, v in ranks.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
+    assert len((tmp_path / "ranks.examples.csv").read_text().splitlines()) == len(x) + 1

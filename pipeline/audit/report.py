@@ -309,6 +309,17 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return (math.floor(lo * 1e4) / 1e4, min(1.0, math.ceil(hi * 1e4) / 1e4))
 
 
+INTERVAL_FIGURES = ("clean_accuracy", "pgd_robust_accuracy", "robust_accuracy", "verified_accuracy")
+"""The figures the report gives a confidence interval for."""
+
+
+def intervals(report: AuditReport) -> dict[str, tuple[float, float]]:
+    """The report's ``confidence_intervals``: each of :data:`INTERVAL_FIGURES` that ran, from its count."""
+    n = report.n
+    return {k: clopper_pearson(round(getattr(report, k) * n), n) for k in INTERVAL_FIGURES
+            if getattr(report, k) is not None}
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ from pipeline.audit.deployed import Deployed, load_deployed, validate
 from pipeline.audit.journal import Journal, journal_key, savez_atomic
 from pipeline.audit.parts import Bars, Compute, Layout, Parts, Pool
 from pipeline.audit.records import Ledger
-from pipeline.audit.report import AuditReport, Decided, Seconds, SkippedVerifier, SmoothingSummary, clopper_pearson
+from pipeline.audit.shards import Shard
+from pipeline.audit.report import AuditReport, Decided, Seconds, SkippedVerifier, SmoothingSummary, intervals
 from pipeline.audit.sweep import sweep
 from pipeline.audit.verify import Verification, verify, verify_late
 from pipeline.bounds.ops import verification_blockers
@@ -56,14 +57,15 @@ class AuditHooks:
 
 def run_audit(model: Path | str | object, x: np.ndarray, y: np.ndarray, params: AuditParams,
               bounds_out: Path | None = None, progress: bool = True, source: str = "data",
-              journal: Path | None = None, hooks: AuditHooks | None = None) -> AuditReport:
+              journal: Path | None = None, hooks: AuditHooks | None = None, shard: Shard | None = None
+              ) -> AuditReport:
     """Audit an ONNX classifier on ``(x, y)`` within the ``params.norm`` ball of radius ``params.eps``: ``model`` is
     the path of an ONNX file, an in-memory ``onnx.ModelProto`` or a ``torch.nn.Module`` (exported with
     :func:`pipeline.onnx_io.export_onnx` for ``x``'s shape first, so the audit is of what onnxruntime computes), each
     written to a temporary file for the audit's time. See :func:`audit_file`."""
     with contextlib.ExitStack() as stack:
         path = _model_file(model, x, stack)
-        report = audit_file(path, x, y, params, bounds_out, progress, source, journal, hooks)
+        report = audit_file(path, x, y, params, bounds_out, progress, source, journal, hooks, shard)
         if not isinstance(model, (str, Path)):
             report.model = f"<{type(model).__module__}.{type(model).__name__}>"
         return report
@@ -90,7 +92,7 @@ def _model_file(model: object, x: object, stack) -> Path:
 
 def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditParams, bounds_out: Path | None = None,
                progress: bool = True, source: str = "data", journal: Path | None = None,
-               hooks: AuditHooks | None = None) -> AuditReport:
+               hooks: AuditHooks | None = None, shard: Shard | None = None) -> AuditReport:
     """Audit the ONNX classifier at ``model_path`` on ``(x, y)`` within the ``params.norm`` ball of radius
     ``params.eps`` (intersected with [0, 1]). Returns the typed report (each example's record in
     ``report.examples``); writes the IBP / CROWN logit bounds to ``bounds_out`` (.npz, without arrays when no
@@ -104,12 +106,22 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
 
     ``params.workers`` > 1 shards the parts across that many worker processes (:class:`~pipeline.audit.parts.Pool`),
     each with the audit's own thread count: the report and every record are the one-process audit's, but seconds.
+
+    ``shard``: audit only the examples ``shard.index``, ``shard.index + shard.count``, ... (the model still runs on
+    every example: clean pass, parity, sizing); the report's figures are then this shard's counts over the whole
+    ``n`` and its records this shard's, for :func:`pipeline.audit.shards.merge_parts`.
     """
     hooks = hooks or AuditHooks()
     t_total = time.perf_counter()
     x, y = validate(x, y, source)
     threat = params.threat  # validates eps and norm once
     want_bounds = bounds_out is not None
+    if shard is not None and want_bounds:
+        raise HydraPipeError(f"--shard {shard}: the logit bounds file (--bounds-out) is not sharded; audit without "
+                             "--shard to keep the bounds")
+    if shard is not None and params.smoothing_sigma is not None:
+        raise HydraPipeError(f"--shard {shard}: randomized smoothing (--smoothing-sigma) draws one noise stream over "
+                             "all examples and is not sharded; certify it in one process")
     scratch = pool = None
     with num_threads(params.threads):  # the bounds too
         deployed = load_deployed(model_path, x, y, params.threads, source)
@@ -121,12 +133,16 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
         for s_ in skipped:
             hooks.say(sizing.line(s_))
         sized = sizing.apply(budgeted, skipped)  # what runs; the journal's key stays the request's
+        mine = np.ones(len(x), dtype=bool) if shard is None else shard.mask(len(x))
+        if shard is not None:  # the others count as clean mistakes from here on: never verified, never robust
+            deployed = replace(deployed, clean_correct=deployed.clean_correct & torch.as_tensor(
+                mine, device=deployed.clean_correct.device))
         if params.workers > 1 and journal is None:  # the workers hand their entries over in a journal
             journal = scratch = Path(tempfile.mkdtemp(prefix="hydra-pipe-audit-"))
         book = Journal(None)
         if journal is not None:
             settings = {"params": params.model_dump(mode="json"), "bounds": want_bounds,
-                        "layout": vars(hooks.layout)}
+                        "layout": vars(hooks.layout), **({"shard": str(shard)} if shard is not None else {})}
             key, inputs = journal_key(Path(model_path), x, y, settings)
             book = Journal.open(journal, key, inputs, hooks.say)
         aborted = True
@@ -161,9 +177,9 @@ def audit_file(model_path: Path, x: np.ndarray, y: np.ndarray, params: AuditPara
     if a is not None:
         seconds.update(a.seconds)
     seconds["total"] = time.perf_counter() - t_total
-    report = _report(model_path, deployed, params, v, a, points, smoothing, ledger, seconds)
+    report = _report(model_path, deployed, params, v, a, points, smoothing, ledger, seconds, mine)
     report.skipped_verifiers = skipped
-    report.attach(ledger.records())
+    report.attach([r for r in ledger.records() if mine[r.index]])
     return report
 
 
@@ -202,11 +218,11 @@ def _smoothing(deployed: Deployed, x: np.ndarray, y: np.ndarray, params: AuditPa
 
 
 def _report(model_path: Path, deployed: Deployed, params: AuditParams, v: Verification, a: AttackPhase | None,
-            points: list, smoothing: SmoothingSummary | None, ledger: Ledger, seconds: dict[str, float]
-            ) -> AuditReport:
-    """The typed report from the phases' results."""
+            points: list, smoothing: SmoothingSummary | None, ledger: Ledger, seconds: dict[str, float],
+            mine: np.ndarray) -> AuditReport:
+    """The typed report from the phases' results, on the examples of ``mine`` (all of them but in a shard)."""
     n, clean_correct = len(ledger.labels), deployed.clean_correct
-    status = ledger.status()
+    status = ledger.status()[mine]
     count = {s: int((status == s).sum()) for s in ("proven", "broken", "undecided", "timeout", "clean-wrong",
                                                     "error")}
     decided = Decided(verified=count["proven"], broken=count["broken"] + count["clean-wrong"],
@@ -215,7 +231,9 @@ def _report(model_path: Path, deployed: Deployed, params: AuditParams, v: Verifi
                "pgd_robust_accuracy": a.pgd_robust_accuracy if a else None,
                "robust_accuracy": a.robust_accuracy if a else None, "verified_accuracy": v.accuracy}
     pgd = a.pgd if a else None
-    return AuditReport(
+    if pgd is not None:  # a shard's own clean mistakes (its phases saw the other shards' examples as mistakes)
+        pgd.settled.clean_wrong = int((~ledger.clean_correct[mine]).sum())
+    report = AuditReport(
         model=str(model_path), n=n, classes=deployed.classes,
         stripped_output_ops=list(getattr(deployed.graph, "stripped_output_ops", [])), eps=params.threat.eps,
         norm=params.threat.norm, budget=params.budget, steps=params.steps, restarts=params.restarts,
@@ -229,6 +247,7 @@ def _report(model_path: Path, deployed: Deployed, params: AuditParams, v: Verifi
         robust_accuracy_by_step=pgd.by_step if pgd else {}, settled=pgd.settled if pgd else None,
         rejected_examples=pgd.rejected_examples if pgd else None, attack_work=pgd.attack_work if pgd else None,
         decided=decided, smoothing=smoothing, eps_sweep=points,
-        confidence_intervals={k: clopper_pearson(round(f * n), n) for k, f in figures.items() if f is not None},
         seconds=Seconds(**{k.replace("-", "_"): round(s, 3) for k, s in seconds.items() if s is not None}),
         **figures)
+    report.confidence_intervals = intervals(report)
+    return report
