@@ -104,8 +104,16 @@ class PruneParams(TrainParams):
     method: Literal["hydra", "lwm", "random", "admm"] = "hydra"
     granularity: Literal["weight", "filter"] = Field(
         "weight", description="weight: unstructured masks; filter: whole output channels (pipeline.structured)")
-    keep_ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of each pruned layer's weights kept")
-    scope: Literal["layer", "global"] = "layer"
+    keep_ratio: float = Field(0.1, gt=0.0, le=1.0, description="fraction of the pruned layers' weights kept (of each "
+                                                                "layer, or overall: prune.rates)")
+    rates: Literal["uniform", "global", "learned"] = Field(
+        "uniform", description="how the kept weights are split across layers: uniform = keep_ratio of every layer; "
+                               "global = one threshold over all layers; learned = per-layer rates trained with the "
+                               "scores, the whole model on exactly keep_ratio (hydra only; masking.LearnedRates)")
+    rate_lr: float = Field(0.05, gt=0.0, allow_inf_nan=False,
+                           description="learned rates: learning rate of the per-layer rate logits")
+    rate_min: float = Field(0.1, ge=0.0, le=1.0, description="learned rates: a layer keeps at least this fraction of "
+                                                             "its uniform count (HARP's alpha)")
     skip_first: bool = False
     skip_last: bool = False
     score_init: Literal["scaled", "kaiming"] = "scaled"
@@ -132,6 +140,9 @@ class PruneParams(TrainParams):
         for r in self.schedule_keep:
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"schedule_keep entries must be in (0, 1], got {r}")
+        if self.rates == "learned" and self.method != "hydra":
+            raise ValueError(f"rates learned trains the per-layer rates with HYDRA's scores; method {self.method} "
+                             "takes uniform or global")
         return self
 
 

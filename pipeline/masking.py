@@ -9,9 +9,10 @@ in one of three modes:
   (robust) loss of the masked network while the weights stay frozen.
 - ``fixed``: the mask is the frozen buffer ``weight_mask`` (finetuning, LWM and random baselines).
 
-Masks are chosen per layer by default (``keep = ceil(keep_ratio * numel)``); ``scope="global"`` allocates the
-kept weights across layers by one global threshold instead. A mask that empties a layer would disconnect the
-network and is refused.
+How many weights each layer keeps (``rates``): ``uniform`` (default) keeps ``ceil(keep_ratio * numel)`` of every
+layer; ``global`` allocates the kept weights across layers by one global threshold; ``learned`` lets per-layer rates
+train with the scores (:class:`LearnedRates`). A mask that empties a layer would disconnect the network and is
+refused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from pipeline.errors import HydraPipeError
 
 Mode = Literal["dense", "scores", "fixed"]
+Rates = Literal["uniform", "global"]  # the fixed allocations; ``learned`` is :class:`LearnedRates`
 ScoreInit = Literal["scaled", "kaiming", "magnitude"]
 
 
@@ -52,6 +54,44 @@ class GetSubnet(torch.autograd.Function):
         return grad, None
 
 
+RATE_BAND = 0.25
+"""Half-width of the boundary band, as a fraction of the layer's count, over which :class:`RatedSubnet` averages."""
+
+
+class RatedSubnet(torch.autograd.Function):
+    """:class:`GetSubnet` whose ``keep`` comes from a learned per-layer rate (HARP, Zhao & Wressnegger, ICLR 2023).
+
+    ``fraction`` is the layer's keep rate as a differentiable scalar, ``keep`` its integer count (the allocation of
+    :class:`LearnedRates`). Backward: straight through to every score, as :class:`GetSubnet`; to the rate,
+    ``numel * mean(dL/dmask)`` over the entries ranked next to the cut (``keep +- RATE_BAND * keep``): raising the rate
+    by ``d`` admits the ``d * numel`` entries just outside, lowering it drops those just inside, so that mean is the
+    loss's slope in the count. HARP's code returns ``numel * mean`` over *all* entries (``g.sum()``), which weighs the
+    kept entries and the far-pruned ones alike: on the toy task of ``tests/test_rates.py`` it filled the last layer to
+    its cap and ended with a higher loss than uniform rates (0.82 vs 0.81), where this estimate lowered it to 0.51.
+    With the budget fixed, the logits settle where every layer's marginal weight is worth the same.
+    """
+
+    @staticmethod
+    def forward(ctx, importance: torch.Tensor, fraction: torch.Tensor,  # type: ignore[override]
+                keep: int) -> torch.Tensor:
+        flat = importance.detach().flatten()
+        n = flat.numel()
+        w = max(1, math.ceil(RATE_BAND * keep))
+        order = flat.topk(min(n, keep + w), sorted=True).indices
+        band = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        band[order[max(0, keep - w):]] = True
+        ctx.save_for_backward(band.view_as(importance))
+        mask = torch.zeros_like(importance, memory_format=torch.contiguous_format)
+        mask.view(-1)[order[:keep]] = 1.0
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (band,) = ctx.saved_tensors
+        slope = grad[band].sum() / band.sum().clamp_min(1) * band.numel()
+        return grad, slope, None
+
+
 class Masked:
     """Mixin holding the scores, the frozen mask and the mode of one prunable layer.
 
@@ -66,9 +106,13 @@ class Masked:
         self.register_buffer("weight_mask", torch.ones_like(self.weight))  # type: ignore[attr-defined]
         self.keep = self.weight.numel()
         self.mode: Mode = "dense"
+        self.rates: LearnedRates | None = None  # learned per-layer rates, while they train with the scores
 
     def mask(self) -> torch.Tensor:
         if self.mode == "scores":
+            if self.rates is not None:
+                fraction, keep = self.rates.share(self)
+                return RatedSubnet.apply(self.scores.abs(), fraction, keep)
             return GetSubnet.apply(self.scores.abs(), self.keep)
         return self.weight_mask
 
@@ -88,6 +132,18 @@ class Masked:
         """How many of the scores the top-k mask keeps."""
         self.keep = int(keep)
 
+    def use_rate(self, rates: LearnedRates) -> None:
+        """Learned rates: the count comes from ``rates``; the layer's logit ``rate_score`` trains with the scores."""
+        self.rate_score = nn.Parameter(torch.zeros((), device=self.weight.device), requires_grad=True)
+        self.rates = rates
+
+    def end_rate(self, keep: int) -> None:
+        """Back to a fixed count ``keep`` (the last learned one); the logit is removed."""
+        if self.rates is not None:
+            del self.rate_score
+        self.rates = None
+        self.keep = int(keep)
+
     @torch.no_grad()
     def fix_mask(self, mask: torch.Tensor | None = None) -> None:
         """Freeze the mask: ``mask`` (0/1, broadcastable to the weight) or, when None, the current one (all ones for
@@ -98,6 +154,8 @@ class Masked:
         self.keep = int(self.weight_mask.count_nonzero())
         self.mode = "fixed"
         self.scores.requires_grad_(False)
+        if self.rates is not None:
+            self.rates.release()
 
     @torch.no_grad()
     def drop(self, outputs: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> None:
@@ -183,16 +241,125 @@ def initial_scores(layer: MaskedLayer, how: ScoreInit, generator: torch.Generato
     raise HydraPipeError(f"unknown score init {how!r}; expected scaled, kaiming or magnitude")
 
 
-def keep_counts(importance: list[torch.Tensor], keep_ratio: float, scope: Literal["layer", "global"]) -> list[int]:
-    """How many weights each layer keeps: per layer ``ceil(ratio * n)``, or one global threshold."""
+def keep_counts(importance: list[torch.Tensor], keep_ratio: float, rates: Rates) -> list[int]:
+    """How many weights each layer keeps: ``uniform``, per layer ``ceil(ratio * n)``; ``global``, one threshold."""
     if not 0.0 < keep_ratio <= 1.0:
         raise HydraPipeError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    if scope == "layer":
+    if rates not in ("uniform", "global"):
+        raise HydraPipeError(f"prune.rates: {rates!r} is not a fixed allocation; expected uniform or global")
+    if rates == "uniform":
         return [max(1, math.ceil(keep_ratio * t.numel())) for t in importance]
     flat = torch.cat([t.detach().abs().flatten() for t in importance])
     total = max(1, math.ceil(keep_ratio * flat.numel()))
     threshold = flat.topk(total, sorted=True).values[-1]
     return [int((t.detach().abs() >= threshold).sum()) for t in importance]
+
+
+def allocate(desired: list[float], lo: list[int], hi: list[int], total: int) -> list[int]:
+    """Integer counts ``lo <= c <= hi`` summing exactly to ``total``, in proportion to ``desired`` (> 0).
+
+    Water-filling: one scale ``t`` with ``sum(clip(t * desired, lo, hi)) = total`` (bisection), then each count is
+    the floor of its share and the weights left over go to the largest remainders (Hamilton's method), ties to the
+    earlier layer. Deterministic, so every forward pass and every rank get the same counts."""
+    if not sum(lo) <= total <= sum(hi):
+        raise HydraPipeError(f"prune: cannot keep {total} weights in layers holding {sum(lo)} to {sum(hi)}")
+
+    def filled(t: float) -> list[float]:
+        return [min(max(t * d, l), h) for d, l, h in zip(desired, lo, hi)]
+
+    a, b = 0.0, max(h / d for d, h in zip(desired, hi))
+    for _ in range(200):
+        mid = (a + b) / 2
+        a, b = (mid, b) if sum(filled(mid)) < total else (a, mid)
+    share = filled(b)
+    counts = [min(max(math.floor(v), l), h) for v, l, h in zip(share, lo, hi)]
+    rest = total - sum(counts)
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(share[i] - counts[i]), i))
+    while rest != 0:
+        step = 1 if rest > 0 else -1
+        order = by_remainder if step > 0 else by_remainder[::-1]
+        moved = False
+        for i in order:
+            if rest != 0 and lo[i] <= counts[i] + step <= hi[i]:
+                counts[i] += step
+                rest -= step
+                moved = True
+        if not moved:  # unreachable given the check above; never loop forever
+            raise HydraPipeError("prune: the per-layer counts cannot meet the budget")
+    return counts
+
+
+class LearnedRates:
+    """Per-layer keep rates that train with the scores under the robust objective (HARP's idea, Zhao & Wressnegger,
+    "Holistic Adversarially Robust Pruning", ICLR 2023), with the budget as a hard constraint.
+
+    HARP gives each layer a rate ``k_min + (1 - k_min) * sigmoid(s_l)`` (``k_min = 0.1 * keep_ratio``) and adds
+    ``gamma * max(rate / target - 1, 0)`` to the loss, so its model ends *near* the budget. Here the budget is a
+    constraint instead: each layer has a logit ``s_l`` (its ``rate_score``, starting at 0, i.e. uniform rates) and
+    keeps ``B * softmax(s + log n)_l`` of the ``B = ceil(keep_ratio * N)`` weights, clipped to
+    ``[max(1, ceil(rate_min * keep_ratio * n_l)), n_l]`` (HARP's lower bound), rounded by :func:`allocate` so the
+    counts sum to exactly ``B`` in every forward pass: the masks that train are the masks that ship (HARP leaves the
+    final count to its per-layer ``int`` rounding). The gradient reaches the logits through :class:`RatedSubnet` (the
+    loss's slope at each layer's cut) and the softmax, whose gradient ``B p_l (g_l - sum_j p_j g_j)`` moves weights
+    from the layers where they help least to those where they help most without changing the total.
+
+    Units are a layer's scores: weights, or filters under filter granularity.
+    """
+
+    def __init__(self, layers: list[MaskedLayer], keep_ratio: float, rate_min: float = 0.1) -> None:
+        self.layers = list(layers)
+        self.sizes = [int(l.scores.numel()) for l in self.layers]
+        self.rate_min = rate_min
+        self._cache: tuple[tuple, list[int]] | None = None
+        self.set_budget(keep_ratio)
+        for layer in self.layers:
+            layer.use_rate(self)
+
+    def set_budget(self, keep_ratio: float) -> None:
+        """The whole model keeps ``ceil(keep_ratio * N)`` units; each layer at least its floor."""
+        if not 0.0 < keep_ratio <= 1.0:
+            raise HydraPipeError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        self.budget = max(1, math.ceil(keep_ratio * sum(self.sizes)))
+        self.floor = [min(n, max(1, math.ceil(self.rate_min * keep_ratio * n))) for n in self.sizes]
+        if sum(self.floor) > self.budget:
+            raise HydraPipeError(f"prune.rates learned: keep_ratio {keep_ratio:g} keeps {self.budget} weights, fewer "
+                                 f"than one per layer's minimum ({sum(self.floor)}); raise keep_ratio")
+        self._cache = None
+
+    def index(self, layer: MaskedLayer) -> int:
+        return next(i for i, l in enumerate(self.layers) if l is layer)
+
+    def logits(self) -> torch.Tensor:
+        return torch.stack([l.rate_score for l in self.layers])
+
+    def desired(self) -> torch.Tensor:
+        """Each layer's share of the budget as a differentiable count (before clipping and rounding)."""
+        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.layers[0].rate_score.device)
+        return self.budget * torch.softmax(self.logits().float() + sizes.log(), 0)
+
+    def counts(self) -> list[int]:
+        """The integer counts (sum exactly the budget); cached until a logit changes."""
+        # an optimizer step or a state load changes a logit in place, which bumps its version: no host sync
+        key = (self.budget, tuple((id(l.rate_score), l.rate_score._version) for l in self.layers))
+        if self._cache is None or self._cache[0] != key:
+            wanted = self.desired().detach().cpu().tolist()
+            self._cache = (key, allocate(wanted, self.floor, self.sizes, self.budget))
+        return self._cache[1]
+
+    def share(self, layer: MaskedLayer) -> tuple[torch.Tensor, int]:
+        """``(rate, keep)`` of ``layer``: its keep rate as a differentiable scalar and its integer count."""
+        i = self.index(layer)
+        fraction = self.desired()[i].clamp(self.floor[i], self.sizes[i]) / self.sizes[i]
+        return fraction, self.counts()[i]
+
+    def release(self) -> None:
+        """Stop learning: every layer keeps its last count and loses its logit."""
+        if not any(layer.rates is self for layer in self.layers):
+            return
+        counts = self.counts()
+        for layer, keep in zip(self.layers, counts):
+            if layer.rates is self:
+                layer.end_rate(keep)
 
 
 def _topk_mask(importance: torch.Tensor, keep: int) -> torch.Tensor:
@@ -208,33 +375,33 @@ def check_connected(layers: list[tuple[str, MaskedLayer]]) -> None:
 
 @torch.no_grad()
 def topk_masks(importance: list[torch.Tensor], keep_ratio: float,
-               scope: Literal["layer", "global"] = "layer") -> list[torch.Tensor]:
+               rates: Rates = "uniform") -> list[torch.Tensor]:
     """0/1 masks keeping the largest ``|importance|`` entries, per layer or under one global threshold."""
-    counts = keep_counts(importance, keep_ratio, scope)
+    counts = keep_counts(importance, keep_ratio, rates)
     return [_topk_mask(imp, k) if k > 0 else torch.zeros_like(imp) for imp, k in zip(importance, counts)]
 
 
 @torch.no_grad()
 def apply_fixed_masks(layers: list[tuple[str, MaskedLayer]], importance: list[torch.Tensor], keep_ratio: float,
-                      scope: Literal["layer", "global"] = "layer") -> None:
+                      rates: Rates = "uniform") -> None:
     """Freeze each layer's mask to the top entries of ``importance`` (LWM: ``|w|``; random: random scores)."""
-    for (_, layer), mask in zip(layers, topk_masks(importance, keep_ratio, scope)):
+    for (_, layer), mask in zip(layers, topk_masks(importance, keep_ratio, rates)):
         layer.fix_mask(mask)
     check_connected(layers)
 
 
 def start_score_pruning(layers: list[tuple[str, MaskedLayer]], keep_ratio: float, init: ScoreInit,
-                        scope: Literal["layer", "global"] = "layer", generator: torch.Generator | None = None) -> None:
+                        rates: Rates = "uniform", generator: torch.Generator | None = None) -> None:
     """Put layers in HYDRA mode: scores initialised, trainable, masks taken from their top-k."""
     for _, layer in layers:
         layer.use_scores(initial_scores(layer, init, generator))
-    set_score_keep(layers, keep_ratio, scope)
+    set_score_keep(layers, keep_ratio, rates)
     check_connected(layers)
 
 
-def set_score_keep(layers: list[tuple[str, MaskedLayer]], keep_ratio: float, scope: Literal["layer", "global"] = "layer") -> None:
-    """(Re)allocate the kept counts from the current scores (global scope moves weights between layers)."""
-    for (_, layer), k in zip(layers, keep_counts([l.scores for _, l in layers], keep_ratio, scope)):
+def set_score_keep(layers: list[tuple[str, MaskedLayer]], keep_ratio: float, rates: Rates = "uniform") -> None:
+    """(Re)allocate the kept counts from the current scores (global rates move weights between layers)."""
+    for (_, layer), k in zip(layers, keep_counts([l.scores for _, l in layers], keep_ratio, rates)):
         layer.set_keep(k)
 
 
@@ -275,7 +442,7 @@ def global_sparsity(model: nn.Module) -> float:
 
 def is_masking_state(name: str) -> bool:
     """Whether a parameter / state-dict name is a masked layer's own state (scores, frozen mask), not a weight."""
-    return name.rpartition(".")[2] in ("scores", "weight_mask")
+    return name.rpartition(".")[2] in ("scores", "weight_mask", "rate_score")
 
 
 def weight_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -287,6 +454,13 @@ def score_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for _, layer in masked_layers(model):
         if layer.mode == "scores":
             yield layer.scores
+
+
+def rate_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The logits of learned per-layer rates (:class:`LearnedRates`) while they train."""
+    for _, layer in masked_layers(model):
+        if layer.mode == "scores" and layer.rates is not None:
+            yield layer.rate_score
 
 
 def plain_copy(model: nn.Module) -> nn.Module:

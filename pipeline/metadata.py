@@ -54,6 +54,8 @@ class ModelMetadata(BaseModel):
     smoothing: Optional[dict[str, Any]] = Field(None, description="randomized smoothing's certificates")
     # provenance
     prune_method: Optional[str] = Field(None, description="prune.method")
+    prune_rates: Optional[str] = Field(None, description="prune.rates: how the kept weights were split across layers "
+                                                          "(uniform, global or learned)")
     pretrain_objective: Optional[str] = Field(None, description="pretrain.objective")
     prune_objective: Optional[str] = Field(None, description="prune.objective")
     finetune_objective: Optional[str] = Field(None, description="finetune.objective")

@@ -19,9 +19,11 @@ ADMM (Ye et al., "Adversarial Robustness vs. Model Compression, or Both?", ICCV 
 (:func:`pipeline.objectives.added_penalty`), in the same training loop as every stage (resume, NaN checks, workers).
 ``Z_l`` starts as the top-k projection of ``W_l``, ``U_l`` at zero; every ``admm_update_every`` epochs
 ``Z = top-k(W + U)`` per layer (the keep ratio), ``U += W - Z`` and ``rho`` grows ``admm_rho_growth``-fold. At the
-end ``W`` is hard-pruned to the mask of ``Z = top-k(W + U)``; the finetune stage retrains the kept weights with
-that mask frozen. ``Z``, ``U`` and the update count are buffers of the pruned layers while ADMM runs, so the
-training loop's resume states carry them (a killed run continues bit for bit), and are removed afterwards.
+end ``W`` is hard-pruned to its own top-k ``|W|`` (the authors' ``masking()``: ``weight_pruning`` of ``W`` alone,
+not of ``W + U``, whose ``U`` grows exactly on the weights ADMM pushed to zero); the finetune stage retrains the
+kept weights with that mask frozen. ``Z``, ``U`` and the update count are buffers of the pruned layers while ADMM
+runs, so the training loop's resume states carry them (a killed run continues bit for bit), and are removed
+afterwards.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from torch.utils.data import Dataset
 
 from pipeline.config import ComputeParams, PruneParams
 from pipeline.errors import HydraPipeError
-from pipeline.masking import (MaskedLayer, apply_fixed_masks, freeze_masks, keep_counts, prunable_layers,
-                              set_score_keep, start_score_pruning, topk_masks)
+from pipeline.masking import (LearnedRates, MaskedLayer, apply_fixed_masks, freeze_masks, keep_counts,
+                              prunable_layers, set_score_keep, start_score_pruning, topk_masks)
 from pipeline.objectives import added_penalty
 from pipeline.registry import Registry
 from pipeline.structured import prune_filters
@@ -69,7 +71,7 @@ def prune(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: Path | No
 def lwm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset, p: PruneParams,
         **_resume: object) -> list:
     """Least weight magnitude, one shot: keep the largest ``|w|`` (Han et al. 2015; the paper's baseline)."""
-    apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.scope)
+    apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.rates)
     return []
 
 
@@ -79,7 +81,7 @@ def random_mask(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: D
     """A seeded random mask with the same per-layer (or global) counts."""
     g = torch.Generator().manual_seed(p.seed)
     apply_fixed_masks(layers, [torch.rand(layer.weight.shape, generator=g) for _, layer in layers],
-                      p.keep_ratio, p.scope)
+                      p.keep_ratio, p.rates)
     return []
 
 
@@ -90,15 +92,22 @@ def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset
     """HYDRA (Alg. 1): scores from ``p.score_init``, trained with ``p.objective`` while the weights stay frozen.
 
     Multi-step pruning (``p.schedule_keep``) trains the scores for ``p.epochs`` at each keep ratio of the schedule
-    before the final one, starting each step from the previous step's scores.
+    before the final one, starting each step from the previous step's scores. ``p.rates: learned``: per-layer rates
+    train with the scores, the whole model on exactly each step's keep ratio (:class:`pipeline.masking.LearnedRates`).
     """
     history: list[dict[str, float]] = []
     g = torch.Generator().manual_seed(p.seed)
+    fixed = "uniform" if p.rates == "learned" else p.rates
+    learned: LearnedRates | None = None
     for step, keep in enumerate([*p.schedule_keep, p.keep_ratio]):
         if step == 0:
-            start_score_pruning(layers, keep, p.score_init, p.scope, generator=g)
+            start_score_pruning(layers, keep, p.score_init, fixed, generator=g)
+            if p.rates == "learned":
+                learned = LearnedRates([layer for _, layer in layers], keep, p.rate_min)
+        elif learned is not None:
+            learned.set_budget(keep)
         else:
-            set_score_keep(layers, keep, p.scope)
+            set_score_keep(layers, keep, p.rates)
         label = f"prune to keep {keep:g}"
         # one resume folder per step: the step index keeps a schedule that repeats a ratio apart
         state = resume_dir / f"{step}-{resume_label(label)}" if resume_dir is not None else None
@@ -113,10 +122,10 @@ ADMM_BUFFERS = ("admm_z", "admm_u", "admm_updates")
 
 
 @torch.no_grad()
-def admm_project(tensors: list[torch.Tensor], keep_ratio: float, scope: str = "layer") -> list[torch.Tensor]:
+def admm_project(tensors: list[torch.Tensor], keep_ratio: float, rates: str = "uniform") -> list[torch.Tensor]:
     """ADMM's Z-step: each tensor with all but its top-k ``|entries|`` set to zero (the keep ratio, per layer or
     under one global threshold); exactly ``ceil(keep_ratio * n)`` entries stay per layer."""
-    counts = keep_counts(tensors, keep_ratio, scope)  # type: ignore[arg-type]
+    counts = keep_counts(tensors, keep_ratio, rates)  # type: ignore[arg-type]
     out = []
     for t, k in zip(tensors, counts):
         mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
@@ -138,11 +147,17 @@ def admm_penalty(layers: list[tuple[str, MaskedLayer]], rho: float) -> torch.Ten
 @torch.no_grad()
 def _admm_update(layers: list[tuple[str, MaskedLayer]], p: PruneParams) -> None:
     """``Z = top-k(W + U)``, ``U += W - Z`` for every pruned layer, and one more update counted."""
-    zs = admm_project([layer.weight + layer.admm_u for _, layer in layers], p.keep_ratio, p.scope)
+    zs = admm_project([layer.weight + layer.admm_u for _, layer in layers], p.keep_ratio, p.rates)
     for (_, layer), z in zip(layers, zs):
         layer.admm_u.add_(layer.weight - z)
         layer.admm_z.copy_(z)
         layer.admm_updates.add_(1)
+
+
+def admm_hard_prune(layers: list[tuple[str, MaskedLayer]], p: PruneParams) -> None:
+    """ADMM's final hard prune as the authors' ``masking()`` does it: each layer keeps its largest ``|W|`` (their
+    ``weight_pruning`` of the weight alone); ``U`` plays no part."""
+    apply_fixed_masks(layers, [layer.weight.detach().abs() for _, layer in layers], p.keep_ratio, p.rates)
 
 
 @PRUNE_METHODS.register("admm")
@@ -150,12 +165,12 @@ def admm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset,
          resume_dir: Path | None = None, resume_key: str = "",
          compute: ComputeParams | None = None) -> list[dict[str, float]]:
     """ADMM pruning with the robust objective (module docstring): ``p.epochs`` epochs of weight training with the
-    penalty, then the hard prune to ``p.keep_ratio`` per layer (``p.scope``). Returns the per-epoch history (its
-    loss includes the penalty) with each epoch's ``rho``."""
+    penalty, then the hard prune by ``|W|`` to ``p.keep_ratio`` (``p.rates``: uniform or global). Returns the
+    per-epoch history (its loss includes the penalty) with each epoch's ``rho``."""
     if p.schedule_keep:
         raise HydraPipeError("prune.schedule_keep: multi-step schedules are HYDRA's; method admm prunes to "
                              "prune.keep_ratio in one ADMM run")
-    zs = admm_project([layer.weight.detach() for _, layer in layers], p.keep_ratio, p.scope)
+    zs = admm_project([layer.weight.detach() for _, layer in layers], p.keep_ratio, p.rates)
     for (_, layer), z in zip(layers, zs):  # Z0 = projection of W0, U0 = 0 (the authors' admm_initialization)
         layer.register_buffer("admm_z", z.clone())
         layer.register_buffer("admm_u", torch.zeros_like(layer.weight, requires_grad=False))
@@ -176,9 +191,7 @@ def admm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset,
                             resume_dir=resume_dir, resume_key=resume_key, compute=compute)
         for row in history:
             row["rho"] = admm_rho(p, (int(row["epoch"]) - 1) // p.admm_update_every)
-        with torch.no_grad():  # the hard prune: W keeps the entries of Z = top-k(W + U)
-            importance = [(layer.weight + layer.admm_u).detach() for _, layer in layers]
-        apply_fixed_masks(layers, importance, p.keep_ratio, p.scope)
+        admm_hard_prune(layers, p)
     finally:
         for _, layer in layers:
             for name in ADMM_BUFFERS:
@@ -187,9 +200,16 @@ def admm(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset,
     return history
 
 
-def lwm_kept_weights(weights: Mapping[str, np.ndarray], keep_ratio: float, scope: str = "layer") -> dict[str, np.ndarray]:
-    """The weights least-weight-magnitude pruning would keep (pruned entries zero), for comparison plots."""
-    masks = topk_masks([torch.from_numpy(np.abs(w)) for w in weights.values()], keep_ratio, scope)  # type: ignore[arg-type]
+def lwm_kept_weights(weights: Mapping[str, np.ndarray], keep_ratio: float, rates: str = "uniform",
+                     counts: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The weights least-weight-magnitude pruning would keep (pruned entries zero), for comparison plots; ``counts``
+    (layer -> kept) instead of ``rates`` keeps as many per layer as another mask (learned rates)."""
+    if counts is not None:
+        masks = [torch.from_numpy(np.abs(w)).flatten().argsort(descending=True, stable=True).argsort(stable=True)
+                 .lt(counts[n]).view(w.shape) for n, w in weights.items()]
+    else:
+        masks = topk_masks([torch.from_numpy(np.abs(w)) for w in weights.values()], keep_ratio,
+                           rates)  # type: ignore[arg-type]
     return {name: w * m.numpy().astype(w.dtype) for (name, w), m in zip(weights.items(), masks)}
 
 

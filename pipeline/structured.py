@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from pipeline.channels import ChannelGroup, prunable_groups
 from pipeline.config import ComputeParams, PruneParams
 from pipeline.errors import HydraPipeError
-from pipeline.masking import GetSubnet, Masked, keep_counts
+from pipeline.masking import GetSubnet, LearnedRates, Masked, keep_counts
 from pipeline.training import resume_label, train
 
 def filter_norms(layer: nn.Module) -> torch.Tensor:
@@ -131,7 +131,9 @@ def channel_keep(model: nn.Module, groups: list[ChannelGroup]) -> list[torch.Ten
 
 def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: Path | None = None,
                   resume_key: str = "", compute: ComputeParams | None = None) -> list[dict[str, float]]:
-    """Filter-prune ``model`` in place, keeping ``p.keep_ratio`` of each group's filters with ``p.method``.
+    """Filter-prune ``model`` in place, keeping ``p.keep_ratio`` of each group's filters with ``p.method``
+    (``p.rates``: of each group, under one threshold, or learned per group with the scores, exactly ``keep_ratio`` of
+    all filters).
 
     ``hydra``: filter scores (scaled L1 init) trained with ``p.objective`` through ``train(..., what="scores")``,
     for ``p.epochs`` at each keep ratio of ``p.schedule_keep`` and then at ``p.keep_ratio``. ``lwm``: the filters
@@ -145,7 +147,7 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: P
     if p.method in ("lwm", "random"):
         importance = [filter_norms(l) if p.method == "lwm" else torch.rand(l.weight.shape[0], generator=g)
                       for l in layers]
-        counts = keep_counts(importance, p.keep_ratio, p.scope)
+        counts = keep_counts(importance, p.keep_ratio, p.rates)  # type: ignore[arg-type]
         keep = [GetSubnet.apply(imp, max(k, 1)).bool() for imp, k in zip(importance, counts)]
         fold_channel_masks(model, groups, keep)
         return []
@@ -154,10 +156,18 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: P
     for layer in layers:
         layer.use_scores(init_filter_scores(layer, p.score_init, g))
     gates = _ChannelGates(model, groups)
+    learned: LearnedRates | None = None
     try:
         for step, ratio in enumerate([*p.schedule_keep, p.keep_ratio]):
-            for layer, k in zip(layers, keep_counts([l.scores for l in layers], ratio, p.scope)):
-                layer.set_keep(max(k, 1))
+            if p.rates == "learned":  # per-layer filter rates train with the filter scores (LearnedRates)
+                if learned is None:
+                    learned = LearnedRates(layers, ratio, p.rate_min)
+                else:
+                    learned.set_budget(ratio)
+            else:
+                counts = keep_counts([l.scores for l in layers], ratio, p.rates)  # type: ignore[arg-type]
+                for layer, k in zip(layers, counts):
+                    layer.set_keep(max(k, 1))
             label = f"prune filters to keep {ratio:g}"
             state = resume_dir / f"{step}-{resume_label(label)}" if resume_dir is not None else None
             for row in train(model, data, p, what="scores", bn=p.bn, label=label, resume_dir=state,
@@ -167,6 +177,8 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: P
         fold_channel_masks(model, groups, keep)
     finally:
         gates.remove()
+        if learned is not None:
+            learned.release()
         for layer in layers:
             layer.reset_scores()
     return history

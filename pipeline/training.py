@@ -47,7 +47,7 @@ from pipeline.data import loader
 from pipeline.distributed import (all_gather_bytes, all_min_max, all_sum, is_main, rank, release, sharded_loader,
                                  stop_with_main, world, wrap)
 from pipeline.errors import HydraPipeError
-from pipeline.masking import score_parameters, weight_parameters
+from pipeline.masking import rate_parameters, score_parameters, weight_parameters
 from pipeline.objectives import get_objective
 from pipeline.reporting import console, progress_bar
 from pipeline.runtime import device_of, eval_mode, frozen, seed_everything
@@ -60,9 +60,10 @@ _STATE_FORMAT = 1  # bump when the state's layout changes: older states then no 
 
 
 def trainable_parameters(model: nn.Module, what: Trainable) -> list[nn.Parameter]:
-    """Weights and biases (scores excluded), or only the importance scores of scored layers; everything else is
-    frozen for the stage."""
-    chosen = list(score_parameters(model)) if what == "scores" else [p for _, p in weight_parameters(model)]
+    """Weights and biases (scores excluded), or only the importance scores of scored layers (and the logits of
+    learned per-layer rates); everything else is frozen for the stage."""
+    chosen = [*score_parameters(model), *rate_parameters(model)] if what == "scores" else \
+        [p for _, p in weight_parameters(model)]
     ids = {id(p) for p in chosen}
     for p in model.parameters():
         p.requires_grad_(id(p) in ids)
@@ -76,10 +77,18 @@ def _release(model: nn.Module) -> None:
         p.requires_grad_(id(p) in weights)
 
 
-def _optimizer(params: Iterable[nn.Parameter], p: TrainParams) -> torch.optim.Optimizer:
+def _optimizer(params: Iterable[nn.Parameter], p: TrainParams,
+               rates: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """One group, or two when learned per-layer rates train: their logits at ``p.rate_lr``, without weight decay."""
+    rate_ids = {id(q) for q in rates}
+    params = list(params)
+    groups: list[dict[str, Any]] = [{"params": [q for q in params if id(q) not in rate_ids]}]
+    if rate_ids:
+        groups.append({"params": [q for q in params if id(q) in rate_ids], "lr": getattr(p, "rate_lr", p.lr),
+                       "weight_decay": 0.0})
     if p.optimizer == "adam":
-        return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
-    return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0)
+        return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0)
 
 
 def _set_bn(model: nn.Module, mode: Literal["train", "eval"]) -> None:
@@ -206,7 +215,7 @@ def train(model: nn.Module, data: Dataset, p: TrainParams, what: Trainable = "we
         model.to(memory_format=torch.channels_last)
     net = wrap(model)  # DDP with several workers (after trainable_parameters: DDP takes those that need grads)
     loss_fn = get_objective(p.objective)
-    opt = _optimizer(params, p)
+    opt = _optimizer(params, p, rate_parameters(model) if what == "scores" else ())
     batches = loader(data, p.batch_size, shuffle=True, seed=p.seed) if ranks == 1 else \
         sharded_loader(data, p.batch_size, shuffle=True, seed=p.seed)
     total = p.epochs * len(batches)

@@ -41,6 +41,13 @@ def _pct(v: float | None) -> str:
     return "not measured" if v is None else f"{100 * v:.1f}%"
 
 
+_RATES = {"uniform": "; every layer keeps the same fraction (uniform per-layer rates)",
+          "global": "; the layers' kept fractions come from one magnitude threshold over all of them (global rates)",
+          "learned": "; the per-layer rates were learned with the importance scores under the robust objective, "
+                     "the whole model on its budget (the table below lists what each layer kept)"}
+"""How the card says the kept weights were split across layers (metadata ``prune_rates``, ``prune.rates``)."""
+
+
 def _what_it_is(meta: ModelMetadata) -> str:
     if meta.granularity == "filter":
         what = (f"whole filters removed ({meta.prune_method}, filter granularity): the pruned channels are gone "
@@ -48,6 +55,7 @@ def _what_it_is(meta: ModelMetadata) -> str:
     else:
         what = (f"individual weights removed ({meta.prune_method}): the graph keeps its shape, pruned weights "
                 f"are exact zeros that cost no bytes in the file but no time either")
+    what += _RATES.get(meta.prune_rates or "", "")
     return f"""**What it is.** A {meta.arch} classifier for {meta.dataset}, pruned to {100 * meta.sparsity:.1f}%
 sparsity with {what}; quantized to {meta.bits}-bit integers (onnxruntime static QDQ, int8 weights per channel,
 uint8 activations)."""
@@ -255,7 +263,7 @@ def run(params_path: Path) -> dict:
         audit=audit.headline(),
         # certificates of the smoothed model: not in the headline
         smoothing=None if audit.smoothing is None else audit.smoothing.model_dump(mode="json"),
-        prune_method=params.prune.method, pretrain_objective=params.pretrain.objective,
+        prune_method=params.prune.method, prune_rates=params.prune.rates, pretrain_objective=params.pretrain.objective,
         prune_objective=params.prune.objective, finetune_objective=params.finetune.objective,
         params_hash=params_hash(params), data_hash=params_hash(params, "data"))
     graph = onnx.load(str(INT8_ONNX))

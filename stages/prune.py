@@ -25,15 +25,20 @@ def run(params_path: Path) -> dict:
         return {}
     kept = {n: layer.effective_weight().detach().cpu().numpy() for n, layer in masked_layers(model) if n in pruned_names}
     layers = sparsity_report(model)
-    metrics = {"method": p.method, "keep_ratio": p.keep_ratio, "sparsity": global_sparsity(model),
+    metrics = {"method": p.method, "rates": p.rates, "keep_ratio": p.keep_ratio, "sparsity": global_sparsity(model),
                "clean_accuracy": accuracy(model, data.test),
                "pgd_robust_accuracy": pgd_accuracy(model, data.test, p.eps),
                "layers": {n: r["sparsity"] for n, r in layers.items()}}
     save_checkpoint(model, PRUNED, params.model.arch, data.info, params_hash(params, "data", "model", "pretrain", "prune"),
                     parent=str(PRETRAINED), extra={"stage": "prune", "method": p.method, "objective": p.objective})
-    write_csv(PLOTS / "prune_layers.csv", [{"layer": n, "sparsity": r["sparsity"], "kept": r["kept"]} for n, r in layers.items()])
+    # rate: the fraction of the layer kept, as prune.rates allocated it (learned rates: what they learned)
+    write_csv(PLOTS / "prune_layers.csv", [{"layer": n, "sparsity": r["sparsity"], "kept": r["kept"],
+                                            "weights": r["weights"], "rate": r["kept"] / r["weights"], "rates": p.rates}
+                                           for n, r in layers.items()])
     # the paper's figure: pretrained weights, those LWM would keep at the same ratio, and those this run kept
-    lwm = lwm_kept_weights(before, p.keep_ratio, p.scope)
+    # (learned rates: LWM with the same count per layer)
+    counts = {n: layers[n]["kept"] for n in before} if p.rates == "learned" else None
+    lwm = lwm_kept_weights(before, p.keep_ratio, p.rates, counts)
     write_csv(PLOTS / "prune_weights.csv", kept_weight_histogram(before, {"lwm": lwm, "mask": kept}))
     write_csv(PLOTS / "prune_history.csv", history or [{"epoch": 0, "loss": None, "lr": None, "keep_ratio": p.keep_ratio}])
     figures = write_figures("prune", metrics, f"prune ({p.method})")

@@ -260,10 +260,16 @@ def onnx_layer_kinds(path: Path) -> dict[str, str]:
 
 
 def layers_chart(rows: Sequence[dict[str, str]], kinds: Mapping[str, str]) -> str:
-    """Sparsity per pruned layer, each bar named for people (:func:`pipeline.reporting.layer_labels`)."""
+    """Sparsity per pruned layer, each bar named for people (:func:`pipeline.reporting.layer_labels`) with the
+    weights it kept, and how the rates were chosen (``prune.rates``; learned rates are these counts)."""
     labels = layer_labels({r["layer"]: kinds.get(r["layer"], "layer") for r in rows})
-    return bar_chart("layers", "Sparsity per pruned layer", [(labels[r["layer"]], float(r["sparsity"])) for r in rows],
-                     "sparsity")
+
+    def label(r: dict[str, str]) -> str:
+        return f"{labels[r['layer']]} ({r['kept']}/{r['weights']} kept)" if r.get("weights") else labels[r["layer"]]
+
+    rates = rows[0].get("rates") if rows else None
+    title = "Sparsity per pruned layer" + (f" (prune.rates: {rates})" if rates else "")
+    return bar_chart("layers", title, [(label(r), float(r["sparsity"])) for r in rows], "sparsity")
 
 
 def build(root: Path = Path(".")) -> str:

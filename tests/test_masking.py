@@ -88,10 +88,10 @@ def test_frozen_hydra_scores_initialised_by_magnitude_equal_lwm(digits_info):
         assert torch.equal(h, layer.weight_mask)
 
 
-def test_global_scope_allocates_by_one_threshold():
+def test_global_rates_allocate_by_one_threshold():
     big, small = torch.full((100,), 2.0), torch.full((100,), 1.0)
     assert keep_counts([big, small], 0.5, "global") == [100, 0]
-    assert keep_counts([big, small], 0.5, "layer") == [50, 50]
+    assert keep_counts([big, small], 0.5, "uniform") == [50, 50]
 
 
 def test_mask_that_empties_a_layer_is_refused():
@@ -99,7 +99,7 @@ def test_mask_that_empties_a_layer_is_refused():
     with torch.no_grad():
         layers[1][1].weight.mul_(1e-6)
     with pytest.raises(HydraPipeError, match="disconnected"):
-        apply_fixed_masks(layers, [l.weight.abs() for _, l in layers], 0.05, scope="global")
+        apply_fixed_masks(layers, [l.weight.abs() for _, l in layers], 0.05, rates="global")
 
 
 def test_first_last_policy(digits_info):

@@ -16,7 +16,7 @@ SHIPPED = ModelMetadata(
     sparsity_per_layer={"1": 0.85, "4": 0.95}, granularity="weight", channels_per_layer={"1": "8/8"},
     encoding="delta", verified_method="ibp+crown", audit={"n": 450, "eps": 0.05, "norm": "linf", "clean_accuracy": 0.97,
                                                           "bab_verified_accuracy": None},
-    smoothing={"sigma": 0.25, "certified_accuracy": {"0.0": 0.9, "0.25": 0.5}}, prune_method="hydra",
+    smoothing={"sigma": 0.25, "certified_accuracy": {"0.0": 0.9, "0.25": 0.5}}, prune_method="hydra", prune_rates="learned",
     pretrain_objective="pgd", prune_objective="pgd", finetune_objective="pgd", params_hash="abc", data_hash="def")
 
 

@@ -113,7 +113,8 @@ def test_admm_keeps_exactly_the_ratio_per_layer_and_differs_from_lwm(tiny):
     data, small = tiny
     model = fresh(data)
     start = {n: l.weight.detach().clone() for n, l in masked_layers(model)}
-    history = prune(model, small, admm_params())
+    # lr 0.05: the weights must move enough to reorder their magnitudes (the final mask ranks |W| alone)
+    history = prune(model, small, admm_params(lr=0.05))
     assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)
     assert [h["rho"] for h in history] == [1.0, 2.0, 4.0, 8.0]
     differs = 0
@@ -200,3 +201,47 @@ def test_admm_resumes_bit_for_bit(tiny, tmp_path):
     assert len(history) == 4
     for (n, a), (_, b) in zip(masked_layers(whole), masked_layers(resumed)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_mask, b.weight_mask), n
+
+
+def authors_masking(w: "np.ndarray", prune_ratio: float) -> "np.ndarray":
+    """A reference copy of the final hard prune of Ye et al.'s code (``masking()`` -> ``weight_pruning``, sparsity
+    type ``irregular``): the weight alone, its ``prune_ratio`` percentile of ``|W|`` as the threshold, kept above it."""
+    import numpy as np
+
+    magnitude = np.abs(w)
+    return (magnitude > np.percentile(magnitude, prune_ratio * 100)).astype(np.float32)
+
+
+def test_admm_hard_prune_keeps_the_top_weights_as_the_authors_masking_does():
+    """A toy layer where ``U`` is large on the small weights: ``|W + U|`` would keep those, the authors keep ``|W|``."""
+    import numpy as np
+
+    from pipeline.masking import MaskedLinear
+    from pipeline.pruning import admm_hard_prune
+
+    torch.manual_seed(0)
+    layer = MaskedLinear(10, 10)  # 100 weights, keep 10: the percentile cut and the top-k agree on the count
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(-1, 1, 100)[torch.randperm(100)].view(10, 10))
+    u = torch.where(layer.weight.abs() < 0.3, 5.0, 0.0)  # ADMM's dual grows where Z pushed W to zero
+    layer.register_buffer("admm_u", u)
+    admm_hard_prune([("fc", layer)], PruneParams(method="admm", keep_ratio=0.1))
+    w = layer.weight.detach().numpy()
+    expected = authors_masking(w, 0.9)
+    assert expected.sum() == 10
+    assert np.array_equal(layer.weight_mask.numpy(), expected)
+    # the test tells the two rules apart: ranking |W + U| would have kept other weights
+    assert not np.array_equal(authors_masking(w + u.numpy(), 0.9), expected)
+
+
+def test_admm_final_mask_matches_the_authors_masking_of_the_trained_weights(tiny):
+    import numpy as np
+
+    data, small = tiny
+    model = fresh(data)
+    prune(model, small, admm_params(keep_ratio=0.1))
+    for n, layer in masked_layers(model):
+        w = layer.weight.detach().numpy()  # the trained W; the mask is a buffer beside it
+        expected = authors_masking(w, 0.9)
+        assert expected.sum() == layer.weight_mask.sum(), n  # same count at these layer sizes
+        assert np.array_equal(layer.weight_mask.numpy(), expected), n
