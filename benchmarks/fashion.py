@@ -9,9 +9,10 @@ APGD-T, then PGD) on the fp32 ONNX model (32-bit rows) and on the int8 model as 
 
 Experiments (``--experiments``, comma-separated):
 
-- ``adversarial``: PGD adversarial training in every stage; dense, then ``hydra`` / ``lwm`` / ``admm`` at each
-  sparsity (90, 95, 99%), each finetuned with the same budget; every arch of ``--archs``; the seeds of ``--seeds``
-  at 99%, the first seed elsewhere (the paper's Table 1, and its seed spread at the highest sparsity).
+- ``adversarial``: PGD adversarial training in every stage; dense, then each method of ``--methods`` (``hydra`` /
+  ``lwm`` / ``admm``) with each allocation of ``--rates`` (``uniform``, ``global``, ``learned``: learned is HYDRA's
+  only) at each sparsity (90, 95, 99%), each finetuned with the same budget; every arch of ``--archs``; the seeds
+  of ``--seeds`` at the highest sparsity, the first seed elsewhere (the paper's Table 1, and its seed spread).
 - ``verified``: ``crown-ibp`` in every stage (``--verified-objective ibp`` for IBP), dense and ``hydra`` at 90% and
   99%; the rows add CROWN verified accuracy (``pipeline.bounds`` on fp32, the audit's IBP / CROWN on int8).
 - ``benign``: a benign (non-robust) dense network, pruned by ``hydra`` with the PGD objective and no finetuning
@@ -19,10 +20,21 @@ Experiments (``--experiments``, comma-separated):
 - ``score_init``: HYDRA's ``scaled`` score initialisation vs ``kaiming`` at 99% (the paper's ablation).
 
 One dense pretrained network per (pretraining objective, arch, seed) is shared by every method of that seed.
-Rows: ``experiment, arch, method, sparsity, seed, bits (32 or 8), clean_accuracy, robust_accuracy,
-verified_accuracy (null where not measured), eps, n_test, seconds`` (seconds: the training and pruning of that model,
-then its evaluation), plus the machine, the thread count and the wall time. The JSON is rewritten atomically after
-every model, and a rerun with the same ``--out`` skips the rows already there (a killed run resumes).
+``--params runs/fashion/params.yaml`` takes every stage's settings from that run (the full budget: 55,000 images,
+15 / 8 / 8 epochs, its optimisers and schedules), only the seed, method, sparsity, allocation and objective changed;
+without it, ``--epochs`` per stage and the defaults of ``pipeline.config``.
+
+Measured on the fp32 ONNX model (32-bit rows) and on the int8 model as deployed (8-bit rows), with the
+adversarial-pruning benchmark's protocol (Piras et al. 2024): ``robust_accuracy`` by the audit's
+AutoAttack-equivalent attacks (APGD-CE, APGD-T, Square 5000; ``--square-queries``), ``pgd_robust_accuracy`` by
+PGD ``--attack-steps`` x ``--restarts`` alone (the card's kind of figure).
+
+Rows: ``experiment, arch, method, rates, sparsity, seed, bits (32 or 8), clean_accuracy, robust_accuracy,
+pgd_robust_accuracy, verified_accuracy (null where not measured), eps, n_test, seconds`` (seconds: the training and
+pruning of that model, then its evaluation), plus the machine, the thread count and the wall time. The JSON is
+rewritten atomically after every model, and a rerun with the same ``--out`` skips the rows already there (a killed
+run resumes). ``--table`` prints the README's table of a results file (seed mean and spread), ``--plot PNG`` draws
+robust accuracy against sparsity per method and allocation, the seeds' spread as error bars.
 
 Example (smoke test, about 2 minutes on one core)::
 
@@ -55,7 +67,7 @@ def _list(values: list[str], kind=str) -> list:
 class Results:
     """The output file: rows keyed by (experiment, arch, method, sparsity, seed, bits), rewritten atomically."""
 
-    KEY = ("experiment", "arch", "method", "sparsity", "seed", "bits")
+    KEY = ("experiment", "arch", "method", "rates", "sparsity", "seed", "bits")
 
     def __init__(self, path: Path, header: dict) -> None:
         self.path = path
@@ -68,6 +80,7 @@ class Results:
 
     @classmethod
     def key(cls, row: dict) -> tuple:
+        row = {"rates": "uniform", **row}  # rows written before the allocations were a dimension
         return tuple(round(row[k], 6) if isinstance(row[k], float) else row[k] for k in cls.KEY)
 
     def has(self, **key) -> bool:
@@ -84,31 +97,47 @@ class Results:
         write_json(self.path, self.doc)
 
 
-def plan(experiments: list[str], archs: list[str], sparsities: list[float], seeds: list[int]) -> list[dict]:
-    """Every model to measure: experiment, arch, seed, pretraining objective, method, sparsity, prune overrides."""
+METHODS = ("hydra", "lwm", "admm")
+RATES = ("uniform", "global", "learned")
+
+
+def allocations(methods: list[str], rates: list[str]) -> list[tuple[str, str]]:
+    """(method, rates) pairs: every method with every allocation, learned rates with HYDRA only (they train with
+    its scores)."""
+    return [(m, r) for m in methods for r in rates if r != "learned" or m == "hydra"]
+
+
+def plan(experiments: list[str], archs: list[str], sparsities: list[float], seeds: list[int],
+         methods: list[str] = list(METHODS), rates: list[str] = ["uniform"]) -> list[dict]:
+    """Every model to measure: experiment, arch, seed, pretraining objective, method, allocation, sparsity."""
     jobs = []
+
+    def job(exp: str, arch: str, seed: int, pretrain: str, method: str, sparsity: float, rate: str = "uniform"):
+        jobs.append(dict(experiment=exp, arch=arch, seed=seed, pretrain=pretrain, method=method,
+                         rates="uniform" if method == "dense" else rate, sparsity=sparsity))
+
     for exp in experiments:
         for arch in archs:
             if exp == "adversarial":
                 for seed in seeds:
-                    jobs.append(dict(experiment=exp, arch=arch, seed=seed, pretrain="pgd", method="dense", sparsity=0.0))
+                    job(exp, arch, seed, "pgd", "dense", 0.0)
                     for s in sparsities:
                         if s == max(sparsities) or seed == seeds[0]:
-                            jobs += [dict(experiment=exp, arch=arch, seed=seed, pretrain="pgd", method=m, sparsity=s)
-                                     for m in ("hydra", "lwm", "admm")]
+                            for m, r in allocations(methods, rates):
+                                job(exp, arch, seed, "pgd", m, s, r)
             elif exp == "verified":
-                jobs.append(dict(experiment=exp, arch=arch, seed=seeds[0], pretrain="verified", method="dense",
-                                 sparsity=0.0))
-                jobs += [dict(experiment=exp, arch=arch, seed=seeds[0], pretrain="verified", method="hydra", sparsity=s)
-                         for s in (0.9, 0.99)]
+                job(exp, arch, seeds[0], "verified", "dense", 0.0)
+                for s in (0.9, 0.99):
+                    for _, r in allocations(["hydra"], rates):
+                        job(exp, arch, seeds[0], "verified", "hydra", s, r)
             elif exp == "benign":
-                jobs.append(dict(experiment=exp, arch=arch, seed=seeds[0], pretrain="benign", method="dense",
-                                 sparsity=0.0))
-                jobs += [dict(experiment=exp, arch=arch, seed=seeds[0], pretrain="benign", method=m, sparsity=s)
-                         for s in sparsities for m in ("hydra", "lwm")]
+                job(exp, arch, seeds[0], "benign", "dense", 0.0)
+                for s in sparsities:
+                    for m in ("hydra", "lwm"):
+                        job(exp, arch, seeds[0], "benign", m, s)
             elif exp == "score_init":
-                jobs += [dict(experiment=exp, arch=arch, seed=seeds[0], pretrain="pgd", method=f"hydra-{init}",
-                              sparsity=0.99) for init in ("scaled", "kaiming")]
+                for init in ("scaled", "kaiming"):
+                    job(exp, arch, seeds[0], "pgd", f"hydra-{init}", 0.99)
     return jobs
 
 
@@ -131,7 +160,22 @@ def main(
     int8: Annotated[bool, typer.Option(help="also measure each model as int8 ONNX (8-bit rows)")] = True,
     root: Annotated[str | None, typer.Option(help="Fashion-MNIST folder (default: Debian's)")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch and onnxruntime threads")] = 1,
+    methods: Annotated[list[str], typer.Option(help="comma-separated pruning methods")] = [",".join(METHODS)],
+    rates: Annotated[list[str], typer.Option(help="comma-separated allocations across layers (prune.rates)")] =
+        ["uniform"],
+    params: Annotated[Path | None, typer.Option(help="a params.yaml whose pretrain / prune / finetune settings every "
+                                                     "model takes (e.g. runs/fashion/params.yaml); --epochs then "
+                                                     "does nothing")] = None,
+    square_queries: Annotated[int, typer.Option(min=0, help="Square's queries in the robust accuracy")] = 5000,
+    table: Annotated[Path | None, typer.Option(help="print the markdown table of this results file and stop")] = None,
+    plot: Annotated[Path | None, typer.Option(help="with --table: also draw robust accuracy vs sparsity (PNG)")] = None,
 ) -> None:
+    if table is not None:
+        doc = json.loads(table.read_text())
+        typer.echo(render_table(doc["rows"]))
+        if plot is not None:
+            draw(doc["rows"], plot)
+        return
     os.environ.setdefault("HYDRA_PIPE_QUIET", "1")
     import numpy as np
     import torch
@@ -149,6 +193,19 @@ def main(
     unknown = sorted(set(exps) - set(EXPERIMENTS))
     if unknown:
         raise typer.BadParameter(f"--experiments: unknown {', '.join(unknown)}; expected {', '.join(EXPERIMENTS)}")
+    for option, given, allowed in (("--methods", _list(methods), METHODS), ("--rates", _list(rates), RATES)):
+        if sorted(set(given) - set(allowed)):
+            raise typer.BadParameter(f"{option}: unknown {', '.join(sorted(set(given) - set(allowed)))}; expected "
+                                     f"{', '.join(allowed)}")
+    run_params = None
+    if params is not None:
+        from pipeline.config import load_params
+
+        try:
+            run_params = load_params(params)
+        except HydraPipeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     if verified_objective not in ("crown-ibp", "ibp"):
         raise typer.BadParameter("--verified-objective: crown-ibp or ibp")
     torch.set_num_threads(threads)
@@ -167,16 +224,21 @@ def main(
     header = {"benchmark": "fashion", "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__, "eps": EPS,
               "options": {"epochs": epochs, "train_subset": train_subset, "n_test": n_test, "attack_steps": attack_steps,
-                          "restarts": restarts, "verified_objective": verified_objective,
-                          "train_images": len(train_set)}}
+                          "restarts": restarts, "verified_objective": verified_objective, "square_queries": square_queries,
+                          "params": str(params) if params else None, "train_images": len(train_set)}}
     results = Results(out, header)
     seeds_ = _list(seeds, int)
-    jobs = plan(exps, _list(archs), _list(sparsities, float), seeds_)
+    jobs = plan(exps, _list(archs), _list(sparsities, float), seeds_, _list(methods), _list(rates))
     dense_cache: dict[tuple, tuple] = {}
 
     def stage_params(kind: str, objective: str, seed: int) -> dict:
-        return {"objective": objective, "epochs": epochs, "seed": seed, "eps": EPS, "attack_steps": 10,
-                **({"eps_ramp": 0.5} if kind == "pretrain" and objective in ("ibp", "crown-ibp") else {})}
+        ramp = {"eps_ramp": 0.5} if kind == "pretrain" and objective in ("ibp", "crown-ibp") else {}
+        if run_params is not None:  # the run's settings (its epochs, optimiser, schedule), this model's seed, objective
+            own = getattr(run_params, kind).model_dump()
+            if kind == "prune":  # the method, allocation and keep ratio are the job's
+                own = {k: v for k, v in own.items() if k not in ("method", "rates", "keep_ratio", "score_init")}
+            return {**own, "objective": objective, "seed": seed, "eps": EPS, **ramp}
+        return {"objective": objective, "epochs": epochs, "seed": seed, "eps": EPS, "attack_steps": 10, **ramp}
 
     def dense(pretrain: str, arch: str, seed: int):
         key = (pretrain, arch, seed)
@@ -205,16 +267,23 @@ def main(
             export_onnx(plain_copy(model).eval(), fp32, (info.channels, info.size, info.size))
             if bits == 8:
                 quantize_int8(fp32, q8, x_cal)
-            audit = AuditParams(eps=EPS, steps=attack_steps, restarts=restarts, n_examples=None, ibp=verify,
-                                crown=verify, alpha_crown=False, bab=False, square_queries=0, sweep_eps=[],
-                                threads=threads, attacks=["apgd-ce", "apgd-t", "pgd"])
-            report = run_audit(q8 if bits == 8 else fp32, x_np, y_np, audit, progress=False)
-        return {"clean_accuracy": report.clean_accuracy, "robust_accuracy": report.robust_accuracy,
-                "verified_accuracy": report.verified_accuracy if verify else None}
+            common = dict(eps=EPS, steps=attack_steps, restarts=restarts, n_examples=None, alpha_crown=False,
+                          bab=False, sweep_eps=[], threads=threads)
+            model_file = q8 if bits == 8 else fp32
+            # the adversarial-pruning benchmark's robust accuracy: AutoAttack's attacks (and the verifiers)
+            aa = run_audit(model_file, x_np, y_np, AuditParams(**common, ibp=verify, crown=verify,
+                                                                 square_queries=square_queries,
+                                                                 attacks=["apgd-ce", "apgd-t", "square"]),
+                           progress=False)
+            pgd = run_audit(model_file, x_np, y_np, AuditParams(**common, ibp=False, crown=False, attacks=["pgd"]),
+                            progress=False)
+        return {"clean_accuracy": aa.clean_accuracy, "robust_accuracy": aa.robust_accuracy,
+                "pgd_robust_accuracy": pgd.robust_accuracy,
+                "verified_accuracy": aa.verified_accuracy if verify else None}
 
     for job in jobs:
         bits = [32, 8] if int8 else [32]
-        key = {k: job[k] for k in ("experiment", "arch", "method", "sparsity", "seed")}
+        key = {k: job[k] for k in ("experiment", "arch", "method", "rates", "sparsity", "seed")}
         if all(results.has(**key, bits=b) for b in bits):
             continue
         verify = job["experiment"] == "verified"
@@ -227,7 +296,8 @@ def main(
             method, _, init = job["method"].partition("-")
             objective = verified_objective if verify else "pgd"
             p = PruneParams(**{**stage_params("prune", objective, job["seed"]), "method": method,
-                               "keep_ratio": round(1.0 - job["sparsity"], 6), "score_init": init or "scaled"})
+                               "rates": job["rates"], "keep_ratio": round(1.0 - job["sparsity"], 6),
+                               "score_init": init or "scaled"})
             prune(model, train_set, p)
             if job["experiment"] != "benign":  # the robust sub-network of a benign network is not finetuned
                 train(model, train_set, FinetuneParams(**stage_params("finetune", objective, job["seed"])),
@@ -240,12 +310,90 @@ def main(
             rows.append({**key, "bits": b, **figures, "eps": EPS, "n_test": len(y_np),
                          "seconds": round(train_s + time.perf_counter() - t, 2),
                          "measured_sparsity": round(global_sparsity(model), 6)})
-            typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['sparsity']:>5g} "
-                       f"seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} robust "
-                       f"{rows[-1]['robust_accuracy']:.3f}" + (f" verified {rows[-1]['verified_accuracy']:.3f}"
-                                                              if verify else ""))
+            typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
+                       f"{job['sparsity']:>5g} seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} "
+                       f"robust {rows[-1]['robust_accuracy']:.3f} pgd {rows[-1]['pgd_robust_accuracy']:.3f}"
+                       + (f" verified {rows[-1]['verified_accuracy']:.3f}" if verify else ""))
         results.add(rows, time.perf_counter() - t_start)
     typer.echo(f"{len(results.doc['rows'])} rows in {out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by (experiment, arch, method, rates, sparsity, bits): one group per model but its seed."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        r = {"rates": "uniform", "pgd_robust_accuracy": None, **r}
+        out.setdefault((r["experiment"], r["arch"], r["method"], r["rates"], r["sparsity"], r["bits"]), []).append(r)
+    return out
+
+
+def _mean_spread(values: list[float | None]) -> str:
+    """One seed's figure, or the seeds' mean +- half their range (the spread), in percent."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return _pct(vals[0])
+    mean, half = sum(vals) / len(vals), (max(vals) - min(vals)) / 2
+    return f"{100 * mean:.1f} ± {100 * half:.1f}%"
+
+
+def render_table(rows: list[dict]) -> str:
+    """The README's table: one line per model (seeds: their mean ± half their range)."""
+    lines = ["| experiment | arch | method | rates | sparsity | bits | seeds | clean | robust (AA-eq.) | PGD robust | "
+             "verified | CPU s |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (exp, arch, method, rates, sparsity, bits), g in sorted(_groups(rows).items(),
+                                                                  key=lambda kv: (kv[0][0], kv[0][1], kv[0][4],
+                                                                                  kv[0][2], kv[0][3], -kv[0][5])):
+        lines.append(f"| {exp} | {arch} | {method} | {rates} | {100 * sparsity:g}% | {bits} | {len(g)} | "
+                     f"{_mean_spread([r['clean_accuracy'] for r in g])} | "
+                     f"{_mean_spread([r['robust_accuracy'] for r in g])} | "
+                     f"{_mean_spread([r['pgd_robust_accuracy'] for r in g])} | "
+                     f"{_mean_spread([r['verified_accuracy'] for r in g])} | "
+                     f"{sum(r['seconds'] for r in g):.0f} |")
+    return "\n".join(lines)
+
+
+def draw(rows: list[dict], path: Path) -> None:
+    """Robust accuracy (AutoAttack-equivalent) against sparsity, one line per (arch, method, rates) of the
+    adversarial experiment's 32-bit rows; the seeds' range as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, dict[float, list[float]]] = {}
+    for (exp, arch, method, rates, sparsity, bits), g in _groups(rows).items():
+        if exp == "adversarial" and bits == 32:
+            lines.setdefault((arch, method, rates), {})[sparsity] = [r["robust_accuracy"] for r in g]
+    dense = {arch: pts[0.0] for (arch, method, _), pts in lines.items() if method == "dense" and 0.0 in pts}
+    ticks = sorted({x for pts in lines.values() for x in pts} | ({0.0} if dense else set()))
+    at = {x: i for i, x in enumerate(ticks)}  # evenly spaced: 90, 95 and 99% apart
+    for (arch, method, rates), pts in sorted(lines.items()):
+        if method == "dense":
+            continue
+        if arch in dense:
+            pts = {0.0: dense[arch], **pts}
+        xs = sorted(pts)
+        means = [100 * sum(pts[x]) / len(pts[x]) for x in xs]
+        err = [[100 * (sum(pts[x]) / len(pts[x]) - min(pts[x])) for x in xs],
+               [100 * (max(pts[x]) - sum(pts[x]) / len(pts[x])) for x in xs]]
+        ax.errorbar([at[x] for x in xs], means, yerr=err, marker="o", capsize=3, label=f"{arch} {method} {rates}")
+    ax.set_xticks(range(len(ticks)), [f"{100 * x:g}%" for x in ticks])
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("robust accuracy, AutoAttack-equivalent (%)")
+    ax.set_title(f"Fashion-MNIST, eps {EPS} (L-inf), adversarial training\nerror bars: the seeds' range",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

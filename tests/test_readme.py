@@ -57,6 +57,12 @@ README_COMMANDS = {
     "dvc exp run -S audit.n_examples=null": "audits all 450 test images at the card's budget: " + LONG,
     "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:PORT -m stages pretrain":
         "two nodes of 8 GPUs; tests/test_distributed.py runs torchrun on the CPU",
+    "hydra-pipe audit merge PARTS... --out report.json":
+        "a placeholder (PARTS); tests/test_audit_shards.py shards and merges through the CLI",
+    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500":
+        "two nodes; tests/test_audit_shards.py runs the same audit under torchrun with 2 processes on the CPU",
+    "jid=$(sbatch --parsable --array=0-15 --wrap 'hydra-pipe audit model.onnx --data x.npz --eps 0.03":
+        "a Slurm cluster; tests/test_audit_shards.py runs --shard K/N and the merge as each array task would",
     ".venv/bin/pip install -e '.[bench]'": "installs the benchmarks' peers from the registry (network)",
     "python -m stages.figures": "rewrites README.md; test_readme_blocks_equal_what_they_are_generated_from checks "
                                 "that it would change nothing",
