@@ -74,6 +74,27 @@ def test_the_verdict_of_an_example_does_not_depend_on_the_batch(mlp):
     assert [(a.name, a.broken) for a in small.attacks] == [(a.name, a.broken) for a in large.attacks]
 
 
+def test_the_audits_square_queries_onnxruntime_itself(mlp, monkeypatch):
+    """On a CPU the audit's Square asks the deployed model (onnxruntime) for every query, not the graph form: no
+    break needs confirming, and its verdicts are onnxruntime's own."""
+    import pipeline.audit.attacks as audit_attacks
+    from pipeline.attacks import square_attack
+
+    seen = []
+
+    def spy(model, x, y, eps, **kw):
+        seen.append((model, kw["options"].confirm))
+        return square_attack(model, x, y, eps, **kw)
+
+    monkeypatch.setattr(audit_attacks, "square_attack", spy)
+    x, y = _data(mlp, n=30)
+    rep = run_audit(mlp, x, y, AuditParams(eps=0.15, attacks=["square"], **QUICK), progress=False)
+    assert seen and all(not isinstance(m, torch.nn.Module) and confirm is None for m, confirm in seen)
+    square = rep.attacks[-1]
+    assert square.name == "square" and square.attacked > 0 and square.rejected_candidates == 0
+    assert square.near_boundary_checked == 0
+
+
 def _staircase_onnx(path) -> None:
     """An int8 graph whose rounding hides the way to its adversarial examples from a straight-through gradient:
     h = round(mean(x)) (QuantizeLinear, scale 1), logits (0.4, 1.5 relu(h - 0.2)). At mean(x) = 0.3 the deployed

@@ -1,6 +1,6 @@
 """The Square attack: per-example random streams (verdicts independent of the batch), known worst cases, the
 threat set, no query spent on a window that does not change, the shared result type, confirmation on the deployed
-numerics (breaks and boundary), gradient masking."""
+numerics (breaks and boundary), the deployed model queried itself, gradient masking."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.attacks import AttackOptions, pgd_attack, square_attack
-from pipeline.attacks.square import _eta, _place, _side, _square_p
+from pipeline.attacks.square import _eta, _place, _side, _square_p, deployed_model, queries_deployed
 from pipeline.errors import HydraPipeError
 from tests.test_attacks import _data, _exact_linf_margin, _linear, _mlp, _Recorder
 
@@ -216,6 +216,38 @@ def test_a_break_only_the_deployed_model_sees_is_found_near_the_boundary():
     assert gained.any() and (off.min_margin[gained] > 0).all()
     assert not (on.robust & ~off.robust).any()
     assert (confirm(on.adv_x.numpy()).argmax(1) != y[on.adv_index].numpy()).all()
+
+
+def test_querying_the_deployed_model_itself_needs_no_confirmation_and_keeps_the_trajectory():
+    """The audit's Square queries the deployed model (onnxruntime) where it can: ``deployed_model(confirm)`` with no
+    ``confirm``. On a deployed model that computes the attacked one's logits bit for bit, every query, verdict and
+    adversarial point is the same as attacking the torch model and confirming; on one that differs, every break is
+    the deployed model's own and nothing is rejected or checked twice."""
+    model = _RowWise(40)
+    x, y = _images(24, 41, model)
+
+    def same(xs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.as_tensor(xs)).numpy()
+
+    for norm, eps in (("linf", 0.08), ("l2", 0.6)):
+        torch_side = square_attack(model, x, y, eps, norm=norm, queries=150, options=AttackOptions(confirm=same))
+        deployed = square_attack(deployed_model(same), x, y, eps, norm=norm, queries=150)
+        assert torch.equal(torch_side.robust, deployed.robust) and torch.equal(torch_side.adv_x, deployed.adv_x)
+        assert torch.equal(torch_side.break_step, deployed.break_step)
+        assert torch.equal(torch_side.min_margin, deployed.min_margin)
+        assert torch_side.row_steps == deployed.row_steps and 0 < deployed.robust.sum() < len(y)
+    shift = np.array([0.0, 0.3, 0.0, 0.0], dtype=np.float32)
+    other = deployed_model(lambda xs: same(xs) + shift)
+    res = square_attack(other, x, y, 0.08, queries=150)
+    assert res.rejected == 0 and res.near_boundary_checked == 0 and not res.robust.all()
+    assert ((same(res.adv_x.numpy()) + shift).argmax(1) != y[res.adv_index].numpy()).all()
+    # the audit's choice: a CPU module with a confirming deployed model, whose logits onnxruntime returns
+    assert queries_deployed(model, same) and not queries_deployed(model, None) and not queries_deployed(same, same)
+    model.stripped_output_ops = ["Softmax"]  # onnxruntime's outputs would be probabilities: another margin
+    assert not queries_deployed(model, same)
+    model.stripped_output_ops, model.fixed_batch = [], 1  # a fixed-batch export runs one slice at a time
+    assert not queries_deployed(model, same)
 
 
 class _Masked(nn.Module):

@@ -19,6 +19,11 @@ signs are redrawn, up to ``REDRAWS`` times from the example's own draws, until t
 still equals the current point (or an L2 update that changes nothing) is not evaluated and spends no query; it keeps
 its place in the schedule. Examples leave once broken; ``restarts`` reruns the search from a new start on the
 examples still standing.
+
+The audit's Square queries the deployed model itself where it can (:func:`queries_deployed`, :func:`deployed_model`):
+a gradient-free attack needs no torch graph, onnxruntime's forward pass is 1.4-6x faster than the graph form's
+on a CPU (ResNet-18 at 32x32, one thread: 19 against 28 ms for 30 rows, 1.1 against 6.8 ms for one), and every
+margin it reads is then the deployed model's own, so no break needs confirming.
 """
 
 from __future__ import annotations
@@ -36,11 +41,32 @@ from pipeline.attacks.engine import AttackResult, attack_threat, clean_correct, 
 from pipeline.attacks.options import AttackOptions, Confirm
 from pipeline.attacks.steps import margins, seed_sequence
 from pipeline.errors import HydraPipeError
-from pipeline.runtime import attack_mode, num_threads
+from pipeline.runtime import attack_mode, device_of, num_threads
 from pipeline.threat import Norm, ThreatModel
 
 QUERY_BLOCK = 100  # queries whose random numbers an example draws at once
 REDRAWS = 8  # L-inf: redraws of a window's signs that would leave it unchanged (P(all fail) <= 2^-9 on one channel)
+
+
+def deployed_model(confirm: Confirm, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The deployed model (``confirm``: numpy ``x -> logits``, onnxruntime in the audit) as a torch ``x -> logits``
+    callable Square can query: pass it as the model, with no ``confirm`` (it is its own judge)."""
+    def query(xs: torch.Tensor) -> torch.Tensor:
+        logits = confirm(xs.detach().cpu().numpy().astype(np.float32, copy=False))
+        return torch.as_tensor(np.asarray(logits, dtype=np.float32), device=device)
+    return query
+
+
+def queries_deployed(model: object, confirm: Confirm | None) -> bool:
+    """Whether Square should query the deployed model ``confirm`` instead of the attacked ``model`` (the audit's
+    choice, see the module doc): on a CPU (on a GPU the graph form is the faster one), when the graph form computes
+    the deployed model's logits (no final Softmax stripped: the deployed outputs would be probabilities, another
+    margin) and takes any batch (a fixed-batch export runs onnxruntime one slice at a time)."""
+    if confirm is None or not isinstance(model, nn.Module):
+        return False
+    if getattr(model, "stripped_output_ops", None) or getattr(model, "fixed_batch", None) is not None:
+        return False
+    return device_of(model).type == "cpu"
 
 
 def _square_p(p_init: float, it: int, n_iters: int) -> float:
@@ -195,22 +221,27 @@ def _linf_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits:
     """Each live example's best point with one random window set to ``x +- eps`` (one sign per channel), clipped
     to the box: the box's upper corner ``hi`` where the sign is +, ``lo`` where it is - (``lo``, ``hi``: the live
     rows' box). ``bits``: ``[k, 1 + REDRAWS, c]`` sign draws; the first that changes the window is used (the paper's
-    redraw), the last if none does. Also whether the candidate differs from the best point."""
+    redraw), the last if none does. Also whether the candidate differs from the best point. Only the windows' pixels
+    are read and written (``[k, s, s, c]``; most of a run's windows are a few pixels wide)."""
     h, w = lo.shape[-2], lo.shape[-1]
+    k = len(live)
     top, left = _corner(u[:, 0], s, h), _corner(u[:, 1], s, w)
-    window = _window(top, left, s, h, w)
+    span = torch.arange(s, device=live.device)
+    at = (torch.arange(k, device=live.device)[:, None, None], slice(None), (top[:, None] + span)[:, :, None],
+          (left[:, None] + span)[:, None, :])  # indexes each row's window: [k, s, s, c]
     best = search.best[live]
+    win, win_hi, win_lo = best[at], hi[at], lo[at]
     # per channel: is the window already all at the upper (lower) corner? A sign draw leaves the window unchanged
     # iff every channel is already at the corner its sign picks
-    at_hi = (~window | (best == hi)).flatten(2).all(2)  # [k, c]
-    at_lo = (~window | (best == lo)).flatten(2).all(2)
+    at_hi = (win == win_hi).flatten(1, 2).all(1)  # [k, c]
+    at_lo = (win == win_lo).flatten(1, 2).all(1)
     up = bits.bool()  # [k, tries, c]
     still = torch.where(up, at_hi[:, None], at_lo[:, None]).all(2)  # [k, tries]
     tries = still.shape[1]
     pick = torch.where(still.all(1), tries - 1, (~still).int().argmax(1))
-    rows = torch.arange(len(live), device=live.device)
-    corner = torch.where(up[rows, pick].view(len(live), -1, 1, 1), hi, lo)
-    return torch.where(window, corner, best), ~still[rows, pick]
+    rows = torch.arange(k, device=live.device)
+    best[at] = torch.where(up[rows, pick][:, None, None, :], win_hi, win_lo)  # best is a copy: the candidates
+    return best, ~still[rows, pick]
 
 
 def _l2_candidates(search: _Search, live: torch.Tensor, u: torch.Tensor, bits: torch.Tensor,
@@ -331,7 +362,9 @@ def square_attack(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
                     cand, moved = _linf_candidates(search, live, u_live[:, k], bits_live[:, k], s, lo, hi)
                 else:
                     cand, moved = _l2_candidates(search, live, u_live[:, k], bits_live[:, k], s)
-                if moved.any():
+                if moved.all():  # the usual case: no copy of the candidates
+                    search.offer(live, cand, q + 1)
+                elif moved.any():
                     search.offer(live[moved], cand[moved], q + 1)
             hit = act[search.broken]
             break_step[hit], break_restart[hit] = search.when[search.broken], restart
