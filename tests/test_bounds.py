@@ -444,3 +444,57 @@ def test_a_margin_bound_within_float32_rounding_of_zero_is_no_proof(dtype):
         assert branch_and_bound(net, x, y, threat, dtype=dtype).verified.tolist() == [proved] * 3
         slack = margin_slack(as_graph(net), lo, hi)
         assert ((slack > 1e-9) & (slack < 1e-5)).all()
+
+
+WINDOW_NETS = {
+    # CNN-small's geometry: 4 x 4 kernels, stride 2, padding 1
+    "cnn-small": lambda: nn.Sequential(Normalize([0.3], [0.4]), nn.Conv2d(1, 4, 4, 2, 1), nn.ReLU(),
+                                       nn.Conv2d(4, 6, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)),
+    "dilation-groups-bn": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, 1, 2, dilation=2), nn.BatchNorm2d(4), nn.ReLU(),
+                                                nn.Conv2d(4, 4, 3, 2, 0, groups=2),
+                                                Normalize([0.1, -0.1, 0.2, 0.0], [0.5, 1.0, 1.5, 2.0]),
+                                                nn.ReLU(),
+                                                nn.Conv2d(4, 3, (2, 3), (1, 2), (1, 0)), nn.Sigmoid(), nn.Flatten(),
+                                                nn.LazyLinear(3)),
+}
+
+
+@pytest.mark.parametrize("net", sorted(WINDOW_NETS))
+def test_intermediate_bounds_on_windows_equal_those_on_whole_values_and_contain_sampled_points(net, monkeypatch):
+    """CROWN's intermediate bounds of a chain of convolutions and elementwise ops, pulled back on each row's windows
+    (:func:`pipeline.bounds.crown.window_chain`), are the whole-value pass's up to float rounding (the same rules),
+    and every sampled point's hidden values lie in them."""
+    import pipeline.bounds.crown as crown
+
+    torch.manual_seed(0)
+    channels = 1 if net == "cnn-small" else 2
+    model = WINDOW_NETS[net]()
+    x = torch.rand(5, channels, 20, 20)
+    model(x)  # the lazy layer's shape
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    graph = crown.as_graph(model)
+    x_lo, x_hi = (x - 0.05).clamp(0, 1), (x + 0.05).clamp(0, 1)
+    with torch.no_grad():
+        windows = crown.crown_boxes(graph, x_lo, x_hi, "crown", crown.DEFAULT_MAX_ELEMENTS)
+        on_windows = [name for name in windows.tightened if (chain := crown.window_chain(graph, name))
+                      and crown.windows_fit(chain, windows, crown.DEFAULT_MAX_ELEMENTS)]
+        monkeypatch.setattr(crown, "window_chain", lambda g, name: None)
+        whole = crown.crown_boxes(graph, x_lo, x_hi, "crown", crown.DEFAULT_MAX_ELEMENTS)
+    assert windows.tightened.keys() == whole.tightened.keys()
+    assert len(on_windows) == (1 if net == "cnn-small" else 2)
+    for name, box in whole.items():
+        tol = 1e-5 * (1 + float(box.hi.abs().max()))
+        assert torch.allclose(windows[name].lo, box.lo, atol=tol) and torch.allclose(windows[name].hi, box.hi, atol=tol)
+    pts = x_lo + torch.rand(200, *x.shape) * (x_hi - x_lo)
+    values = {graph.input_name: pts.flatten(0, 1)}
+    with torch.no_grad():
+        for node in graph.nodes:
+            values[node.output] = node.module(*[values[i] for i in node.inputs])
+    for name, box in windows.items():
+        v = values[name].view(200, *box.shape)
+        tol = 1e-5 * (1 + float(v.abs().max()))
+        assert bool((v >= box.lo - tol).all()) and bool((v <= box.hi + tol).all()), name

@@ -97,6 +97,8 @@ def dot(a: Tensor, t: Tensor) -> Tensor:
         return tf @ af[0].T
     if tf.shape[0] == 1:
         return af @ tf[0]
+    if af.shape[1] == 1:  # one row per example (CROWN's windows): a batch of 1 x 1 products is slow as bmm
+        return (af[:, 0] * tf).sum(1, keepdim=True)
     return torch.bmm(af, tf.unsqueeze(2)).squeeze(2)
 
 

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.bounds.box import Box, Boxes, concretize
-from pipeline.bounds.ops import rule_for
+from pipeline.bounds.ops import Window, rule_for
 from pipeline.errors import HydraPipeError
 from pipeline.graph import GraphModule, Node, as_graph
 from pipeline.runtime import sound_numerics
@@ -30,7 +31,9 @@ example for CNN-small on 28 x 28 Fashion-MNIST at eps 0.1, 1.7e11 for CNN-large 
 tightened front to back while the example's budget lasts; a layer that does not fit keeps its IBP bound (sound,
 but much looser: at 4e10, CNN-large's bounds lost every proof), and the final bound is CROWN's backward pass all
 the same (CROWN-IBP's bound where nothing was tightened). The budget caps CROWN at a minute or two per example on
-one core."""
+one core. The estimate counts passes over whole values: on a chain of convolutions from the input
+(:func:`window_chain`) the rows run on their windows at a fraction of it, but the budget decides as it always did,
+so which neurons are tightened does not depend on how."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,8 +260,13 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], cho
     network each example has few unstable neurons but the union covers most of the layer. Each example's rows
     are padded to the most any example of its group has, so the examples are grouped by their number of rows
     (:data:`GROUP_FILL`): on the Fashion-MNIST CNN at eps 0.1 the counts range from 545 to 1310 in a batch.
+    A value computed from the input by a chain of convolutions and elementwise ops is tightened on windows instead
+    (:func:`window_chain`, :func:`_tighten_windows`), every row on its own, without padding.
     """
     n = box.shape[0]
+    chain = window_chain(graph, name)
+    if chain is not None and windows_fit(chain, boxes, max_elements):
+        return _tighten_windows(graph, chain, box, boxes, chosen, max_elements)
     counts = chosen.flatten(1).sum(1)
     groups = _groups(counts)
     if len(groups) > 1:
@@ -284,6 +292,118 @@ def _tighten(graph: GraphModule, name: str, box: Box, boxes: dict[str, Box], cho
         new_lo.append(res[:, :k])
         new_hi.append(-res[:, k:])
     return merge_bounds(box, order, valid, torch.cat(new_lo, 1), torch.cat(new_hi, 1))
+
+
+WINDOW_START: Window = ((1, 1), (1, 1), (0, 0))
+"""The window of one neuron of the bounded value: itself."""
+
+
+def window_chain(graph: GraphModule, name: str) -> list[tuple[Node, Window, Window]] | None:
+    """The nodes computing value ``name`` from the input, last first, each with the windows of its output and of
+    its input (:data:`pipeline.bounds.ops.Window`) that one neuron of ``name`` reads, when they form a chain of
+    single-input ops whose backward rules act on local windows (convolutions, ``OpRule.input_window``, and
+    elementwise ops with at most per-channel constants, ``OpRule.elementwise``) and contain a convolution;
+    else None.
+
+    Then a row of an intermediate bound, one neuron at output position ``(i, j)``, has coefficients only on the
+    window of each value that the neuron's receptive field covers, and :func:`_tighten_windows` pulls it back on
+    those windows (auto_LiRPA's "patches" mode, Xu et al. 2020) instead of on whole values."""
+    producer = {node.output: node for node in graph.nodes}
+    chain, value, window, conv = [], name, WINDOW_START, False
+    while value != graph.input_name:
+        node = producer.get(value)
+        if node is None or len(node.inputs) != 1:
+            return None
+        rule = rule_for(node)
+        wider = rule.input_window(node, window)
+        if wider is None and not rule.elementwise(node):
+            return None
+        conv |= wider is not None
+        chain.append((node, window, wider or window))
+        window = wider or window
+        value = node.inputs[0]
+    return chain if conv else None
+
+
+def windows_fit(chain: list[tuple[Node, Window, Window]], boxes: dict[str, Box], max_elements: int) -> bool:
+    """Whether the windows pay on ``chain`` (then :func:`crown_boxes` tightens on them): every value is
+    [N, C, H, W], each window is smaller than half its value (else whole values are as cheap; deep stacks of
+    stride-1 convolutions grow windows past the image), and the windows of all positions (``F.unfold``) of the
+    batch stay within ``max_elements``."""
+    for node, _, window in chain:
+        shape = boxes[node.inputs[0]].shape
+        (kh, kw), (sh, sw), (ph, pw) = window
+        if len(shape) != 4 or kh * kw * 2 > shape[2] * shape[3]:
+            return False
+        positions = ((shape[2] + 2 * ph - kh) // sh + 1) * ((shape[3] + 2 * pw - kw) // sw + 1)
+        if shape[0] * shape[1] * kh * kw * positions > max_elements:
+            return False
+    return True
+
+
+def _windows(t: Tensor, window: Window, at: Tensor, rows: Tensor) -> Tensor:
+    """Each row's window of ``t`` [N, C, H, W] (zero outside ``t``): [R, C, kh, kw] for the rows of examples
+    ``rows`` [R] at output positions ``at`` [R, 2]."""
+    (kh, kw), stride, pad = window
+    cols = F.unfold(t, (kh, kw), padding=pad, stride=stride)  # [N, C kh kw, L]
+    lw = (t.shape[3] + 2 * pad[1] - kw) // stride[1] + 1
+    picked = cols.transpose(1, 2).contiguous()[rows, at[:, 0] * lw + at[:, 1]]  # whole rows: a fast gather
+    return picked.view(len(rows), t.shape[1], kh, kw)
+
+
+def _tighten_windows(graph: GraphModule, chain: list[tuple[Node, Window, Window]], box: Box, boxes: dict[str, Box],
+                     chosen: Tensor, max_elements: int) -> Box:
+    """:func:`_tighten` on a :func:`window_chain`: the chosen neurons of every example as rows (``+e_i`` for the
+    lower bound, ``-e_i`` for the upper), each pulled back on its own windows by the same rules as on whole values,
+    so the bounds are the same up to float rounding. On CNN-small's second conv (28 x 28 Fashion-MNIST) a row's
+    windows are [16, 4, 4] and [1, 10, 10] instead of 16 x 14 x 14 and 28 x 28: CROWN on 425 test images at eps
+    0.1 took 9 instead of 34 s of CPU."""
+    n = box.shape[0]
+    order, valid = select_neurons(chosen)
+    if order.shape[1] == 0:
+        return box
+    example = torch.arange(n, device=order.device).unsqueeze(1).expand_as(order)[valid]
+    flat = order[valid]  # the chosen neurons, example after example
+    _, c, h, w = box.shape
+    channel, at = flat // (h * w), torch.stack([(flat % (h * w)) // w, flat % w], 1)
+    input_name = graph.input_name
+    largest = max(boxes[node.inputs[0]].shape[1] * math.prod(window[0]) for node, _, window in chain)
+    chunk = max(1, max_elements // max(1, 4 * largest))  # rows (of both signs) per pass
+    new_lo, new_hi = [], []
+    for start in range(0, flat.numel(), chunk):
+        ex, ch, pos = example[start:start + chunk], channel[start:start + chunk], at[start:start + chunk]
+        r = ex.numel()
+        rows, pos = torch.cat([ex, ex]), torch.cat([pos, pos])
+        a = torch.zeros(2 * r, c, 1, 1, dtype=box.lo.dtype, device=box.lo.device)
+        a[torch.arange(r), ch] = 1.0
+        a[torch.arange(r, 2 * r), ch] = -1.0
+        out = torch.zeros(2 * r, dtype=a.dtype, device=a.device)
+        for node, window, wider in chain:
+            rule, src = rule_for(node), node.inputs[0]
+            if wider != window:  # a convolution
+                a, b = rule.window_backward(node, a, window)
+                out = out + b
+                ones = torch.ones(1, 1, *boxes[src].shape[2:], dtype=a.dtype, device=a.device)
+                a = a * _windows(ones, wider, pos, torch.zeros_like(rows))  # its padding: no coefficient
+                continue
+            local = Boxes({input_name: boxes[input_name]})
+            src_box = boxes[src]
+            local[src] = Box(lo=_windows(src_box.lo, window, pos, rows), hi=_windows(src_box.hi, window, pos, rows))
+            pulled, b = rule.backward(node, a.unsqueeze(1), local, None)
+            out = out + (b.squeeze(1) if isinstance(b, Tensor) else b)
+            if pulled[0] is None:  # bounded on its own box (a QuantizeLinear of the input)
+                a = None
+                break
+            a = pulled[0].squeeze(1)
+        if a is not None:
+            x_box, window = boxes[input_name], chain[-1][2]
+            x_win = Box(c=_windows(x_box.c, window, pos, rows), r=_windows(x_box.r, window, pos, rows))
+            out = out + concretize(a.unsqueeze(1), x_win).squeeze(1)
+        new_lo.append(out[:r])
+        new_hi.append(-out[r:])
+    zeros = torch.zeros(order.shape, dtype=box.lo.dtype, device=box.lo.device)
+    return merge_bounds(box, order, valid, zeros.masked_scatter(valid, torch.cat(new_lo)),
+                        zeros.masked_scatter(valid, torch.cat(new_hi)))
 
 
 GROUP_FILL = 0.75

@@ -32,6 +32,11 @@ Pulled = tuple[list[Tensor | None], Tensor | float]
 
 Exactness = Literal["diagonal", "general"] | None
 
+Window = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+"""Where a row's coefficients on a [C, H, W] value live when they are local to one output position ``(i, j)`` of a
+chain of convolutions: the window ``(kh, kw)`` starting at ``(i * sh - ph, j * sw - pw)``, given as
+``((kh, kw), (sh, sw), (ph, pw))``: the geometry of ``F.unfold`` (kernel, stride, padding) over the value."""
+
 
 class OpRule:
     """The bounds of one op kind. Stateless: one instance serves every node of that kind."""
@@ -63,6 +68,23 @@ class OpRule:
     def unstable(self, node: Node, box: Box) -> Tensor:
         """For a relaxed op: the input neurons (bool, like ``box.lo``) whose relaxation depends on their bounds,
         the only ones worth tightening."""
+        raise NotImplementedError
+
+    def elementwise(self, node: Node) -> bool:
+        """Whether :meth:`backward` acts entry by entry, with at most per-channel constants: then it gives the same
+        coefficients on a window of the value (``a`` [B, 1, C, kh, kw] with the box of that window, [B, C, kh, kw])
+        as on the whole value, which CROWN's intermediate bounds use (:func:`pipeline.bounds.crown.window_chain`)."""
+        return False
+
+    def input_window(self, node: Node, window: Window) -> Window | None:
+        """For an op whose output entries read local windows of its input (a convolution): the input's window
+        that a ``window`` of its output reads; None for any other op."""
+        return None
+
+    def window_backward(self, node: Node, a: Tensor, window: Window) -> tuple[Tensor, Tensor | float]:
+        """For an op with an :meth:`input_window`: ``a`` [B, C_out, kh, kw] on the output's ``window``, pulled back
+        onto the input's window, and the bias [B]. Coefficients on entries of the input's window that lie outside
+        the input (its padding) are the caller's to drop."""
         raise NotImplementedError
 
 
@@ -129,6 +151,11 @@ def _per_channel(t: Tensor, ndim: int, lead: int = 0) -> Tensor:
 # Affine ops, read from the live modules (so gradients reach weights and, through ``effective_weight``, scores)
 # ----------------------------------------------------------------------------------------------------------------
 
+WINDOW_DENSE = 1 << 18
+"""Entries (input window x output window) up to which :meth:`ConvRule.window_backward` multiplies by the window's
+transposed convolution as a dense matrix."""
+
+
 @_rule("Conv")
 class ConvRule(OpRule):
     linear, exactness = True, "general"
@@ -169,6 +196,40 @@ class ConvRule(OpRule):
         rows = rows.contiguous(memory_format=torch.channels_last)
         back = F.conv_transpose2d(rows, w, None, m.stride, m.padding, opad, m.groups, m.dilation)
         return [from_rows(back.contiguous(), na, mm)], bias
+
+    def input_window(self, node: Node, window: Window) -> Window:
+        """A window [kh, kw] of the output, stride s, padding p, reads a window [(kh - 1) s_c + d (k - 1) + 1, ...]
+        of the input (the conv's stride s_c, dilation d, kernel k, padding p_c), stride s s_c, padding p s_c + p_c."""
+        m = node.module
+        k = m.weight.shape[2:]
+        (kh, kw), (sh, sw), (ph, pw) = window
+        size = ((kh - 1) * m.stride[0] + m.dilation[0] * (k[0] - 1) + 1,
+                (kw - 1) * m.stride[1] + m.dilation[1] * (k[1] - 1) + 1)
+        pad = (ph * m.stride[0] + m.padding[0], pw * m.stride[1] + m.padding[1])
+        return size, (sh * m.stride[0], sw * m.stride[1]), pad
+
+    def window_backward(self, node: Node, a: Tensor, window: Window) -> tuple[Tensor, Tensor | float]:
+        """The transposed convolution without padding, onto :meth:`input_window`. Much cheaper than on the whole
+        value for the one-hot rows of intermediate bounds (CNN-small's second conv: a [16, 4, 4] window of its
+        16 x 14 x 14 input)."""
+        m = self._check(node)
+        w = effective_weight(m)
+        size = self.input_window(node, window)[0]
+        c_in = w.shape[1] * m.groups
+        if m.groups == 1 and window[0] == (1, 1) and tuple(m.dilation) == (1, 1):  # one position: the kernels
+            back = (a.flatten(1) @ w.flatten(1)).view(a.shape[0], *w.shape[1:])
+        elif a[0].numel() * c_in * size[0] * size[1] <= WINDOW_DENSE:
+            # the window's transposed conv as one small matrix (its response to each unit coefficient): a GEMM at
+            # near peak speed, where col2im pays per row (CNN-small's first conv: [256, 100], about 2x faster)
+            eye = torch.eye(a[0].numel(), dtype=a.dtype, device=a.device).view(-1, *a.shape[1:])
+            dense = F.conv_transpose2d(eye, w, None, m.stride, 0, 0, m.groups, m.dilation).flatten(1)
+            back = (a.flatten(1) @ dense).view(a.shape[0], c_in, *size)
+        elif m.groups == 1:  # larger windows: one matmul and a col2im, several times faster than a transposed conv
+            back = conv_input_grad(a, w, size, m.stride, (0, 0), m.dilation)
+        else:
+            back = F.conv_transpose2d(a, w, None, m.stride, 0, 0, m.groups, m.dilation)
+        bias = (a.sum((2, 3)) * m.bias).sum(1) if m.bias is not None else 0.0
+        return back, bias
 
     @staticmethod
     def _dense(node: Node, w: Tensor, in_shape: torch.Size, boxes: dict[str, Box]) -> Tensor | None:
@@ -218,6 +279,9 @@ class ChannelAffineRule(OpRule):
 
     linear, exactness = True, "diagonal"
 
+    def elementwise(self, node: Node) -> bool:
+        return True
+
     @staticmethod
     def scale_shift(node: Node) -> tuple[Tensor, Tensor]:
         m = node.module
@@ -257,6 +321,12 @@ class ConstBinaryRule(OpRule):
         return not (node.module.op == "Div" and node.module.const_first)
 
     has_ibp = is_linear  # ``c / x`` has neither rule
+
+    def elementwise(self, node: Node) -> bool:
+        """A scalar or per-channel constant (``[C, 1, 1]``, ``[1, C, 1, 1]``) of a linear form."""
+        const = node.module.const
+        return self.is_linear(node) and const.dim() <= 4 and all(
+            n == 1 for i, n in enumerate(const.shape) if i != const.dim() - 3)
 
     def ibp_exactness(self, node: Node) -> Exactness:
         return "diagonal" if self.is_linear(node) else None
@@ -539,6 +609,9 @@ class ReluRule(MonotoneRule):
     def unstable(self, node: Node, box: Box) -> Tensor:
         return (box.lo < 0) & (box.hi > 0)
 
+    def elementwise(self, node: Node) -> bool:
+        return True
+
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         box = boxes[node.inputs[0]]
         lower_slope, upper_slope, upper_bias = relu_relaxation(box.lo, box.hi)
@@ -611,10 +684,19 @@ class SigmoidRule(MonotoneRule):
     def unstable(self, node: Node, box: Box) -> Tensor:
         return box.hi > box.lo
 
+    def elementwise(self, node: Node) -> bool:
+        return True
+
     def backward(self, node: Node, a: Tensor, boxes: dict[str, Box], alphas: dict[str, Tensor] | None) -> Pulled:
         box = boxes[node.inputs[0]]
         k, lower, upper = sigmoid_relaxation(box.lo, box.hi)
         return [a * k.unsqueeze(1)], dot(a.clamp(min=0), lower) + dot(a.clamp(max=0), upper)
+
+
+def _per_channel_params(node: Node) -> bool:
+    """A QuantizeLinear / DequantizeLinear whose scale and zero point are scalars or per-channel (axis 1)."""
+    m = node.module
+    return m.axis is None or (m.scale.dim() == 0 and m.zero_point.dim() == 0) or m.axis in (1, -3)
 
 
 @_rule("QuantizeLinear")
@@ -632,6 +714,9 @@ class QuantizeRule(OpRule):
         v_lo, v_hi, q_lo, q_hi = quant_endpoints(m, box.lo, box.hi)
         lines = (v_hi - v_lo >= QUANT_WIDE) & (v_lo >= m.qmin + QUANT_WIDE) & (v_hi <= m.qmax - QUANT_WIDE)
         return (q_lo < q_hi) & ~lines
+
+    def elementwise(self, node: Node) -> bool:
+        return _per_channel_params(node)
 
     def ibp(self, node: Node, boxes: list[Box]) -> Box:
         b = boxes[0]
@@ -656,6 +741,9 @@ class DequantizeRule(OpRule):
     """``(q - z) * s``: affine and exact."""
 
     linear = True
+
+    def elementwise(self, node: Node) -> bool:
+        return _per_channel_params(node)
 
     def ibp(self, node: Node, boxes: list[Box]) -> Box:
         scale, zero = node.module.params(len(boxes[0].shape))

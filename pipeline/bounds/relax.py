@@ -51,14 +51,16 @@ def relu_backward(a: Tensor, box: Box, lower_slope: Tensor, upper_slope: Tensor,
     (the chord) where ``a < 0``, bias ``sum(min(a, 0) * upper_bias)``.
 
     The two slopes differ only at unstable neurons, a few per example in a trained network; there the correction
-    is applied on gathered columns instead of a full ``where`` over the coefficient tensor.
+    is applied on gathered columns instead of a full ``where`` over the coefficient tensor (when there are several
+    rows per example: with one, as on the windows of :func:`pipeline.bounds.crown.window_chain`, the ``where``
+    is as cheap).
     """
     n = box.shape[0]
     unstable = ((box.lo < 0) & (box.hi > 0)).reshape(n, -1)
     counts = unstable.sum(1)
     k = int(counts.max()) if n else 0
     dim = unstable.shape[1]
-    if 4 * k > dim:
+    if 4 * k > dim or a.shape[1] == 1:  # one row per example: gathering costs as much as the full ``where``
         pulled = a * torch.where(a > 0, lower_slope.unsqueeze(1), upper_slope.unsqueeze(1))
         return [pulled], dot(a.clamp(max=0), upper_bias)
     pulled = a * upper_slope.unsqueeze(1)
