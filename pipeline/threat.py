@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.errors import HydraPipeError
+
+if TYPE_CHECKING:  # only tensors' own methods are used: the params (and the CLI) load without torch
+    import torch
 
 Norm = Literal["linf", "l2"]
 
