@@ -214,7 +214,7 @@ def audit(
     if not model.is_file():
         raise HydraPipeError(f"{model}: model file not found")
     settings = audit_settings(ctx, dict(locals()), params_file)
-    from pipeline.audit.shards import Part, Shard, gather_parts, merge_parts, write_part
+    from pipeline.audit.shards import Part, Shard, gather_parts, merge_parts, shard_journal, write_part
 
     part = Shard.parse(shard) if shard is not None else None
     under_torchrun = part is None and Shard.from_torchrun() is not None
@@ -222,6 +222,7 @@ def audit(
         raise HydraPipeError(f"--shard {shard}: --fail-under applies to the whole audit: give it to `hydra-pipe "
                              "audit merge`")
     part = part or Shard.from_torchrun()
+    journal = shard_journal(journal, part)  # a finished shard empties its own journal, not its siblings'
     x, y = load_audit_data(data)
     if settings.n_examples is not None and settings.n_examples < len(x):  # the stage's seeded subset
         import numpy as np

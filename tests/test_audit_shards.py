@@ -253,3 +253,20 @@ def test_under_torchrun_the_ranks_shard_and_rank_0_merges(workload, tmp_path):
     one, ranks = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "ranks.json"))
     assert {k: v for k, v in ranks.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
     assert len((tmp_path / "ranks.examples.csv").read_text().splitlines()) == len(x) + 1
+
+
+def test_shards_sharing_a_journal_folder_keep_their_own(workload, tmp_path):
+    """torchrun's ranks on one node share --journal DIR: a finished shard empties its own entries, not a sibling's
+    that is still running (or was killed and will resume)."""
+    d, x, y = workload
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    sibling = tmp_path / "j" / "shard-1-of-2"
+    sibling.mkdir(parents=True)
+    for folder in (sibling, tmp_path / "j"):  # where a sibling keeps its parts, and the folder all were given
+        (folder / "audit-0123456789abcdef-ibp-0.npz").write_bytes(b"a sibling's finished part")
+    r = _cli("audit", d / "m.onnx", "--data", tmp_path / "d.npz", "--eps", "0.06", "--steps", "5", "--restarts", "1",
+             "--shard", "0/2", "--journal", tmp_path / "j", "--out", tmp_path / "p0.json")
+    assert r.exit_code == 0, r.output
+    assert (sibling / "audit-0123456789abcdef-ibp-0.npz").exists()
+    assert (tmp_path / "j" / "audit-0123456789abcdef-ibp-0.npz").exists()
+    assert not (tmp_path / "j" / "shard-0-of-2").exists()  # its own, emptied once its part was written

@@ -77,6 +77,14 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def shard_journal(journal: Path | None, shard: Shard | None) -> Path | None:
+    """A shard's own journal folder inside ``journal`` (``shard-K-of-N``): shards that share a folder (torchrun's
+    ranks on one node, array tasks given one ``--journal``) each resume from, and once done empty, their own."""
+    if journal is None or shard is None:
+        return journal
+    return Path(journal) / f"shard-{shard.index}-of-{shard.count}"
+
+
 @dataclass(frozen=True)
 class Part:
     """One shard's audit: its report (figures as counts over the whole ``n``), its examples' records."""
