@@ -82,16 +82,15 @@ def check(args: argparse.Namespace) -> int:
               "interpreter that has them (benchmarks/README.md, GPU readiness, says how to carry wheels)",
               file=sys.stderr)
         return 2
+    if not args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():  # the refusal is the one line: nothing else matters without CUDA
+            print(NO_CUDA, file=sys.stderr)
+            return 2
     if importlib.util.find_spec("torchattacks") is None:
         print("gpu.sh: torchattacks is missing: the AutoAttack contender will be skipped", file=sys.stderr)
-    if args.smoke:
-        return 0
-    import torch
-
-    if torch.cuda.is_available():
-        return 0
-    print(NO_CUDA, file=sys.stderr)
-    return 2
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
