@@ -217,11 +217,11 @@ def audit(
     from pipeline.audit.shards import Part, Shard, gather_parts, merge_parts, shard_journal, write_part
 
     part = Shard.parse(shard) if shard is not None else None
-    under_torchrun = part is None and Shard.from_torchrun() is not None
     if part is not None and floors:
         raise HydraPipeError(f"--shard {shard}: --fail-under applies to the whole audit: give it to `hydra-pipe "
                              "audit merge`")
-    part = part or Shard.from_torchrun()
+    ranks = Shard.from_torchrun() if part is None else None  # under torchrun: this rank's shard
+    under_torchrun, part = ranks is not None, part or ranks
     journal = shard_journal(journal, part)  # a finished shard empties its own journal, not its siblings'
     x, y = load_audit_data(data)
     if settings.n_examples is not None and settings.n_examples < len(x):  # the stage's seeded subset

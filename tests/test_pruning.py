@@ -1,6 +1,6 @@
 import pytest
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from pipeline.config import DataParams, FinetuneParams, PruneParams, TrainParams
 from pipeline.data import load_dataset
@@ -171,33 +171,33 @@ def test_admm_penalty_value_and_projection():
     assert abs(float(admm_penalty([("l", layer)], 4.0)) - expected) < 1e-5
 
 
+class KilledAfter(Dataset):
+    """``data`` that raises KeyboardInterrupt (a Ctrl-C) once ``limit`` items have been read: a killed run."""
+
+    def __init__(self, data: Dataset, limit: int) -> None:
+        self.data, self.left = data, limit
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return self.data[i]
+
+
 def test_admm_resumes_bit_for_bit(tiny, tmp_path):
     """Z, U and the update count travel in the training loop's resume state: a run killed in its third epoch and
     rerun ends with the uninterrupted run's weights and mask."""
-    from torch.utils.data import Dataset
-
     data, small = tiny
-
-    class Killed(Dataset):
-        def __init__(self, limit: int) -> None:
-            self.left = limit
-
-        def __len__(self) -> int:
-            return len(small)
-
-        def __getitem__(self, i):
-            self.left -= 1
-            if self.left < 0:
-                raise KeyboardInterrupt
-            return small[i]
-
     p = admm_params(epochs=4, objective="benign", admm_update_every=1)
     whole = fresh(data)
     prune(whole, small, p)
     with pytest.raises(KeyboardInterrupt):
-        prune(fresh(data), Killed(2 * len(small) + 40), p, resume_dir=tmp_path)
+        prune(fresh(data), KilledAfter(small, 2 * len(small) + 40), p, resume_dir=tmp_path)
     resumed = fresh(data)
-    history = prune(resumed, Killed(2 * len(small)), p, resume_dir=tmp_path)  # epochs 3 and 4 only
+    history = prune(resumed, KilledAfter(small, 2 * len(small)), p, resume_dir=tmp_path)  # epochs 3 and 4 only
     assert len(history) == 4
     for (n, a), (_, b) in zip(masked_layers(whole), masked_layers(resumed)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_mask, b.weight_mask), n

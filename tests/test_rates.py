@@ -172,30 +172,16 @@ def test_a_budget_below_the_layers_minimum_is_refused():
 def test_learned_rates_resume_bit_for_bit(tmp_path):
     """The rate logits and their optimizer state travel in the training loop's resume state: a run killed in its
     second epoch and rerun ends with the uninterrupted run's mask."""
-    from torch.utils.data import Dataset
+    from tests.test_pruning import KilledAfter
 
     data = digits_like(32)
-
-    class Killed(Dataset):
-        def __init__(self, limit: int) -> None:
-            self.left = limit
-
-        def __len__(self) -> int:
-            return len(data)
-
-        def __getitem__(self, i):
-            self.left -= 1
-            if self.left < 0:
-                raise KeyboardInterrupt
-            return data[i]
-
     p = PruneParams(keep_ratio=0.1, rates="learned", objective="benign", epochs=3, batch_size=8, rate_lr=0.5)
     whole = cnn()
     prune(whole, data, p)
     with pytest.raises(KeyboardInterrupt):
-        prune(cnn(), Killed(len(data) + 12), p, resume_dir=tmp_path)
+        prune(cnn(), KilledAfter(data, len(data) + 12), p, resume_dir=tmp_path)
     resumed = cnn()
-    prune(resumed, Killed(2 * len(data)), p, resume_dir=tmp_path)  # epochs 2 and 3 only
+    prune(resumed, KilledAfter(data, 2 * len(data)), p, resume_dir=tmp_path)  # epochs 2 and 3 only
     assert kept(whole) == kept(resumed)
     for (n, a), (_, b) in zip(masked_layers(whole), masked_layers(resumed)):
         assert torch.equal(a.weight_mask, b.weight_mask), n
