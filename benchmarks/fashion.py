@@ -45,11 +45,13 @@ Example (smoke test, about 2 minutes on one core)::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -65,18 +67,45 @@ def _list(values: list[str], kind=str) -> list:
 
 
 class Results:
-    """The output file: rows keyed by (experiment, arch, method, sparsity, seed, bits), rewritten atomically."""
+    """The output file: rows keyed by (experiment, arch, method, rates, sparsity, seed, bits), rewritten atomically.
+
+    Several processes may share one file (the same command started twice runs the grid twice as wide): each claims
+    a model before training it (``FILE.claims``: key -> pid; a dead process's claim is taken over), and every write
+    merges the rows on disk under an exclusive lock (``FILE.lock``), so no row is lost or measured twice."""
 
     KEY = ("experiment", "arch", "method", "rates", "sparsity", "seed", "bits")
 
     def __init__(self, path: Path, header: dict) -> None:
         self.path = path
+        self.claims = path.with_name(path.name + ".claims")
         self.doc = {**header, "rows": []}
-        if path.is_file():
-            old = json.loads(path.read_text())
-            self.doc["rows"] = old.get("rows", [])
-            self.doc["wall_seconds_before"] = old.get("wall_seconds", 0.0) + old.get("wall_seconds_before", 0.0)
-        self.done = {self.key(r) for r in self.doc["rows"]}
+        self.done: set[tuple] = set()
+        with self._locked():
+            if path.is_file():
+                old = json.loads(path.read_text())
+                self.doc["wall_seconds_before"] = (old.get("wall_seconds", 0.0)
+                                                   + old.get("wall_seconds_before", 0.0))
+            self._reload()
+
+    @contextmanager
+    def _locked(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _reload(self) -> None:
+        """Take in the rows other processes wrote meanwhile (under the lock)."""
+        if self.path.is_file():
+            for r in json.loads(self.path.read_text()).get("rows", []):
+                if self.key(r) not in self.done:
+                    self.doc["rows"].append(r)
+                    self.done.add(self.key(r))
 
     @classmethod
     def key(cls, row: dict) -> tuple:
@@ -86,15 +115,53 @@ class Results:
     def has(self, **key) -> bool:
         return self.key(key) in self.done
 
+    def claim(self, key: dict, bits: list[int]) -> bool:
+        """True when this process should measure the model of ``key``: its rows are not written and no other live
+        process has claimed it; the claim is recorded."""
+        with self._locked():
+            self._reload()
+            if all(self.has(**key, bits=b) for b in bits):
+                return False
+            claims = json.loads(self.claims.read_text()) if self.claims.is_file() else {}
+            name = json.dumps(self.key({**key, "bits": 0}))
+            pid = claims.get(name)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                return False
+            claims[name] = os.getpid()
+            _write_text(self.claims, json.dumps(claims, indent=1))
+            return True
+
     def add(self, rows: list[dict], wall: float) -> None:
         from pipeline.reporting import write_json
 
-        for r in rows:
-            if self.key(r) not in self.done:
-                self.doc["rows"].append(r)
-                self.done.add(self.key(r))
-        self.doc["wall_seconds"] = wall
-        write_json(self.path, self.doc)
+        with self._locked():
+            self._reload()
+            for r in rows:
+                if self.key(r) not in self.done:
+                    self.doc["rows"].append(r)
+                    self.done.add(self.key(r))
+            self.doc["wall_seconds"] = wall
+            write_json(self.path, self.doc)
+            if self.claims.is_file():  # the model is written: its claim goes
+                claims = json.loads(self.claims.read_text())
+                claims.pop(json.dumps(self.key({**rows[0], "bits": 0})), None)
+                _write_text(self.claims, json.dumps(claims, indent=1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_text(path: Path, text: str) -> None:
+    from pipeline.reporting import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 METHODS = ("hydra", "lwm", "admm")
@@ -167,6 +234,9 @@ def main(
                                                      "model takes (e.g. runs/fashion/params.yaml); --epochs then "
                                                      "does nothing")] = None,
     square_queries: Annotated[int, typer.Option(min=0, help="Square's queries in the robust accuracy")] = 5000,
+    cache: Annotated[Path | None, typer.Option(help="folder keeping each dense pretrained network (safetensors, "
+                                                    "keyed by its settings): a resumed run, or a second process on "
+                                                    "the same --out, trains it once")] = None,
     table: Annotated[Path | None, typer.Option(help="print the markdown table of this results file and stop")] = None,
     plot: Annotated[Path | None, typer.Option(help="with --table: also draw robust accuracy vs sparsity (PNG)")] = None,
 ) -> None:
@@ -244,12 +314,22 @@ def main(
         key = (pretrain, arch, seed)
         if key not in dense_cache:
             objective = verified_objective if pretrain == "verified" else pretrain
-            t = time.perf_counter()
-            torch.manual_seed(seed)
-            model = build_model(arch, data.info)
-            train(model, train_set, TrainParams(**stage_params("pretrain", objective, seed)),
-                  label=f"pretrain {arch} {objective} seed {seed}")
-            dense_cache[key] = (model, time.perf_counter() - t)
+            settings = stage_params("pretrain", objective, seed)
+
+            def fit():
+                t = time.perf_counter()
+                torch.manual_seed(seed)
+                model = build_model(arch, data.info)
+                train(model, train_set, TrainParams(**settings), label=f"pretrain {arch} {objective} seed {seed}")
+                return model, time.perf_counter() - t
+
+            if cache is None:
+                dense_cache[key] = fit()
+            else:
+                digest = hashlib.sha256(json.dumps([arch, len(train_set), train_subset, settings],
+                                                   sort_keys=True).encode()).hexdigest()[:12]
+                dense_cache[key] = cached_dense(cache / f"{pretrain}-{arch}-seed{seed}-{digest}.safetensors",
+                                                fit, lambda: build_model(arch, data.info))
         return dense_cache[key]
 
     def measure(model, verify: bool, bits: int) -> dict:
@@ -284,7 +364,7 @@ def main(
     for job in jobs:
         bits = [32, 8] if int8 else [32]
         key = {k: job[k] for k in ("experiment", "arch", "method", "rates", "sparsity", "seed")}
-        if all(results.has(**key, bits=b) for b in bits):
+        if not results.claim(key, bits):  # written, or another process is on it
             continue
         verify = job["experiment"] == "verified"
         base, dense_s = dense(job["pretrain"], job["arch"], job["seed"])
@@ -316,6 +396,35 @@ def main(
                        + (f" verified {rows[-1]['verified_accuracy']:.3f}" if verify else ""))
         results.add(rows, time.perf_counter() - t_start)
     typer.echo(f"{len(results.doc['rows'])} rows in {out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+def cached_dense(path: Path, fit, blank):
+    """The dense network in ``path`` (safetensors; its training seconds in the metadata), or ``fit()`` trained once
+    and saved there: the file's lock holds a second process until the first has written it."""
+    import fcntl
+
+    from safetensors.torch import load_file, save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not path.is_file():
+                model, seconds = fit()
+                tmp = path.with_name(path.name + ".part")
+                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                          metadata={"seconds": f"{seconds:.2f}"})
+                os.replace(tmp, path)
+                return model, seconds
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    from safetensors import safe_open
+
+    model = blank()
+    model.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        seconds = float(f.metadata()["seconds"])
+    return model, seconds
 
 
 def _pct(v: float | None) -> str:
