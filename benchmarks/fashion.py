@@ -239,12 +239,18 @@ def main(
                                                     "the same --out, trains it once")] = None,
     table: Annotated[Path | None, typer.Option(help="print the markdown table of this results file and stop")] = None,
     plot: Annotated[Path | None, typer.Option(help="with --table: also draw robust accuracy vs sparsity (PNG)")] = None,
+    readme: Annotated[Path | None, typer.Option(help="with --table: rewrite that markdown file's generated "
+                                                     "fashion-full block with the table")] = None,
 ) -> None:
     if table is not None:
         doc = json.loads(table.read_text())
         typer.echo(render_table(doc["rows"]))
         if plot is not None:
             draw(doc["rows"], plot)
+        if readme is not None:
+            from pipeline.reporting import atomic_write_bytes
+
+            atomic_write_bytes(readme, readme_with_table(readme.read_text(), doc["rows"]).encode())
         return
     os.environ.setdefault("HYDRA_PIPE_QUIET", "1")
     import numpy as np
@@ -317,11 +323,11 @@ def main(
             settings = stage_params("pretrain", objective, seed)
 
             def fit():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 torch.manual_seed(seed)
                 model = build_model(arch, data.info)
                 train(model, train_set, TrainParams(**settings), label=f"pretrain {arch} {objective} seed {seed}")
-                return model, time.perf_counter() - t
+                return model, time.perf_counter() - t, time.process_time() - c
 
             if cache is None:
                 dense_cache[key] = fit()
@@ -367,10 +373,10 @@ def main(
         if not results.claim(key, bits):  # written, or another process is on it
             continue
         verify = job["experiment"] == "verified"
-        base, dense_s = dense(job["pretrain"], job["arch"], job["seed"])
-        t = time.perf_counter()
+        base, dense_s, dense_cpu = dense(job["pretrain"], job["arch"], job["seed"])
+        t, c = time.perf_counter(), time.process_time()
         if job["method"] == "dense":
-            model, train_s = base, dense_s
+            model, train_s, train_cpu = base, dense_s, dense_cpu
         else:
             model = copy.deepcopy(base)
             method, _, init = job["method"].partition("-")
@@ -382,13 +388,15 @@ def main(
             if job["experiment"] != "benign":  # the robust sub-network of a benign network is not finetuned
                 train(model, train_set, FinetuneParams(**stage_params("finetune", objective, job["seed"])),
                       label=f"finetune {job['method']} {job['sparsity']:g}")
-            train_s = dense_s + time.perf_counter() - t
+            train_s, train_cpu = dense_s + time.perf_counter() - t, time.process_time() - c
         rows = []
         for b in bits:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             figures = measure(model, verify, b)
             rows.append({**key, "bits": b, **figures, "eps": EPS, "n_test": len(y_np),
                          "seconds": round(train_s + time.perf_counter() - t, 2),
+                         "train_cpu_seconds": round(train_cpu, 2),
+                         "measure_cpu_seconds": round(time.process_time() - c, 2),
                          "measured_sparsity": round(global_sparsity(model), 6)})
             typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
                        f"{job['sparsity']:>5g} seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} "
@@ -399,8 +407,9 @@ def main(
 
 
 def cached_dense(path: Path, fit, blank):
-    """The dense network in ``path`` (safetensors; its training seconds in the metadata), or ``fit()`` trained once
-    and saved there: the file's lock holds a second process until the first has written it."""
+    """``(model, wall seconds, CPU seconds)`` of the dense network in ``path`` (safetensors; its training's seconds
+    in the metadata), or of ``fit()`` trained once and saved there: the file's lock holds a second process until the
+    first has written it."""
     import fcntl
 
     from safetensors.torch import load_file, save_file
@@ -410,12 +419,12 @@ def cached_dense(path: Path, fit, blank):
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not path.is_file():
-                model, seconds = fit()
+                model, seconds, cpu = fit()
                 tmp = path.with_name(path.name + ".part")
                 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                          metadata={"seconds": f"{seconds:.2f}"})
+                          metadata={"seconds": f"{seconds:.2f}", "cpu_seconds": f"{cpu:.2f}"})
                 os.replace(tmp, path)
-                return model, seconds
+                return model, seconds, cpu
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     from safetensors import safe_open
@@ -423,8 +432,9 @@ def cached_dense(path: Path, fit, blank):
     model = blank()
     model.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
-        seconds = float(f.metadata()["seconds"])
-    return model, seconds
+        meta = f.metadata()
+    # a file written before CPU time was recorded: its wall time (one thread, the machine alone)
+    return model, float(meta["seconds"]), float(meta.get("cpu_seconds", meta["seconds"]))
 
 
 def _pct(v: float | None) -> str:
@@ -452,19 +462,50 @@ def _mean_spread(values: list[float | None]) -> str:
 
 
 def render_table(rows: list[dict]) -> str:
-    """The README's table: one line per model (seeds: their mean ± half their range)."""
+    """The README's table: one line per model (seeds: their mean ± half their range), then the grid's CPU time."""
     lines = ["| experiment | arch | method | rates | sparsity | bits | seeds | clean | robust (AA-eq.) | PGD robust | "
-             "verified | CPU s |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "verified | CPU s per seed |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (exp, arch, method, rates, sparsity, bits), g in sorted(_groups(rows).items(),
                                                                   key=lambda kv: (kv[0][0], kv[0][1], kv[0][4],
                                                                                   kv[0][2], kv[0][3], -kv[0][5])):
+        cpu = [r["train_cpu_seconds"] + r["measure_cpu_seconds"] for r in g if "measure_cpu_seconds" in r]
         lines.append(f"| {exp} | {arch} | {method} | {rates} | {100 * sparsity:g}% | {bits} | {len(g)} | "
                      f"{_mean_spread([r['clean_accuracy'] for r in g])} | "
                      f"{_mean_spread([r['robust_accuracy'] for r in g])} | "
                      f"{_mean_spread([r['pgd_robust_accuracy'] for r in g])} | "
                      f"{_mean_spread([r['verified_accuracy'] for r in g])} | "
-                     f"{sum(r['seconds'] for r in g):.0f} |")
+                     f"{f'{sum(cpu) / len(cpu):.0f}' if cpu else '-'} |")
+    hours, unknown = cpu_hours(rows)
+    lines += ["", f"{len(rows)} rows; CPU time of the models they measure (each training once, each measurement): "
+                  f"{hours:.1f} CPU hours" + (f", {unknown} rows written before CPU time was recorded not counted"
+                                              if unknown else "") + "."]
     return "\n".join(lines)
+
+
+def cpu_hours(rows: list[dict]) -> tuple[float, int]:
+    """The grid's CPU hours (each model's own training once, a dense network once per pretraining, every row's
+    measurement) and how many rows do not say (written before ``train_cpu_seconds`` was recorded)."""
+    trained: dict[tuple, float] = {}
+    total, unknown = 0.0, 0
+    for r in rows:
+        if "measure_cpu_seconds" not in r:
+            unknown += 1
+            continue
+        total += r["measure_cpu_seconds"]
+        trained[(r["experiment"], r["arch"], r["method"], r.get("rates", "uniform"), r["sparsity"], r["seed"])] = \
+            r["train_cpu_seconds"]
+    return (total + sum(trained.values())) / 3600, unknown
+
+
+README_MARKS = ("<!-- generated:fashion-full by `benchmarks/fashion.py --table FILE --readme README`; do not edit -->",
+                "<!-- /generated:fashion-full -->")
+
+
+def readme_with_table(readme: str, rows: list[dict]) -> str:
+    """``readme`` with its fashion-full block (between :data:`README_MARKS`) replaced by :func:`render_table`."""
+    start, end = readme.index(README_MARKS[0]) + len(README_MARKS[0]), readme.index(README_MARKS[1])
+    return readme[:start] + "\n" + render_table(rows) + "\n" + readme[end:]
 
 
 def draw(rows: list[dict], path: Path) -> None:
