@@ -400,8 +400,14 @@ def start_score_pruning(layers: list[tuple[str, MaskedLayer]], keep_ratio: float
 
 
 def set_score_keep(layers: list[tuple[str, MaskedLayer]], keep_ratio: float, rates: Rates = "uniform") -> None:
-    """(Re)allocate the kept counts from the current scores (global rates move weights between layers)."""
-    for (_, layer), k in zip(layers, keep_counts([l.scores for _, l in layers], keep_ratio, rates)):
+    """Each layer's kept count at ``keep_ratio``; the scores then choose which weights fill it.
+
+    ``global``: the counts of one threshold over ``|w|`` (global magnitude pruning's allocation), not over the
+    scores: the scaled initialisation multiplies each layer's scores by its own ``sqrt(6 / fan_in) / max|w|``, so
+    one threshold over the scores compares numbers on per-layer scales and starves whole layers (digits, CNN-small,
+    keep 1%: 113 / 2 / 76 / 32 weights per layer instead of magnitude's 68 / 34 / 27 / 94, and 17.3% PGD-20 robust
+    instead of 44.0% after finetuning)."""
+    for (_, layer), k in zip(layers, keep_counts([l.weight.detach() for _, l in layers], keep_ratio, rates)):
         layer.set_keep(k)
 
 

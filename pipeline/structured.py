@@ -165,7 +165,8 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: P
                 else:
                     learned.set_budget(ratio)
             else:
-                counts = keep_counts([l.scores for l in layers], ratio, p.rates)  # type: ignore[arg-type]
+                # global: one threshold over the filters' L1 norms, as LWM (the scaled scores are per-layer scales)
+                counts = keep_counts([filter_norms(l) for l in layers], ratio, p.rates)  # type: ignore[arg-type]
                 for layer, k in zip(layers, counts):
                     layer.set_keep(max(k, 1))
             label = f"prune filters to keep {ratio:g}"

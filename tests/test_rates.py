@@ -200,3 +200,46 @@ def test_lwm_comparison_keeps_the_learned_counts_per_layer():
         w, out = weights[name], kept[name]
         assert int(np.count_nonzero(out)) == k
         assert np.abs(out[out != 0]).min() >= np.sort(np.abs(w).ravel())[-k]  # the k largest |w|
+
+
+def test_hydra_global_takes_the_magnitude_allocation_not_the_scaled_scores():
+    """One threshold over the scaled scores compares per-layer scales (``sqrt(6 / fan_in) / max|w|``); HYDRA's
+    global counts are global magnitude pruning's, the scores choose within each layer."""
+    from pipeline.masking import keep_counts
+
+    model, lwm_model = cnn(3), cnn(3)
+    for m in (model, lwm_model):  # the second convolution on a larger scale, as training leaves layers
+        with torch.no_grad():
+            prunable_layers(m)[1][1].weight.mul_(1.5)
+    layers = prunable_layers(model)
+    start_score_pruning(layers, 0.1, "scaled", "global")
+    by_scores = keep_counts([l.scores for _, l in layers], 0.1, "global")
+    prune(lwm_model, digits_like(), PruneParams(method="lwm", rates="global", keep_ratio=0.1))
+    hydra_counts = [int(layer.mask().sum()) for _, layer in layers]
+    assert hydra_counts == kept(lwm_model)
+    assert by_scores[1] < hydra_counts[1] // 10  # one threshold over the scores all but empties that layer
+
+
+def test_hydra_global_filters_take_the_l1_allocation():
+    from pipeline.channels import prunable_groups
+    from pipeline.structured import channel_keep
+
+    counts = []
+    for method in ("hydra", "lwm"):
+        model = cnn(3)
+        with torch.no_grad():  # the first convolution's filters on a larger scale
+            prunable_layers(model)[0][1].weight.mul_(3.0)
+        groups = prunable_groups(model)
+        prune(model, digits_like(), PruneParams(method=method, granularity="filter", keep_ratio=0.3, rates="global",
+                                                epochs=1, batch_size=32, attack_steps=1))
+        counts.append([int(k.sum()) for k in channel_keep(model, groups)])
+    assert counts[0] == counts[1]
+    from pipeline.masking import keep_counts
+    from pipeline.structured import init_filter_scores
+
+    model = cnn(3)
+    with torch.no_grad():
+        prunable_layers(model)[0][1].weight.mul_(3.0)
+    layers = [model.get_submodule(g.producer) for g in prunable_groups(model)]
+    by_scores = keep_counts([init_filter_scores(l, "scaled", None) for l in layers], 0.3, "global")
+    assert by_scores != counts[0]  # what one threshold over the scaled scores would have kept
