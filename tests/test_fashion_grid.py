@@ -1,5 +1,5 @@
-"""``benchmarks/fashion.py``'s grid: several processes on one results file, the dense networks' cache, the README's
-table generated from the committed results."""
+"""The benchmarks' generated tables and ``benchmarks/fashion.py``'s grid: several processes on one results file, the
+dense networks' cache, the README's tables generated from the committed results (the grid's, ``rates_digits.py``'s)."""
 
 import importlib.util
 import json
@@ -98,3 +98,13 @@ def test_the_readme_table_is_the_committed_results_file(fashion):
     rows = json.loads((ROOT / "benchmarks" / "results" / "fashion_full.json").read_text())["rows"]
     assert fashion.readme_with_table(readme, rows) == readme, \
         "run: python benchmarks/fashion.py --table benchmarks/results/fashion_full.json --readme benchmarks/README.md"
+
+
+def test_the_readme_rates_table_is_the_committed_results_file():
+    spec = importlib.util.spec_from_file_location("bench_rates_digits", ROOT / "benchmarks" / "rates_digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    rows = module.read_rows(ROOT / "benchmarks" / "results" / "rates_digits.jsonl")
+    assert rows and module.readme_with_table(readme, rows) == readme, \
+        "run: python benchmarks/rates_digits.py --table benchmarks/results/rates_digits.jsonl --readme benchmarks/README.md"
