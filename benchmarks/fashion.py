@@ -122,7 +122,7 @@ class Results:
             self._reload()
             if all(self.has(**key, bits=b) for b in bits):
                 return False
-            claims = json.loads(self.claims.read_text()) if self.claims.is_file() else {}
+            claims = self._read_claims()
             name = json.dumps(self.key({**key, "bits": 0}))
             pid = claims.get(name)
             if pid is not None and pid != os.getpid() and _alive(pid):
@@ -142,10 +142,12 @@ class Results:
                     self.done.add(self.key(r))
             self.doc["wall_seconds"] = wall
             write_json(self.path, self.doc)
-            if self.claims.is_file():  # the model is written: its claim goes
-                claims = json.loads(self.claims.read_text())
-                claims.pop(json.dumps(self.key({**rows[0], "bits": 0})), None)
+            claims = self._read_claims()
+            if claims.pop(json.dumps(self.key({**rows[0], "bits": 0})), None) is not None:  # written: the claim goes
                 _write_text(self.claims, json.dumps(claims, indent=1))
+
+    def _read_claims(self) -> dict[str, int]:
+        return json.loads(self.claims.read_text()) if self.claims.is_file() else {}
 
 
 def _alive(pid: int) -> bool:
@@ -412,7 +414,7 @@ def cached_dense(path: Path, fit, blank):
     first has written it."""
     import fcntl
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
@@ -429,16 +431,12 @@ def cached_dense(path: Path, fit, blank):
             fcntl.flock(lock, fcntl.LOCK_UN)
     from safetensors import safe_open
 
-    model = blank()
-    model.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    model = blank()
+    model.load_state_dict(state)
     # a file written before CPU time was recorded: its wall time (one thread, the machine alone)
     return model, float(meta["seconds"]), float(meta.get("cpu_seconds", meta["seconds"]))
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -450,19 +448,9 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def _mean_spread(values: list[float | None]) -> str:
-    """One seed's figure, or the seeds' mean +- half their range (the spread), in percent."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return _pct(vals[0])
-    mean, half = sum(vals) / len(vals), (max(vals) - min(vals)) / 2
-    return f"{100 * mean:.1f} ± {100 * half:.1f}%"
-
-
 def render_table(rows: list[dict]) -> str:
     """The README's table: one line per model (seeds: their mean ± half their range), then the grid's CPU time."""
+    from stages.figures import mean_spread
     lines = ["| experiment | arch | method | rates | sparsity | bits | seeds | clean | robust (AA-eq.) | PGD robust | "
              "verified | CPU s per seed |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -471,10 +459,10 @@ def render_table(rows: list[dict]) -> str:
                                                                                   kv[0][2], kv[0][3], -kv[0][5])):
         cpu = [r["train_cpu_seconds"] + r["measure_cpu_seconds"] for r in g if "measure_cpu_seconds" in r]
         lines.append(f"| {exp} | {arch} | {method} | {rates} | {100 * sparsity:g}% | {bits} | {len(g)} | "
-                     f"{_mean_spread([r['clean_accuracy'] for r in g])} | "
-                     f"{_mean_spread([r['robust_accuracy'] for r in g])} | "
-                     f"{_mean_spread([r['pgd_robust_accuracy'] for r in g])} | "
-                     f"{_mean_spread([r['verified_accuracy'] for r in g])} | "
+                     f"{mean_spread([r['clean_accuracy'] for r in g])} | "
+                     f"{mean_spread([r['robust_accuracy'] for r in g])} | "
+                     f"{mean_spread([r['pgd_robust_accuracy'] for r in g])} | "
+                     f"{mean_spread([r['verified_accuracy'] for r in g])} | "
                      f"{f'{sum(cpu) / len(cpu):.0f}' if cpu else '-'} |")
     hours, unknown = cpu_hours(rows)
     lines += ["", f"{len(rows)} rows; CPU time of the models they measure (each training once, each measurement): "
@@ -493,8 +481,7 @@ def cpu_hours(rows: list[dict]) -> tuple[float, int]:
             unknown += 1
             continue
         total += r["measure_cpu_seconds"]
-        trained[(r["experiment"], r["arch"], r["method"], r.get("rates", "uniform"), r["sparsity"], r["seed"])] = \
-            r["train_cpu_seconds"]
+        trained[Results.key({**r, "bits": 0})] = r["train_cpu_seconds"]  # one per model, whatever its bit widths
     return (total + sum(trained.values())) / 3600, unknown
 
 
@@ -504,8 +491,9 @@ README_MARKS = ("<!-- generated:fashion-full by `benchmarks/fashion.py --table F
 
 def readme_with_table(readme: str, rows: list[dict]) -> str:
     """``readme`` with its fashion-full block (between :data:`README_MARKS`) replaced by :func:`render_table`."""
-    start, end = readme.index(README_MARKS[0]) + len(README_MARKS[0]), readme.index(README_MARKS[1])
-    return readme[:start] + "\n" + render_table(rows) + "\n" + readme[end:]
+    from stages.figures import replace_block
+
+    return replace_block(readme, README_MARKS, render_table(rows))
 
 
 def draw(rows: list[dict], path: Path) -> None:

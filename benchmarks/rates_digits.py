@@ -78,13 +78,10 @@ MARKS = ("<!-- generated:rates-digits by `benchmarks/rates_digits.py --table FIL
          "<!-- /generated:rates-digits -->")
 
 
-def _mean_spread(values: list[float]) -> str:
-    mean = 100 * sum(values) / len(values)
-    return f"{mean:.1f}%" if len(values) == 1 else f"{mean:.1f} ± {50 * (max(values) - min(values)):.1f}%"
-
-
 def table(rows: list[dict]) -> str:
     """One line per (keep ratio, epochs, variant): the seeds' mean ± half their range."""
+    from stages.figures import mean_spread
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["keep"], tuple(r["epochs"]), r["variant"]), []).append(r)
@@ -93,14 +90,15 @@ def table(rows: list[dict]) -> str:
     for (keep, epochs, variant), g in groups.items():
         lines.append(f"| {100 * keep:g}% | {' / '.join(map(str, epochs))} | {variant} | "
                      f"{', '.join(str(r['seed']) for r in g)} | {' / '.join(map(str, g[0]['kept']))} | "
-                     f"{_mean_spread([r['pgd_before_ft'] for r in g])} | {_mean_spread([r['clean'] for r in g])} | "
-                     f"{_mean_spread([r['pgd20'] for r in g])} |")
+                     f"{mean_spread([r['pgd_before_ft'] for r in g])} | {mean_spread([r['clean'] for r in g])} | "
+                     f"{mean_spread([r['pgd20'] for r in g])} |")
     return "\n".join(lines)
 
 
 def readme_with_table(readme: str, rows: list[dict]) -> str:
-    start, end = readme.index(MARKS[0]) + len(MARKS[0]), readme.index(MARKS[1])
-    return readme[:start] + "\n" + table(rows) + "\n" + readme[end:]
+    from stages.figures import replace_block
+
+    return replace_block(readme, MARKS, table(rows))
 
 
 def read_rows(path: Path) -> list[dict]:

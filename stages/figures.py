@@ -24,6 +24,23 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def mean_spread(values: list[float | None]) -> str:
+    """One seed's figure, or the seeds' mean ± half their range (the spread), in percent; ``-`` for none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return _pct(vals[0])
+    mean, half = sum(vals) / len(vals), (max(vals) - min(vals)) / 2
+    return f"{100 * mean:.1f} ± {100 * half:.1f}%"
+
+
+def replace_block(text: str, marks: tuple[str, str], body: str) -> str:
+    """``text`` with what lies between its two markers replaced by ``body`` (the markers stay)."""
+    start, end = text.index(marks[0]) + len(marks[0]), text.index(marks[1])
+    return text[:start] + "\n" + body + "\n" + text[end:]
+
+
 def _attack_label(a) -> str:
     from pipeline.audit.attacks import ATTACK_SPECS
 
@@ -178,9 +195,7 @@ def readme_block(readme: str, name: str) -> str:
 def main(root: Path = Path(".")) -> None:
     readme = (root / "README.md").read_text()
     for name, make in BLOCKS.items():
-        start_mark, end_mark = _markers(name)
-        start, end = readme.index(start_mark) + len(start_mark), readme.index(end_mark)
-        readme = readme[:start] + "\n" + make(root) + "\n" + readme[end:]
+        readme = replace_block(readme, _markers(name), make(root))
     atomic_write_bytes(root / "README.md", readme.encode())
 
 
