@@ -246,7 +246,7 @@ def main(
 ) -> None:
     if table is not None:
         doc = json.loads(table.read_text())
-        typer.echo(render_table(doc["rows"]))
+        typer.echo(render_table(doc["rows"]) + "\n\n" + "\n".join(render_goals(doc["rows"])))
         if plot is not None:
             draw(doc["rows"], plot)
         if readme is not None:
@@ -485,6 +485,156 @@ def cpu_hours(rows: list[dict]) -> tuple[float, int]:
     return (total + sum(trained.values())) / 3600, unknown
 
 
+SEEDS = 3  # the issue's goals: mean of 3 seeds at 99%
+
+
+def _robust(rows: list[dict], *, experiment: str = "adversarial", arch: str = "cnn_small", bits: int = 32,
+            **match) -> dict[tuple[str, str], list[float]]:
+    """``{(method, rates): [robust accuracy per seed]}`` of the matching rows (``match``: sparsity, method, ...)."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        r = {"rates": "uniform", **r}
+        if (r["experiment"], r["arch"], r["bits"]) == (experiment, arch, bits) and \
+                all(r[k] == v for k, v in match.items()):
+            out.setdefault((r["method"], r["rates"]), []).append(r["robust_accuracy"])
+    return out
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+def _half(v: list[float]) -> float:
+    return (max(v) - min(v)) / 2
+
+
+def _fig(name: str, v: list[float]) -> str:
+    from stages.figures import mean_spread
+    return f"{name} {mean_spread(v)} ({len(v)} seed{'s' if len(v) != 1 else ''})"
+
+
+def _seeds_note(*groups: list[float]) -> str:
+    short = min(len(g) for g in groups)
+    return "" if short >= SEEDS else f" (provisional: {short} of {SEEDS} seeds)"
+
+
+def render_goals(rows: list[dict]) -> list[str]:
+    """Issue 25's goals judged from the results file: one line each, the figures it rests on, and **met**, **not
+    met**, *provisional* (fewer seeds than the goal asks) or *not measured* (a row it needs is missing).
+    Robust accuracy is the AutoAttack-equivalent figure of the 32-bit rows (the int8 goal compares both)."""
+    lines = ["Goals (issue 25), judged from the same file by `render_goals`:", ""]
+
+    def verdict(ok: bool, provisional: str = "") -> str:
+        return ("**met**" if ok else "**not met**") + provisional
+
+    at99 = _robust(rows, sparsity=0.99)
+    # 1. HYDRA against LWM at 99%, each allocation (learned rates: against LWM's best allocation).
+    parts = []
+    for rates, lwm_rates in (("uniform", "uniform"), ("global", "global"), ("learned", "global")):
+        h, l = at99.get(("hydra", rates)), at99.get(("lwm", lwm_rates))
+        if h and l:
+            parts.append(f"{_fig(f'HYDRA {rates}', h)} vs {_fig(f'LWM {lwm_rates}', l)}: "
+                         f"{100 * (_mean(h) - _mean(l)):+.1f}")
+        else:
+            parts.append(f"HYDRA {rates} vs LWM {lwm_rates}: *not measured*")
+    lines.append("- (1) HYDRA against LWM at 99% (reported as measured): " + "; ".join(parts) + ".")
+    # 2. The best 99% model at least the 90% model, and above global LWM by more than the seeds' spread.
+    at90 = _robust(rows, sparsity=0.9)
+    lwm_g = at99.get(("lwm", "global"))
+    if at99 and at90 and lwm_g:
+        best99 = max(at99, key=lambda k: _mean(at99[k]))
+        best90 = max(at90, key=lambda k: _mean(at90[k]))
+        b99, b90 = at99[best99], at90[best90]
+        margin = _mean(b99) - _mean(lwm_g)
+        ok = _mean(b99) >= _mean(b90) and (best99 != ("lwm", "global") and margin > max(_half(b99), _half(lwm_g)))
+        lines.append(f"- (2) Best 99% model >= the 90% model and above global LWM by more than the spread: "
+                     f"{_fig(f'{best99[0]} {best99[1]} 99%', b99)}; best 90% "
+                     f"{_fig(f'{best90[0]} {best90[1]}', b90)}; over LWM global {100 * margin:+.1f}: "
+                     f"{verdict(ok, _seeds_note(b99, lwm_g))}.")
+    else:
+        lines.append("- (2) Best 99% model >= the 90% model, above global LWM: *not measured* (needs 90% and 99% rows "
+                     "and LWM global at 99%).")
+    # 3. Learned rates at 99% within 2 points of the 90% model on CNN-large; never below global rates.
+    large99, large90 = _robust(rows, arch="cnn_large", sparsity=0.99), _robust(rows, arch="cnn_large", sparsity=0.9)
+    if ("hydra", "learned") in large99 and large90:
+        best90 = max(large90, key=lambda k: _mean(large90[k]))
+        gap = _mean(large90[best90]) - _mean(large99[("hydra", "learned")])
+        lines.append(f"- (3a) CNN-large, learned rates at 99% within 2 points of the 90% model: "
+                     f"{_fig('learned 99%', large99[('hydra', 'learned')])}, "
+                     f"{_fig(f'{best90[0]} {best90[1]} 90%', large90[best90])}, {100 * gap:.1f} points: "
+                     f"{verdict(gap <= 0.02)}.")
+    else:
+        lines.append("- (3a) CNN-large, learned rates at 99% within 2 points of the 90% model: *not measured*.")
+    pairs = []
+    for arch in ("cnn_small", "cnn_large"):
+        for s in (0.9, 0.95, 0.99):
+            got = _robust(rows, arch=arch, sparsity=s)
+            if ("hydra", "learned") in got and ("hydra", "global") in got:
+                pairs.append((arch, s, got[("hydra", "learned")], got[("hydra", "global")]))
+    if pairs:
+        below = [p for p in pairs if _mean(p[2]) < _mean(p[3])]
+        lines.append("- (3b) Learned rates never below global rates (HYDRA): " + "; ".join(
+            f"{a} {100 * s:g}% {100 * (_mean(l) - _mean(g)):+.1f}" for a, s, l, g in pairs) +
+            f": {verdict(not below, _seeds_note(*[p[2] for p in pairs], *[p[3] for p in pairs]))}.")
+    else:
+        lines.append("- (3b) Learned rates never below global rates: *not measured*.")
+    # 4. HYDRA (any allocation) >= ADMM (any allocation) at every sparsity.
+    cmp = []
+    for s in (0.9, 0.95, 0.99):
+        got = _robust(rows, sparsity=s)
+        h = [_mean(v) for (m, _), v in got.items() if m == "hydra"]
+        a = [_mean(v) for (m, _), v in got.items() if m == "admm"]
+        cmp.append((s, max(h) - max(a)) if h and a else (s, None))
+    measured = [(s, d) for s, d in cmp if d is not None]
+    missing = [f"{100 * s:g}%" for s, d in cmp if d is None]
+    lines.append("- (4) HYDRA >= ADMM at every sparsity (best allocation of each): " +
+                 ("; ".join(f"{100 * s:g}% {100 * d:+.1f}" for s, d in measured) or "no pair") + ": " +
+                 (f"*not measured* at {', '.join(missing)}" if missing else verdict(all(d >= 0 for _, d in measured)))
+                 + ".")
+    # 5. Verified track: the 90%-sparse int8 model >= 70% verified with clean >= 78%.
+    ver = [r for r in rows if r["experiment"] == "verified" and r["method"] == "hydra" and r["sparsity"] == 0.9
+           and r["bits"] == 8 and r.get("verified_accuracy") is not None]
+    if ver:
+        best = max(ver, key=lambda r: (r["verified_accuracy"] >= 0.7 and r["clean_accuracy"] >= 0.78,
+                                       r["verified_accuracy"]))
+        lines.append(f"- (5) Verified track, 90% int8 >= 70% verified with clean >= 78%: {best.get('rates', 'uniform')} "
+                     f"rates {100 * best['verified_accuracy']:.1f}% verified / {100 * best['clean_accuracy']:.1f}% "
+                     f"clean: {verdict(best['verified_accuracy'] >= 0.7 and best['clean_accuracy'] >= 0.78)}.")
+    else:
+        lines.append("- (5) Verified track, 90% int8 >= 70% verified with clean >= 78%: *not measured*.")
+    # 6. int8 costs < 0.5 points clean and robust, every model.
+    fp32 = {Results.key({**r, "bits": 0}): r for r in rows if r["bits"] == 32}
+    costs = []
+    for r in rows:
+        f = fp32.get(Results.key({**r, "bits": 0}))
+        if r["bits"] == 8 and f is not None:
+            for field in ("clean_accuracy", "robust_accuracy"):
+                costs.append((f[field] - r[field], field.split("_")[0], r))
+    if costs:
+        bad = [c for c in costs if c[0] >= 0.005]
+        worst = max(costs, key=lambda c: c[0])
+        lines.append(f"- (6) int8 costs < 0.5 points clean and robust: {len(costs) // 2} models, largest cost "
+                     f"{100 * worst[0]:.1f} ({worst[1]}, {worst[2]['experiment']} {worst[2]['method']} "
+                     f"{worst[2].get('rates', 'uniform')} {100 * worst[2]['sparsity']:g}%): {verdict(not bad)}" +
+                     (f" ({len(bad)} of {len(costs)} figures at 0.5 or more: " + ", ".join(sorted({
+                         f"{c[2]['experiment']} {c[2]['method']} {c[2].get('rates', 'uniform')} "
+                         f"{100 * c[2]['sparsity']:g}% seed {c[2]['seed']}" for c in bad})) + ")" if bad else "") + ".")
+    else:
+        lines.append("- (6) int8 costs < 0.5 points: *not measured*.")
+    # 7. A benign network's 90% HYDRA sub-network >= +30 points robust over the benign network.
+    benign = _robust(rows, experiment="benign")
+    sub = _robust(rows, experiment="benign", sparsity=0.9)
+    if ("dense", "uniform") in benign and ("hydra", "uniform") in sub:
+        gain = _mean(sub[("hydra", "uniform")]) - _mean(benign[("dense", "uniform")])
+        lines.append(f"- (7) Benign network's 90% HYDRA sub-network >= +30 points robust: "
+                     f"{_fig('sub-network', sub[('hydra', 'uniform')])} over "
+                     f"{_fig('benign dense', benign[('dense', 'uniform')])}: {100 * gain:+.1f}: "
+                     f"{verdict(gain >= 0.30)}.")
+    else:
+        lines.append("- (7) Benign network's 90% HYDRA sub-network >= +30 points robust: *not measured*.")
+    return lines
+
+
 README_MARKS = ("<!-- generated:fashion-full by `benchmarks/fashion.py --table FILE --readme README`; do not edit -->",
                 "<!-- /generated:fashion-full -->")
 
@@ -493,7 +643,7 @@ def readme_with_table(readme: str, rows: list[dict]) -> str:
     """``readme`` with its fashion-full block (between :data:`README_MARKS`) replaced by :func:`render_table`."""
     from stages.figures import replace_block
 
-    return replace_block(readme, README_MARKS, render_table(rows))
+    return replace_block(readme, README_MARKS, render_table(rows) + "\n\n" + "\n".join(render_goals(rows)))
 
 
 def draw(rows: list[dict], path: Path) -> None:

@@ -108,3 +108,46 @@ def test_the_readme_rates_table_is_the_committed_results_file():
     rows = module.read_rows(ROOT / "benchmarks" / "results" / "rates_digits.jsonl")
     assert rows and module.readme_with_table(readme, rows) == readme, \
         "run: python benchmarks/rates_digits.py --table benchmarks/results/rates_digits.jsonl --readme benchmarks/README.md"
+
+
+def goal(lines: list[str], n: str) -> str:
+    (line,) = [x for x in lines if x.startswith(f"- ({n})")]
+    return line
+
+
+def test_goal_verdicts_follow_the_rows(fashion):
+    """Each goal's verdict turns with the figures it rests on, and says when a row is missing or seeds are few."""
+    def adv(method, rates, sparsity, robust, seed=0, bits=32, clean=0.8):
+        return row(method, bits, seed, rates=rates, sparsity=sparsity, robust_accuracy=robust, clean_accuracy=clean)
+
+    rows = [adv("hydra", "learned", 0.9, 0.72), adv("lwm", "global", 0.9, 0.70)]
+    rows += [adv("hydra", "learned", 0.99, r, seed=s) for s, r in enumerate((0.73, 0.74, 0.75))]
+    rows += [adv("lwm", "global", 0.99, r, seed=s) for s, r in enumerate((0.66, 0.67, 0.68))]
+    lines = fashion.render_goals(rows)
+    assert goal(lines, "2").endswith("**met**.")  # 74.0 >= 72.0, and 7.0 over LWM global > the 1.0 spread
+    assert "HYDRA learned 74.0 ± 1.0% (3 seeds) vs LWM global 67.0 ± 1.0% (3 seeds): +7.0" in goal(lines, "1")
+    assert "*not measured*" in goal(lines, "4") and "*not measured*" in goal(lines, "7")
+    # the 99% model below the 90% one: not met; one seed fewer: provisional
+    worse = [r if r["sparsity"] != 0.9 or r["method"] != "hydra" else {**r, "robust_accuracy": 0.76} for r in rows]
+    assert "**not met**" in goal(fashion.render_goals(worse), "2")
+    assert "provisional: 2 of 3 seeds" in goal(fashion.render_goals(rows[:-1]), "2")
+
+    rows = [adv(m, "uniform", s, 0.6 if m == "hydra" else 0.5) for m in ("hydra", "admm") for s in (0.9, 0.95, 0.99)]
+    assert goal(fashion.render_goals(rows), "4").endswith("**met**.")
+    rows[0] = {**rows[0], "robust_accuracy": 0.4}  # HYDRA below ADMM at 90%
+    assert "90% -10.0" in goal(fashion.render_goals(rows), "4") and "**not met**" in goal(fashion.render_goals(rows), "4")
+    assert "*not measured* at 95%" in goal(fashion.render_goals([r for r in rows if r["sparsity"] != 0.95]), "4")
+
+
+def test_the_int8_and_benign_goals(fashion):
+    pair = [row("hydra", 32), row("hydra", 8, robust_accuracy=0.396)]  # costs 0.4 points
+    assert goal(fashion.render_goals(pair), "6").endswith("**met**.")
+    pair[1] = {**pair[1], "robust_accuracy": 0.394, "seed": 0}  # 0.6 points
+    line = goal(fashion.render_goals(pair), "6")
+    assert "**not met**" in line and "adversarial hydra uniform 99% seed 0" in line
+
+    benign = [row("dense", experiment="benign", sparsity=0.0, robust_accuracy=0.02),
+              row("hydra", experiment="benign", sparsity=0.9, robust_accuracy=0.35)]
+    assert goal(fashion.render_goals(benign), "7").endswith("+33.0: **met**.")
+    benign[1] = {**benign[1], "robust_accuracy": 0.30}
+    assert "**not met**" in goal(fashion.render_goals(benign), "7")
