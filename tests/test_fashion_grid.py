@@ -151,3 +151,16 @@ def test_the_int8_and_benign_goals(fashion):
     assert goal(fashion.render_goals(benign), "7").endswith("+33.0: **met**.")
     benign[1] = {**benign[1], "robust_accuracy": 0.30}
     assert "**not met**" in goal(fashion.render_goals(benign), "7")
+
+
+def test_the_readme_hydra_vs_lwm_table_is_the_committed_results_file():
+    spec = importlib.util.spec_from_file_location("bench_hydra_vs_lwm", ROOT / "benchmarks" / "hydra_vs_lwm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    rows = module.read_rows(ROOT / "benchmarks" / "results" / "hydra_vs_lwm.jsonl")
+    assert rows and module.readme_with_table(readme, rows) == readme, \
+        "run: python benchmarks/hydra_vs_lwm.py --table benchmarks/results/hydra_vs_lwm.jsonl --readme benchmarks/README.md"
+    # the overlap: the share of a mask's kept weights the reference keeps too
+    a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert module.overlap([a, torch.zeros(2)], [b, torch.ones(2)]) == [pytest.approx(2 / 3, abs=1e-4), 1.0]
