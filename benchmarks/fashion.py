@@ -10,16 +10,19 @@ APGD-T, then PGD) on the fp32 ONNX model (32-bit rows) and on the int8 model as 
 Experiments (``--experiments``, comma-separated):
 
 - ``adversarial``: PGD adversarial training in every stage; dense, then each method of ``--methods`` (``hydra`` /
-  ``lwm`` / ``admm``) with each allocation of ``--rates`` (``uniform``, ``global``, ``learned``: learned is HYDRA's
+  ``lwm`` / ``admm``; ``hydra-adam``: HYDRA with its scores trained by Adam at lr 1e-3, the runs' score optimiser
+  before 2026-12-07, the ablation of the score optimiser) with each allocation of ``--rates`` (``uniform``, ``global``, ``learned``: learned is HYDRA's
   only) at each sparsity (90, 95, 99%), each finetuned with the same budget; every arch of ``--archs``; the seeds
   of ``--seeds`` at the highest sparsity, the first seed elsewhere (the paper's Table 1, and its seed spread).
-- ``verified``: ``crown-ibp`` in every stage (``--verified-objective ibp`` for IBP), dense and ``hydra`` at 90% and
-  99%; the rows add CROWN verified accuracy (``pipeline.bounds`` on fp32, the audit's IBP / CROWN on int8).
+- ``verified``: ``crown-ibp`` in every stage (``--verified-objective ibp`` for IBP), dense and ``hydra`` (each HYDRA
+  method of ``--methods``) at 90% and 99%; the rows add CROWN verified accuracy (``pipeline.bounds`` on fp32, the audit's IBP / CROWN on int8).
 - ``benign``: a benign (non-robust) dense network, pruned by ``hydra`` with the PGD objective and no finetuning
   (the paper's robust sub-networks inside non-robust networks), ``lwm`` beside it for comparison.
 - ``score_init``: HYDRA's ``scaled`` score initialisation vs ``kaiming`` at 99% (the paper's ablation).
 
-One dense pretrained network per (pretraining objective, arch, seed) is shared by every method of that seed.
+One dense pretrained network per (pretraining objective, arch, seed) is shared by every method of that seed. The
+prune stage's optimiser is each method's own (``pipeline.config.METHOD_OPTIMISERS``: HYDRA's scores SGD lr 0.1,
+ADMM's weights Adam lr 1e-3) unless ``--params`` sets one.
 ``--params runs/fashion/params.yaml`` takes every stage's settings from that run (the full budget: 55,000 images,
 15 / 8 / 8 epochs, its optimisers and schedules), only the seed, method, sparsity, allocation and objective changed;
 without it, ``--epochs`` per stage and the defaults of ``pipeline.config``.
@@ -102,7 +105,7 @@ class Results:
     def _reload(self) -> None:
         """Take in the rows other processes wrote meanwhile (under the lock)."""
         if self.path.is_file():
-            for r in json.loads(self.path.read_text()).get("rows", []):
+            for r in read_rows(self.path):
                 if self.key(r) not in self.done:
                     self.doc["rows"].append(r)
                     self.done.add(self.key(r))
@@ -150,6 +153,21 @@ class Results:
         return json.loads(self.claims.read_text()) if self.claims.is_file() else {}
 
 
+def normalised(row: dict) -> dict:
+    """A row as this version names it. HYDRA rows without ``prune_optimizer`` were pruned with the runs' score
+    optimiser before 2026-12-07 (Adam, lr 1e-3; ``runs/fashion/params.yaml`` said so): they are ``hydra-adam``,
+    the score-optimiser ablation, wherever they come from (an older process may still write them)."""
+    row = {"rates": "uniform", **row}
+    if row["method"] == "hydra" and "prune_optimizer" not in row:
+        row = {**row, "method": "hydra-adam", "prune_optimizer": "adam lr 0.001 wd 0"}
+    return row
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results file, :func:`normalised`."""
+    return [normalised(r) for r in json.loads(path.read_text()).get("rows", [])]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -166,14 +184,17 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-METHODS = ("hydra", "lwm", "admm")
+METHODS = ("hydra", "lwm", "admm", "hydra-adam")
+# a method's variant after the dash: what it changes in the prune stage's settings
+VARIANTS = {"scaled": {"score_init": "scaled"}, "kaiming": {"score_init": "kaiming"},
+            "adam": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}}
 RATES = ("uniform", "global", "learned")
 
 
 def allocations(methods: list[str], rates: list[str]) -> list[tuple[str, str]]:
     """(method, rates) pairs: every method with every allocation, learned rates with HYDRA only (they train with
     its scores)."""
-    return [(m, r) for m in methods for r in rates if r != "learned" or m == "hydra"]
+    return [(m, r) for m in methods for r in rates if r != "learned" or m.partition("-")[0] == "hydra"]
 
 
 def plan(experiments: list[str], archs: list[str], sparsities: list[float], seeds: list[int],
@@ -197,8 +218,8 @@ def plan(experiments: list[str], archs: list[str], sparsities: list[float], seed
             elif exp == "verified":
                 job(exp, arch, seeds[0], "verified", "dense", 0.0)
                 for s in (0.9, 0.99):
-                    for _, r in allocations(["hydra"], rates):
-                        job(exp, arch, seeds[0], "verified", "hydra", s, r)
+                    for m, r in allocations([m for m in methods if m.startswith("hydra")] or ["hydra"], rates):
+                        job(exp, arch, seeds[0], "verified", m, s, r)
             elif exp == "benign":
                 job(exp, arch, seeds[0], "benign", "dense", 0.0)
                 for s in sparsities:
@@ -245,14 +266,14 @@ def main(
                                                      "fashion-full block with the table")] = None,
 ) -> None:
     if table is not None:
-        doc = json.loads(table.read_text())
-        typer.echo(render_table(doc["rows"]) + "\n\n" + "\n".join(render_goals(doc["rows"])))
+        rows = read_rows(table)
+        typer.echo(render_table(rows) + "\n\n" + "\n".join(render_goals(rows)))
         if plot is not None:
-            draw(doc["rows"], plot)
+            draw(rows, plot)
         if readme is not None:
             from pipeline.reporting import atomic_write_bytes
 
-            atomic_write_bytes(readme, readme_with_table(readme.read_text(), doc["rows"]).encode())
+            atomic_write_bytes(readme, readme_with_table(readme.read_text(), rows).encode())
         return
     os.environ.setdefault("HYDRA_PIPE_QUIET", "1")
     import numpy as np
@@ -377,15 +398,18 @@ def main(
         verify = job["experiment"] == "verified"
         base, dense_s, dense_cpu = dense(job["pretrain"], job["arch"], job["seed"])
         t, c = time.perf_counter(), time.process_time()
+        optimiser = None  # what trained in the prune stage (recorded: the score optimiser changed on 2026-12-07)
         if job["method"] == "dense":
             model, train_s, train_cpu = base, dense_s, dense_cpu
         else:
             model = copy.deepcopy(base)
-            method, _, init = job["method"].partition("-")
+            method, _, variant = job["method"].partition("-")
             objective = verified_objective if verify else "pgd"
             p = PruneParams(**{**stage_params("prune", objective, job["seed"]), "method": method,
                                "rates": job["rates"], "keep_ratio": round(1.0 - job["sparsity"], 6),
-                               "score_init": init or "scaled"})
+                               **VARIANTS.get(variant, {})})
+            o = p.optimiser()
+            optimiser = f"{o.optimizer} lr {o.lr:g} wd {o.weight_decay:g}"
             prune(model, train_set, p)
             if job["experiment"] != "benign":  # the robust sub-network of a benign network is not finetuned
                 train(model, train_set, FinetuneParams(**stage_params("finetune", objective, job["seed"])),
@@ -399,7 +423,8 @@ def main(
                          "seconds": round(train_s + time.perf_counter() - t, 2),
                          "train_cpu_seconds": round(train_cpu, 2),
                          "measure_cpu_seconds": round(time.process_time() - c, 2),
-                         "measured_sparsity": round(global_sparsity(model), 6)})
+                         "measured_sparsity": round(global_sparsity(model), 6),
+                         "prune_optimizer": optimiser})
             typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
                        f"{job['sparsity']:>5g} seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} "
                        f"robust {rows[-1]['robust_accuracy']:.3f} pgd {rows[-1]['pgd_robust_accuracy']:.3f}"
@@ -657,7 +682,7 @@ def draw(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, dict[float, list[float]]] = {}
     for (exp, arch, method, rates, sparsity, bits), g in _groups(rows).items():
-        if exp == "adversarial" and bits == 32:
+        if exp == "adversarial" and bits == 32 and "-" not in method:  # variants (hydra-adam): the table only
             lines.setdefault((arch, method, rates), {})[sparsity] = [r["robust_accuracy"] for r in g]
     dense = {arch: pts[0.0] for (arch, method, _), pts in lines.items() if method == "dense" and 0.0 in pts}
     ticks = sorted({x for pts in lines.values() for x in pts} | ({0.0} if dense else set()))

@@ -10,14 +10,14 @@ For each variant of the prune stage this measures, from the same pretrained netw
 - the mask: kept weights per layer, and the share of them LWM would keep too (overlap with the magnitude mask),
 - after the run's finetuning (every variant the same: ``finetune`` of ``--params``): clean and PGD-20 accuracy.
 
-Variants (``--variants``): ``lwm`` (one-shot magnitude mask), ``hydra`` (the run's prune settings: Adam 1e-3),
-``hydra-paper`` (the authors' score optimiser: SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine), ``hydra-2x``
-(the run's settings, twice the score epochs). One JSON row per variant appended to ``--out`` as it finishes; a rerun
+Variants (``--variants``): ``lwm`` (one-shot magnitude mask), ``hydra-adam`` (scores trained by Adam at lr 1e-3,
+the runs' setting before 2026-12-07), ``hydra-sgd`` (the authors' score optimiser: SGD lr 0.1, momentum 0.9, weight
+decay 1e-4; the prune stage's default for HYDRA since). The rest of the prune stage is the run's. One JSON row per variant appended to ``--out`` as it finishes; a rerun
 skips the variants already there. ``--table FILE --readme benchmarks/README.md`` rewrites the README's generated
 block from the file.
 
     .venv/bin/python benchmarks/hydra_vs_lwm.py --pretrained runs/fashion/models/pretrained.safetensors \\
-        --params runs/fashion/params.yaml --keep 0.01 --out benchmarks/results/hydra_vs_lwm.jsonl
+        --params runs/fashion/params.yaml --keep 0.01 --rates global --out benchmarks/results/hydra_vs_lwm.jsonl
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ app = typer.Typer(add_completion=False)
 
 VARIANTS = {
     "lwm": {"method": "lwm"},
-    "hydra": {},
-    "hydra-paper": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "cosine"},
-    "hydra-2x": {"epochs": "2x"},
+    "hydra-adam": {"method": "hydra", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    "hydra-sgd": {"method": "hydra", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
 }
 
 
@@ -133,22 +132,21 @@ def main(
 
     base = {**run.prune.model_dump(), "keep_ratio": keep, "rates": rates}
     lwm, _ = load_checkpoint(pretrained)
-    prune(lwm, data.train, PruneParams(**{**base, "method": "lwm"}))
-    reference = masks_of(lwm)  # LWM's mask: the overlap's reference
+    prune(lwm, data.train, PruneParams(**{**base, "method": "lwm", "rates": "global" if rates == "learned" else rates}))
+    reference = masks_of(lwm)  # LWM's mask (global magnitude for learned rates): the overlap's reference
     for name in names:
         if name in {r["variant"] for r in read_rows(out) if r["keep"] == keep and r["rates"] == rates}:
             continue
         t, c = time.perf_counter(), time.process_time()
         over = dict(VARIANTS[name])
-        if over.get("epochs") == "2x":
-            over["epochs"] = 2 * base["epochs"]
         model, _ = load_checkpoint(pretrained)
         p = PruneParams(**{**base, **over})
         prune(model, data.train, p)
         masks = masks_of(model)
-        row = {"variant": name, "keep": keep, "rates": rates, "prune": {k: p.model_dump()[k] for k in
-                                                                      ("method", "optimizer", "lr", "epochs",
-                                                                       "weight_decay", "score_init")},
+        o = p.optimiser()
+        row = {"variant": name, "keep": keep, "rates": rates,
+               "prune": {"method": p.method, "optimizer": o.optimizer, "lr": o.lr, "epochs": p.epochs,
+                         "weight_decay": o.weight_decay, "score_init": p.score_init},
                "kept": [int(m.sum()) for m in masks], "overlap_with_lwm": overlap(masks, reference),
                "overlap_total": round(sum(float((m * r).sum()) for m, r in zip(masks, reference))
                                       / max(sum(int(m.sum()) for m in masks), 1), 4),

@@ -80,15 +80,16 @@ def _release(model: nn.Module) -> None:
 def _optimizer(params: Iterable[nn.Parameter], p: TrainParams,
                rates: Iterable[nn.Parameter] = ()) -> torch.optim.Optimizer:
     """One group, or two when learned per-layer rates train: their logits at ``p.rate_lr``, without weight decay."""
+    o = p.optimiser()
     rate_ids = {id(q) for q in rates}
     params = list(params)
     groups: list[dict[str, Any]] = [{"params": [q for q in params if id(q) not in rate_ids]}]
     if rate_ids:
-        groups.append({"params": [q for q in params if id(q) in rate_ids], "lr": getattr(p, "rate_lr", p.lr),
+        groups.append({"params": [q for q in params if id(q) in rate_ids], "lr": getattr(p, "rate_lr", o.lr),
                        "weight_decay": 0.0})
-    if p.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
-    return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, nesterov=p.momentum > 0)
+    if o.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0)
 
 
 def _set_bn(model: nn.Module, mode: Literal["train", "eval"]) -> None:

@@ -93,3 +93,27 @@ def test_the_audit_stage_takes_the_quick_budget(tmp_path):
     assert load_params(write(tmp_path, "")).audit.what_runs() == load_params(write(tmp_path, "")).audit
     with pytest.raises(HydraPipeError, match="audit.budget"):
         load_params(write(tmp_path, "audit:\n  budget: fast\n"))
+
+
+def test_the_prune_stage_optimiser_is_the_method_s_own_unless_given():
+    """HYDRA's scores train with the authors' SGD (lr 0.1, weight decay 1e-4), ADMM's weights with Adam (lr 1e-3);
+    values a params file gives apply to whichever method runs; the optimiser built is the one resolved."""
+    import torch
+
+    from pipeline.config import PruneParams
+    from pipeline.training import _optimizer
+
+    assert PruneParams(method="hydra").optimiser() == ("sgd", 0.1, 0.9, 1e-4)
+    assert PruneParams(method="admm").optimiser() == ("adam", 1e-3, 0.9, 0.0)
+    assert PruneParams(method="admm", optimizer="sgd", lr=0.02).optimiser() == ("sgd", 0.02, 0.9, 0.0)
+    assert PruneParams(method="hydra", lr=None, weight_decay=0.0).optimiser() == ("sgd", 0.1, 0.9, 0.0)
+    w = torch.nn.Parameter(torch.zeros(3))
+    sgd = _optimizer([w], PruneParams(method="hydra"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 0.1
+    assert sgd.param_groups[0]["weight_decay"] == 1e-4
+    adam = _optimizer([w], PruneParams(method="admm"))
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 1e-3
+    # the repository's runs leave it to the method
+    for path in ("params.yaml", "runs/fashion/params.yaml"):
+        p = load_params(path).prune
+        assert (p.optimizer, p.lr, p.weight_decay) == (None, None, None), path

@@ -24,7 +24,8 @@ def fashion():
 def row(method: str, bits: int = 32, seed: int = 0, **extra) -> dict:
     return {"experiment": "adversarial", "arch": "cnn_small", "method": method, "rates": "uniform", "sparsity": 0.99,
             "seed": seed, "bits": bits, "clean_accuracy": 0.5, "robust_accuracy": 0.4, "pgd_robust_accuracy": 0.45,
-            "verified_accuracy": None, "eps": 0.1, "n_test": 10, "seconds": 1.0, **extra}
+            "verified_accuracy": None, "eps": 0.1, "n_test": 10, "seconds": 1.0,
+            "prune_optimizer": None if method == "dense" else "sgd lr 0.1 wd 0.0001", **extra}
 
 
 def key(r: dict) -> dict:
@@ -95,7 +96,7 @@ def test_cpu_hours_count_each_training_once(fashion):
 def test_the_readme_table_is_the_committed_results_file(fashion):
     """benchmarks/README.md's fashion-full block is ``fashion.py --table ... --readme``'s output."""
     readme = (ROOT / "benchmarks" / "README.md").read_text()
-    rows = json.loads((ROOT / "benchmarks" / "results" / "fashion_full.json").read_text())["rows"]
+    rows = fashion.read_rows(ROOT / "benchmarks" / "results" / "fashion_full.json")
     assert fashion.readme_with_table(readme, rows) == readme, \
         "run: python benchmarks/fashion.py --table benchmarks/results/fashion_full.json --readme benchmarks/README.md"
 
@@ -164,3 +165,30 @@ def test_the_readme_hydra_vs_lwm_table_is_the_committed_results_file():
     # the overlap: the share of a mask's kept weights the reference keeps too
     a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert module.overlap([a, torch.zeros(2)], [b, torch.ones(2)]) == [pytest.approx(2 / 3, abs=1e-4), 1.0]
+
+
+def test_the_plan_takes_hydra_variants_with_every_allocation(fashion):
+    from pipeline.config import PruneParams
+
+    jobs = fashion.plan(["adversarial", "verified"], ["cnn_small"], [0.99], [0], ["hydra-adam", "lwm"],
+                        ["uniform", "learned"])
+    got = {(j["experiment"], j["method"], j["rates"], j["sparsity"]) for j in jobs}
+    assert ("adversarial", "hydra-adam", "learned", 0.99) in got and ("adversarial", "lwm", "learned", 0.99) not in got
+    assert ("verified", "hydra-adam", "learned", 0.9) in got and not any(m == "hydra" for _, m, _, _ in got)
+    # hydra-adam is HYDRA with Adam 1e-3 scores; a plain method takes its own optimiser (the run's params: null)
+    assert PruneParams(method="hydra", **fashion.VARIANTS["adam"]).optimiser() == ("adam", 1e-3, 0.9, 0.0)
+    assert PruneParams(method="hydra", **fashion.VARIANTS["kaiming"]).optimiser()[0] == "sgd"
+
+
+def test_hydra_rows_from_before_the_score_optimiser_changed_read_as_hydra_adam(fashion, tmp_path):
+    """Rows without ``prune_optimizer`` were pruned with Adam 1e-3 scores: whoever reads or merges them (a new process,
+    the table) names them hydra-adam, even when an older process writes them after the change."""
+    out = tmp_path / "grid.json"
+    old = {k: v for k, v in row("hydra", 32).items() if k != "prune_optimizer"}
+    out.write_text(json.dumps({"rows": [old, row("lwm")]}))
+    new = fashion.Results(out, {})
+    assert not new.has(**key(row("hydra")), bits=32) and new.has(**{**key(row("hydra")), "method": "hydra-adam"}, bits=32)
+    new.add([row("hydra", 32)], 1.0)  # the SGD model of the same cell is a row of its own
+    got = sorted((r["method"], r["prune_optimizer"]) for r in fashion.read_rows(out))
+    assert got == [("hydra", "sgd lr 0.1 wd 0.0001"), ("hydra-adam", "adam lr 0.001 wd 0"),
+                   ("lwm", "sgd lr 0.1 wd 0.0001")]

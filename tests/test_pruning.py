@@ -40,7 +40,7 @@ def test_hydra_scores_move_the_mask_away_from_magnitude(tiny):
     data, small = tiny
     model = fresh(data)
     magnitude = [l.weight.detach().abs().clone() for _, l in masked_layers(model)]
-    prune(model, small, PruneParams(keep_ratio=0.1, epochs=2, batch_size=32, attack_steps=2, lr=0.01))
+    prune(model, small, PruneParams(keep_ratio=0.1, epochs=2, batch_size=32, attack_steps=2, optimizer="adam", lr=0.01))
     moved = 0
     for mag, (_, layer) in zip(magnitude, masked_layers(model)):
         lwm = torch.zeros_like(mag).flatten()
