@@ -101,14 +101,26 @@ def test_the_readme_table_is_the_committed_results_file(fashion):
         "run: python benchmarks/fashion.py --table benchmarks/results/fashion_full.json --readme benchmarks/README.md"
 
 
-def test_the_readme_rates_table_is_the_committed_results_file():
-    spec = importlib.util.spec_from_file_location("bench_rates_digits", ROOT / "benchmarks" / "rates_digits.py")
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["rates_digits", "hydra_vs_lwm"])
+def test_the_readme_tables_of_the_jsonl_benchmarks_are_their_committed_results(name):
+    module, results = bench(name), f"benchmarks/results/{name}.jsonl"
     readme = (ROOT / "benchmarks" / "README.md").read_text()
-    rows = module.read_rows(ROOT / "benchmarks" / "results" / "rates_digits.jsonl")
+    rows = module.read_rows(ROOT / results)
     assert rows and module.readme_with_table(readme, rows) == readme, \
-        "run: python benchmarks/rates_digits.py --table benchmarks/results/rates_digits.jsonl --readme benchmarks/README.md"
+        f"run: python benchmarks/{name}.py --table {results} --readme benchmarks/README.md"
+
+
+def test_the_mask_overlap_is_the_share_of_kept_weights_the_reference_keeps():
+    a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert bench("hydra_vs_lwm").overlap([a, torch.zeros(2)], [b, torch.ones(2)]) == \
+        [pytest.approx(2 / 3, abs=1e-4), 1.0]
 
 
 def goal(lines: list[str], n: str) -> str:
@@ -152,19 +164,6 @@ def test_the_int8_and_benign_goals(fashion):
     assert goal(fashion.render_goals(benign), "7").endswith("+33.0: **met**.")
     benign[1] = {**benign[1], "robust_accuracy": 0.30}
     assert "**not met**" in goal(fashion.render_goals(benign), "7")
-
-
-def test_the_readme_hydra_vs_lwm_table_is_the_committed_results_file():
-    spec = importlib.util.spec_from_file_location("bench_hydra_vs_lwm", ROOT / "benchmarks" / "hydra_vs_lwm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    readme = (ROOT / "benchmarks" / "README.md").read_text()
-    rows = module.read_rows(ROOT / "benchmarks" / "results" / "hydra_vs_lwm.jsonl")
-    assert rows and module.readme_with_table(readme, rows) == readme, \
-        "run: python benchmarks/hydra_vs_lwm.py --table benchmarks/results/hydra_vs_lwm.jsonl --readme benchmarks/README.md"
-    # the overlap: the share of a mask's kept weights the reference keeps too
-    a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert module.overlap([a, torch.zeros(2)], [b, torch.ones(2)]) == [pytest.approx(2 / 3, abs=1e-4), 1.0]
 
 
 def test_the_plan_takes_hydra_variants_with_every_allocation(fashion):
