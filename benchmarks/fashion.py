@@ -515,11 +515,12 @@ SEEDS = 3  # the issue's goals: mean of 3 seeds at 99%
 
 def _robust(rows: list[dict], *, experiment: str = "adversarial", arch: str = "cnn_small", bits: int = 32,
             **match) -> dict[tuple[str, str], list[float]]:
-    """``{(method, rates): [robust accuracy per seed]}`` of the matching rows (``match``: sparsity, method, ...)."""
+    """``{(method, rates): [robust accuracy per seed]}`` of the matching rows (``match``: sparsity, method, ...);
+    the methods only, not their ablation variants (``hydra-adam``): the goals are the pipeline's."""
     out: dict[tuple[str, str], list[float]] = {}
     for r in rows:
         r = {"rates": "uniform", **r}
-        if (r["experiment"], r["arch"], r["bits"]) == (experiment, arch, bits) and \
+        if (r["experiment"], r["arch"], r["bits"]) == (experiment, arch, bits) and "-" not in r["method"] and \
                 all(r[k] == v for k, v in match.items()):
             out.setdefault((r["method"], r["rates"]), []).append(r["robust_accuracy"])
     return out
