@@ -108,7 +108,7 @@ def bench(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", ["rates_digits", "hydra_vs_lwm"])
+@pytest.mark.parametrize("name", ["rates_digits", "score_optimiser"])
 def test_the_readme_tables_of_the_jsonl_benchmarks_are_their_committed_results(name):
     module, results = bench(name), f"benchmarks/results/{name}.jsonl"
     readme = (ROOT / "benchmarks" / "README.md").read_text()
@@ -119,7 +119,7 @@ def test_the_readme_tables_of_the_jsonl_benchmarks_are_their_committed_results(n
 
 def test_the_mask_overlap_is_the_share_of_kept_weights_the_reference_keeps():
     a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert bench("hydra_vs_lwm").overlap([a, torch.zeros(2)], [b, torch.ones(2)]) == \
+    assert bench("score_optimiser").overlap([a, torch.zeros(2)], [b, torch.ones(2)]) == \
         [pytest.approx(2 / 3, abs=1e-4), 1.0]
 
 
