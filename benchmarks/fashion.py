@@ -36,7 +36,10 @@ Rows: ``experiment, arch, method, rates, sparsity, seed, bits (32 or 8), clean_a
 pgd_robust_accuracy, verified_accuracy (null where not measured), eps, n_test, seconds`` (seconds: the training and
 pruning of that model, then its evaluation), plus the machine, the thread count and the wall time. The JSON is
 rewritten atomically after every model, and a rerun with the same ``--out`` skips the rows already there (a killed
-run resumes). ``--table`` prints the README's table of a results file (seed mean and spread), ``--plot PNG`` draws
+run resumes). With ``--cache`` a killed model resumes too: its training stages keep resume states after every epoch
+(``CACHE/resume/<model>/``, :mod:`pipeline.training`: the rerun's weights are bit for bit the uninterrupted run's),
+its measured figures and the CPU / wall seconds spent on it so far (a :class:`Ledger`, so the CPU hours count the
+killed process's work) sit beside them; the folder goes once the model's rows are written. ``--table`` prints the README's table of a results file (seed mean and spread), ``--plot PNG`` draws
 robust accuracy against sparsity per method and allocation, the seeds' spread as error bars.
 
 Example (smoke test, about 2 minutes on one core)::
@@ -52,6 +55,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -259,7 +263,8 @@ def main(
     square_queries: Annotated[int, typer.Option(min=0, help="Square's queries in the robust accuracy")] = 5000,
     cache: Annotated[Path | None, typer.Option(help="folder keeping each dense pretrained network (safetensors, "
                                                     "keyed by its settings): a resumed run, or a second process on "
-                                                    "the same --out, trains it once")] = None,
+                                                    "the same --out, trains it once; and each model's resume states "
+                                                    "(a killed model continues after its last epoch)")] = None,
     table: Annotated[Path | None, typer.Option(help="print the markdown table of this results file and stop")] = None,
     plot: Annotated[Path | None, typer.Option(help="with --table: also draw robust accuracy vs sparsity (PNG)")] = None,
     readme: Annotated[Path | None, typer.Option(help="with --table: rewrite that markdown file's generated "
@@ -345,20 +350,25 @@ def main(
             objective = verified_objective if pretrain == "verified" else pretrain
             settings = stage_params("pretrain", objective, seed)
 
+            digest = hashlib.sha256(json.dumps([arch, len(train_set), train_subset, settings],
+                                               sort_keys=True).encode()).hexdigest()[:12]
+            name = f"{pretrain}-{arch}-seed{seed}-{digest}"
+            work = cache / "resume" / name if cache is not None else None
+
             def fit():
-                t, c = time.perf_counter(), time.process_time()
-                torch.manual_seed(seed)
-                model = build_model(arch, data.info)
-                train(model, train_set, TrainParams(**settings), label=f"pretrain {arch} {objective} seed {seed}")
-                return model, time.perf_counter() - t, time.process_time() - c
+                ledger = Ledger(work / "ledger.json" if work is not None else None)
+                with ledger.phase("train"):
+                    torch.manual_seed(seed)
+                    model = build_model(arch, data.info)
+                    train(model, train_set, TrainParams(**settings), label=f"pretrain {arch} {objective} seed {seed}",
+                          resume_dir=work)
+                return model, ledger.wall("train"), ledger.cpu("train")
 
             if cache is None:
                 dense_cache[key] = fit()
             else:
-                digest = hashlib.sha256(json.dumps([arch, len(train_set), train_subset, settings],
-                                                   sort_keys=True).encode()).hexdigest()[:12]
-                dense_cache[key] = cached_dense(cache / f"{pretrain}-{arch}-seed{seed}-{digest}.safetensors",
-                                                fit, lambda: build_model(arch, data.info))
+                dense_cache[key] = cached_dense(cache / f"{name}.safetensors", fit, lambda: build_model(arch, data.info))
+                shutil.rmtree(work, ignore_errors=True)  # written: its resume state and ledger go
         return dense_cache[key]
 
     def measure(model, verify: bool, bits: int) -> dict:
@@ -397,10 +407,17 @@ def main(
             continue
         verify = job["experiment"] == "verified"
         base, dense_s, dense_cpu = dense(job["pretrain"], job["arch"], job["seed"])
-        t, c = time.perf_counter(), time.process_time()
+        # the model's resume folder (cache/resume/...): its stages' resume states, the figures measured so far and
+        # the seconds spent, so a killed process's work continues where it stopped (bit for bit: pipeline.training)
+        work = None
+        if cache is not None and job["method"] != "dense":
+            digest = hashlib.sha256(json.dumps([key, header["options"]], sort_keys=True).encode()).hexdigest()[:12]
+            work = cache / "resume" / (f"{job['experiment']}-{job['arch']}-{job['method']}-{job['rates']}-"
+                                       f"{job['sparsity']:g}-seed{job['seed']}-{digest}")
+        ledger = Ledger(work / "ledger.json" if work is not None else None)
         optimiser = None  # what trained in the prune stage (recorded: the score optimiser changed on 2026-12-07)
         if job["method"] == "dense":
-            model, train_s, train_cpu = base, dense_s, dense_cpu
+            model = base
         else:
             model = copy.deepcopy(base)
             method, _, variant = job["method"].partition("-")
@@ -410,19 +427,25 @@ def main(
                                **VARIANTS.get(variant, {})})
             o = p.optimiser()
             optimiser = f"{o.optimizer} lr {o.lr:g} wd {o.weight_decay:g}"
-            prune(model, train_set, p)
-            if job["experiment"] != "benign":  # the robust sub-network of a benign network is not finetuned
-                train(model, train_set, FinetuneParams(**stage_params("finetune", objective, job["seed"])),
-                      label=f"finetune {job['method']} {job['sparsity']:g}")
-            train_s, train_cpu = dense_s + time.perf_counter() - t, time.process_time() - c
+            with ledger.phase("train"):
+                prune(model, train_set, p, resume_dir=work / "prune" if work is not None else None)
+                if job["experiment"] != "benign":  # the robust sub-network of a benign network is not finetuned
+                    train(model, train_set, FinetuneParams(**stage_params("finetune", objective, job["seed"])),
+                          label=f"finetune {job['method']} {job['sparsity']:g}",
+                          resume_dir=work / "finetune" if work is not None else None)
+        train_s = dense_s + ledger.wall("train")
+        train_cpu = dense_cpu if job["method"] == "dense" else ledger.cpu("train")
         rows = []
         for b in bits:
-            t, c = time.perf_counter(), time.process_time()
-            figures = measure(model, verify, b)
+            figures = ledger.done.get(f"measure-{b}")  # measured before the process was stopped
+            if figures is None:
+                with ledger.phase(f"measure-{b}"):
+                    figures = measure(model, verify, b)
+                ledger.record(f"measure-{b}", figures)
             rows.append({**key, "bits": b, **figures, "eps": EPS, "n_test": len(y_np),
-                         "seconds": round(train_s + time.perf_counter() - t, 2),
+                         "seconds": round(train_s + ledger.wall(f"measure-{b}"), 2),
                          "train_cpu_seconds": round(train_cpu, 2),
-                         "measure_cpu_seconds": round(time.process_time() - c, 2),
+                         "measure_cpu_seconds": round(ledger.cpu(f"measure-{b}"), 2),
                          "measured_sparsity": round(global_sparsity(model), 6),
                          "prune_optimizer": optimiser})
             typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
@@ -430,7 +453,61 @@ def main(
                        f"robust {rows[-1]['robust_accuracy']:.3f} pgd {rows[-1]['pgd_robust_accuracy']:.3f}"
                        + (f" verified {rows[-1]['verified_accuracy']:.3f}" if verify else ""))
         results.add(rows, time.perf_counter() - t_start)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # written: the model's resume folder goes
     typer.echo(f"{len(results.doc['rows'])} rows in {out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+class Ledger:
+    """What one model's work has cost and produced, across the processes that worked on it: ``path`` (JSON) keeps
+    each phase's CPU and wall seconds, written every ``every`` seconds by a background thread while the phase runs and
+    when it ends (so a killed process's seconds up to its last write count when another process finishes the work),
+    and the results recorded so far. ``path`` None: the same, in memory only."""
+
+    def __init__(self, path: Path | None, every: float = 30.0) -> None:
+        self.path, self.every = path, every
+        doc = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        self.spent: dict[str, dict[str, float]] = doc.get("spent", {})
+        self.done: dict[str, dict] = doc.get("done", {})
+
+    def cpu(self, phase: str) -> float:
+        return self.spent.get(phase, {}).get("cpu", 0.0)
+
+    def wall(self, phase: str) -> float:
+        return self.spent.get(phase, {}).get("wall", 0.0)
+
+    def record(self, name: str, result: dict) -> None:
+        self.done[name] = result
+        self._write()
+
+    @contextmanager
+    def phase(self, name: str):
+        import threading
+
+        cpu0, wall0 = self.cpu(name), self.wall(name)
+        c, t = time.process_time(), time.perf_counter()
+        stop = threading.Event()
+
+        def tick() -> None:
+            self.spent[name] = {"cpu": cpu0 + time.process_time() - c, "wall": wall0 + time.perf_counter() - t}
+            self._write()
+
+        def keep() -> None:
+            while not stop.wait(self.every):
+                tick()
+
+        thread = threading.Thread(target=keep, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            tick()
+
+    def _write(self) -> None:
+        if self.path is not None:
+            _write_text(self.path, json.dumps({"spent": self.spent, "done": self.done}, indent=1))
 
 
 def cached_dense(path: Path, fit, blank):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,72 @@ def test_hydra_rows_from_before_the_score_optimiser_changed_read_as_hydra_adam(f
     got = sorted((r["method"], r["prune_optimizer"]) for r in fashion.read_rows(out))
     assert got == [("hydra", "sgd lr 0.1 wd 0.0001"), ("hydra-adam", "adam lr 0.001 wd 0"),
                    ("lwm", "sgd lr 0.1 wd 0.0001")]
+
+
+def test_the_ledger_keeps_each_phase_s_seconds_across_processes(fashion, tmp_path):
+    path = tmp_path / "cell" / "ledger.json"
+    first = fashion.Ledger(path, every=0.01)
+    with first.phase("train"):
+        deadline = time.monotonic() + 120  # the background writer keeps the file while the phase runs
+        while not (path.is_file() and json.loads(path.read_text())["spent"].get("train")):
+            assert time.monotonic() < deadline, "the ledger was not written during the phase"
+            sum(i * i for i in range(20000))
+            time.sleep(0.01)
+    spent = first.cpu("train")
+    assert spent > 0 and first.wall("train") > 0
+    first.record("measure-32", {"clean_accuracy": 0.5})
+    second = fashion.Ledger(path)  # another process finishing the work
+    assert second.cpu("train") == spent and second.done == {"measure-32": {"clean_accuracy": 0.5}}
+    with second.phase("train"):
+        sum(i * i for i in range(20000))
+    assert second.cpu("train") > spent  # its own seconds add to the first's
+    assert fashion.Ledger(None).cpu("train") == 0.0
+
+
+def test_a_killed_grid_resumes_each_model_where_it_stopped(fashion, tmp_path, monkeypatch):
+    """A process killed while measuring a pruned model: the next one takes its prune and finetune states (no epoch
+    trained again), and its rows are the uninterrupted run's; the resume folder goes once the rows are written."""
+    from typer.testing import CliRunner
+
+    import pipeline.audit.run
+    import pipeline.training
+    from tests.test_data import write_idx_set
+
+    write_idx_set(tmp_path / "fm", n_train=5100, n_test=20, gz=(True,) * 4)
+    common = ["--root", str(tmp_path / "fm"), "--train-subset", "60", "--epochs", "1", "--n-test", "10",
+              "--attack-steps", "2", "--restarts", "1", "--square-queries", "20", "--experiments", "adversarial",
+              "--archs", "cnn_small", "--sparsities", "0.9", "--seeds", "0", "--methods", "hydra", "--no-int8"]
+
+    def run(name: str):
+        result = CliRunner().invoke(fashion.app, [*common, "--out", str(tmp_path / f"{name}.json"),
+                                                  "--cache", str(tmp_path / f"cache-{name}")])
+        return result
+
+    assert run("whole").exit_code == 0, run("whole").output
+    whole = {r["method"]: r for r in json.loads((tmp_path / "whole.json").read_text())["rows"]}
+
+    audit, calls = pipeline.audit.run.run_audit, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the dense model's two measurements passed: the pruned model's first
+            raise KeyboardInterrupt
+        return audit(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.audit.run, "run_audit", killed)
+    assert run("killed").exit_code != 0
+    work = list((tmp_path / "cache-killed" / "resume").iterdir())
+    assert [w.name.split("-seed")[0] for w in work] == ["adversarial-cnn_small-hydra-uniform-0.9"]
+    spent = json.loads((work[0] / "ledger.json").read_text())["spent"]["train"]["cpu"]
+    assert spent > 0 and (work[0] / "finetune" / pipeline.training.STATE_FILE).is_file()
+
+    monkeypatch.setattr(pipeline.audit.run, "run_audit", audit)
+    load, found = pipeline.training._load_state, []
+    monkeypatch.setattr(pipeline.training, "_load_state", lambda *a, **k: found.append(load(*a, **k)) or found[-1])
+    assert run("killed").exit_code == 0
+    assert [meta["epoch"] for meta in found] == [1, 1]  # prune's and finetune's last states: nothing trained again
+    rows = {r["method"]: r for r in json.loads((tmp_path / "killed.json").read_text())["rows"]}
+    for field in ("clean_accuracy", "robust_accuracy", "pgd_robust_accuracy", "measured_sparsity"):
+        assert rows["hydra"][field] == whole["hydra"][field], field
+    assert rows["hydra"]["train_cpu_seconds"] >= round(spent, 2)  # the killed process's training counts
+    assert not list((tmp_path / "cache-killed" / "resume").iterdir())
