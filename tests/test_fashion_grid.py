@@ -161,6 +161,8 @@ def test_the_int8_and_benign_goals(fashion):
     pair[1] = {**pair[1], "robust_accuracy": 0.394, "seed": 0}  # 0.6 points
     line = goal(fashion.render_goals(pair), "6")
     assert "**not met**" in line and "adversarial hydra uniform 99% seed 0" in line
+    ablation = [{**r, "method": "hydra-adam"} for r in pair]  # an ablation's variant is not a shipped model
+    assert goal(fashion.render_goals([row("lwm", 32), row("lwm", 8)] + ablation), "6").endswith("**met**.")
 
     benign = [row("dense", experiment="benign", sparsity=0.0, robust_accuracy=0.02),
               row("hydra", experiment="benign", sparsity=0.9, robust_accuracy=0.35)]
