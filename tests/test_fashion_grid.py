@@ -147,6 +147,14 @@ def test_goal_verdicts_follow_the_rows(fashion):
     worse = [r if r["sparsity"] != 0.9 or r["method"] != "hydra" else {**r, "robust_accuracy": 0.76} for r in rows]
     assert "**not met**" in goal(fashion.render_goals(worse), "2")
     assert "provisional: 2 of 3 seeds" in goal(fashion.render_goals(rows[:-1]), "2")
+    # comparisons take the seeds both models have: LWM's seed 2 (far off) does not count against HYDRA's two seeds
+    short = [r for r in rows if not (r["method"] == "hydra" and r["seed"] == 2)]
+    short = [{**r, "robust_accuracy": 0.50} if r["method"] == "lwm" and r["seed"] == 2 else r for r in short]
+    short += [adv("hydra", "global", 0.99, r, seed=s) for s, r in enumerate((0.735, 0.745, 0.60))]
+    lines = fashion.render_goals(short)
+    assert "HYDRA learned 73.5 ± 0.5% (2 seeds) vs LWM global 66.5 ± 0.5% (2 seeds): +7.0" in goal(lines, "1")
+    assert "over LWM global +7.0 (2 seeds)" in goal(lines, "2")
+    assert "cnn_small 99% -0.5: **not met** (provisional: 2 of 3 seeds)" in goal(lines, "3b")  # not +6.5
 
     rows = [adv(m, "uniform", s, 0.6 if m == "hydra" else 0.5) for m in ("hydra", "admm") for s in (0.9, 0.95, 0.99)]
     assert goal(fashion.render_goals(rows), "4").endswith("**met**.")
