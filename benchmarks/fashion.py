@@ -39,8 +39,9 @@ rewritten atomically after every model, and a rerun with the same ``--out`` skip
 run resumes). With ``--cache`` a killed model resumes too: its training stages keep resume states after every epoch
 (``CACHE/resume/<model>/``, :mod:`pipeline.training`: the rerun's weights are bit for bit the uninterrupted run's),
 its measured figures and the CPU / wall seconds spent on it so far (a :class:`Ledger`, so the CPU hours count the
-killed process's work) sit beside them; the folder goes once the model's rows are written. ``--table`` prints the README's table of a results file (seed mean and spread), ``--plot PNG`` draws
-robust accuracy against sparsity per method and allocation, the seeds' spread as error bars.
+killed process's work) sit beside them; the folder goes once the model's rows are written. ``--table`` prints the
+README's table of a results file (seed mean and spread), ``--plot PNG`` draws robust accuracy against sparsity per
+method and allocation, the seeds' spread as error bars.
 
 Example (smoke test, about 2 minutes on one core)::
 
