@@ -368,7 +368,8 @@ def main(
             if cache is None:
                 dense_cache[key] = fit()
             else:
-                dense_cache[key] = cached_dense(cache / f"{name}.safetensors", fit, lambda: build_model(arch, data.info))
+                dense_cache[key] = cached_dense(cache / f"{name}.safetensors", fit,
+                                                lambda: build_model(arch, data.info))
                 shutil.rmtree(work, ignore_errors=True)  # written: its resume state and ledger go
         return dense_cache[key]
 
