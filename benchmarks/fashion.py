@@ -190,9 +190,12 @@ def _write_text(path: Path, text: str) -> None:
 
 
 METHODS = ("hydra", "lwm", "admm", "hydra-adam")
+# ablations of learned rates, asked for by name (--methods ... --rates learned): where they start, how fast they move
+RATE_VARIANTS = ("hydra-startglobal", "hydra-slowrates")
 # a method's variant after the dash: what it changes in the prune stage's settings
 VARIANTS = {"scaled": {"score_init": "scaled"}, "kaiming": {"score_init": "kaiming"},
-            "adam": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}}
+            "adam": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+            "startglobal": {"rate_start": "global"}, "slowrates": {"rate_start": "global", "rate_lr": 0.005}}
 RATES = ("uniform", "global", "learned")
 
 
@@ -298,7 +301,8 @@ def main(
     unknown = sorted(set(exps) - set(EXPERIMENTS))
     if unknown:
         raise typer.BadParameter(f"--experiments: unknown {', '.join(unknown)}; expected {', '.join(EXPERIMENTS)}")
-    for option, given, allowed in (("--methods", _list(methods), METHODS), ("--rates", _list(rates), RATES)):
+    for option, given, allowed in (("--methods", _list(methods), METHODS + RATE_VARIANTS),
+                                   ("--rates", _list(rates), RATES)):
         if sorted(set(given) - set(allowed)):
             raise typer.BadParameter(f"{option}: unknown {', '.join(sorted(set(given) - set(allowed)))}; expected "
                                      f"{', '.join(allowed)}")

@@ -63,7 +63,7 @@ class Optimiser(NamedTuple):
 # hydra: the importance scores, with the authors' SGD (HYDRA's configs.yml: lr 0.1, momentum 0.9, weight decay 1e-4).
 #   Adam at lr 1e-3 reorders the scaled scores within an epoch (its step is about lr whatever the gradient, and the
 #   scaled scores of a wide layer are ~1e-2): on Fashion-MNIST at 99% its mask ended less robust than the magnitude
-#   mask it started from (benchmarks/hydra_vs_lwm.py).
+#   mask it started from (benchmarks/score_optimiser.py).
 # admm: the weights, with Adam at lr 1e-3 (Ye et al.'s Robustness-Aware-Pruning-ADMM). lwm and random train nothing.
 # (optimizer, lr, weight decay); momentum is the params' own (0.9).
 METHOD_OPTIMISERS: dict[str, tuple[Literal["sgd", "adam"], float, float]] = {
@@ -136,6 +136,8 @@ class PruneParams(TrainParams):
         "uniform", description="how the kept weights are split across layers: uniform = keep_ratio of every layer; "
                                "global = one threshold over all layers; learned = per-layer rates trained with the "
                                "scores, the whole model on exactly keep_ratio (hydra only; masking.LearnedRates)")
+    rate_start: Literal["uniform", "global"] = Field(
+        "uniform", description="learned rates: the allocation they start from (global = global magnitude pruning's)")
     rate_lr: float = Field(0.05, gt=0.0, allow_inf_nan=False,
                            description="learned rates: learning rate of the per-layer rate logits")
     rate_min: float = Field(0.1, ge=0.0, le=1.0, description="learned rates: a layer keeps at least this fraction of "

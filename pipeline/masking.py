@@ -295,25 +295,35 @@ class LearnedRates:
 
     HARP gives each layer a rate ``k_min + (1 - k_min) * sigmoid(s_l)`` (``k_min = 0.1 * keep_ratio``) and adds
     ``gamma * max(rate / target - 1, 0)`` to the loss, so its model ends *near* the budget. Here the budget is a
-    constraint instead: each layer has a logit ``s_l`` (its ``rate_score``, starting at 0, i.e. uniform rates) and
-    keeps ``B * softmax(s + log n)_l`` of the ``B = ceil(keep_ratio * N)`` weights, clipped to
+    constraint instead: each layer has a logit ``s_l`` (its ``rate_score``) and keeps ``B * softmax(s + log n)_l`` of the ``B = ceil(keep_ratio * N)`` weights, clipped to
     ``[max(1, ceil(rate_min * keep_ratio * n_l)), n_l]`` (HARP's lower bound), rounded by :func:`allocate` so the
     counts sum to exactly ``B`` in every forward pass: the masks that train are the masks that ship (HARP leaves the
     final count to its per-layer ``int`` rounding). The gradient reaches the logits through :class:`RatedSubnet` (the
     loss's slope at each layer's cut) and the softmax, whose gradient ``B p_l (g_l - sum_j p_j g_j)`` moves weights
     from the layers where they help least to those where they help most without changing the total.
 
+    The logits start at uniform rates (``s = 0``) or, given ``start`` (per-layer counts, e.g. global magnitude
+    pruning's allocation), at ``s_l = log(start_l / n_l)``, whose softmax hands each layer exactly its ``start``
+    share: the rates then refine a fixed allocation instead of leaving from uniform (HARP's code starts from a
+    strategy too: uniform, LAMP or ERK).
+
     Units are a layer's scores: weights, or filters under filter granularity.
     """
 
-    def __init__(self, layers: list[MaskedLayer], keep_ratio: float, rate_min: float = 0.1) -> None:
+    def __init__(self, layers: list[MaskedLayer], keep_ratio: float, rate_min: float = 0.1,
+                 start: list[int] | None = None) -> None:
         self.layers = list(layers)
         self.sizes = [int(l.scores.numel()) for l in self.layers]
         self.rate_min = rate_min
         self._cache: tuple[tuple, list[int]] | None = None
+        if start is not None and len(start) != len(self.layers):
+            raise HydraPipeError(f"prune.rates learned: {len(start)} starting counts for {len(self.layers)} layers")
         self.set_budget(keep_ratio)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             layer.use_rate(self)
+            if start is not None:  # a layer the allocation empties starts at half a weight, not at log 0
+                with torch.no_grad():
+                    layer.rate_score.fill_(math.log(max(start[i], 0.5) / self.sizes[i]))
 
     def set_budget(self, keep_ratio: float) -> None:
         """The whole model keeps ``ceil(keep_ratio * N)`` units; each layer at least its floor."""

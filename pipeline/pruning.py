@@ -103,7 +103,9 @@ def hydra(model: nn.Module, layers: list[tuple[str, MaskedLayer]], data: Dataset
         if step == 0:
             start_score_pruning(layers, keep, p.score_init, fixed, generator=g)
             if p.rates == "learned":
-                learned = LearnedRates([layer for _, layer in layers], keep, p.rate_min)
+                start = (keep_counts([l.weight.detach() for _, l in layers], keep, "global")
+                         if p.rate_start == "global" else None)
+                learned = LearnedRates([layer for _, layer in layers], keep, p.rate_min, start)
         elif learned is not None:
             learned.set_budget(keep)
         else:

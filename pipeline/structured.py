@@ -161,7 +161,9 @@ def prune_filters(model: nn.Module, data: Dataset, p: PruneParams, resume_dir: P
         for step, ratio in enumerate([*p.schedule_keep, p.keep_ratio]):
             if p.rates == "learned":  # per-layer filter rates train with the filter scores (LearnedRates)
                 if learned is None:
-                    learned = LearnedRates(layers, ratio, p.rate_min)
+                    start = (keep_counts([filter_norms(l) for l in layers], ratio, "global")
+                             if p.rate_start == "global" else None)
+                    learned = LearnedRates(layers, ratio, p.rate_min, start)
                 else:
                     learned.set_budget(ratio)
             else:

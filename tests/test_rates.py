@@ -33,11 +33,13 @@ def kept(model: nn.Module) -> list[int]:
     return [int(layer.weight_mask.sum()) for _, layer in masked_layers(model)]
 
 
-def untrained(sizes: list[int], keep_ratio: float) -> list[int]:
-    """The counts learned rates start from (all logits 0: the budget split in proportion to the layer sizes)."""
+def untrained(sizes: list[int], keep_ratio: float, start: list[int] | None = None) -> list[int]:
+    """The counts learned rates start from: all logits 0, the budget split in proportion to the layer sizes; or in
+    proportion to ``start`` (an empty layer's half a weight), each layer held to its floor."""
     budget = math.ceil(keep_ratio * sum(sizes))
     floors = [max(1, math.ceil(0.1 * keep_ratio * n)) for n in sizes]
-    return allocate([budget * n / sum(sizes) for n in sizes], floors, sizes, budget)
+    shares = sizes if start is None else [max(c, 0.5) for c in start]
+    return allocate([budget * n / sum(shares) for n in shares], floors, sizes, budget)
 
 
 @pytest.mark.parametrize("desired, lo, hi, total", [
@@ -243,3 +245,40 @@ def test_hydra_global_filters_take_the_l1_allocation():
     layers = [model.get_submodule(g.producer) for g in prunable_groups(model)]
     by_scores = keep_counts([init_filter_scores(l, "scaled", None) for l in layers], 0.3, "global")
     assert by_scores != counts[0]  # what one threshold over the scaled scores would have kept
+
+
+def test_learned_rates_can_start_from_the_global_allocation():
+    """``prune.rate_start: global``: the logits start where the rates hand every layer global magnitude pruning's
+    count, so with no epoch trained the mask keeps global LWM's counts, each layer held to its floor (this random
+    network's global threshold empties the second convolution), and uniform's without it."""
+    from pipeline.masking import keep_counts
+
+    weights = [layer.weight.detach() for _, layer in masked_layers(cnn())]
+    glob = keep_counts(weights, 0.05, "global")
+    sizes = [w.numel() for w in weights]
+    assert untrained(sizes, 0.05, glob) != untrained(sizes, 0.05)  # the two starts differ on this network
+    assert 0 in glob
+    for start, expected in (("global", untrained(sizes, 0.05, glob)), ("uniform", untrained(sizes, 0.05))):
+        model = cnn()
+        prune(model, digits_like(), PruneParams(keep_ratio=0.05, rates="learned", rate_start=start, epochs=0))
+        assert kept(model) == expected, start
+    model = cnn()  # and they train from there, on the same budget
+    prune(model, digits_like(), PruneParams(keep_ratio=0.05, rates="learned", rate_start="global", epochs=2,
+                                            batch_size=16, attack_steps=1, rate_lr=0.5))
+    assert sum(kept(model)) == math.ceil(0.05 * sum(sizes)) and kept(model) != glob
+
+
+def test_learned_filter_rates_can_start_from_the_global_allocation():
+    from pipeline.channels import prunable_groups
+    from pipeline.masking import keep_counts
+    from pipeline.structured import channel_keep, filter_norms
+
+    model = cnn()
+    groups = prunable_groups(model)
+    layers = [model.get_submodule(g.producer) for g in groups]
+    glob = keep_counts([filter_norms(l) for l in layers], 0.5, "global")
+    sizes = [l.weight.shape[0] for l in layers]
+    assert untrained(sizes, 0.5, glob) != untrained(sizes, 0.5)
+    prune(model, digits_like(), PruneParams(granularity="filter", keep_ratio=0.5, rates="learned",
+                                            rate_start="global", epochs=0))
+    assert [int(k.sum()) for k in channel_keep(model, groups)] == untrained(sizes, 0.5, glob)
