@@ -271,18 +271,21 @@ def main(
                                                     "(a killed model continues after its last epoch)")] = None,
     table: Annotated[Path | None, typer.Option(help="print the markdown table of this results file and stop")] = None,
     plot: Annotated[Path | None, typer.Option(help="with --table: also draw robust accuracy vs sparsity (PNG)")] = None,
-    readme: Annotated[Path | None, typer.Option(help="with --table: rewrite that markdown file's generated "
-                                                     "fashion-full block with the table")] = None,
+    readme: Annotated[Path | None, typer.Option(help="with --table: rewrite that markdown file's generated block "
+                                                     "named after the results file (fashion_full.json: "
+                                                     "fashion-full) with the table")] = None,
+    goals: Annotated[bool, typer.Option(help="with --table: judge issue 25's goals from the rows (the full grid; "
+                                             "--no-goals for an ablation's file)")] = True,
 ) -> None:
     if table is not None:
         rows = read_rows(table)
-        typer.echo(render_table(rows) + "\n\n" + "\n".join(render_goals(rows)))
+        typer.echo(render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) if goals else ""))
         if plot is not None:
             draw(rows, plot)
         if readme is not None:
             from pipeline.reporting import atomic_write_bytes
 
-            atomic_write_bytes(readme, readme_with_table(readme.read_text(), rows).encode())
+            atomic_write_bytes(readme, readme_with_table(readme.read_text(), rows, table.stem, goals).encode())
         return
     os.environ.setdefault("HYDRA_PIPE_QUIET", "1")
     import numpy as np
@@ -292,7 +295,7 @@ def main(
     from pipeline.config import AuditParams, DataParams, FinetuneParams, PruneParams, TrainParams
     from pipeline.data import as_arrays, load_dataset
     from pipeline.errors import HydraPipeError
-    from pipeline.masking import global_sparsity, plain_copy
+    from pipeline.masking import global_sparsity, masked_layers, plain_copy
     from pipeline.models import build_model
     from pipeline.pruning import prune
     from pipeline.training import train
@@ -453,6 +456,8 @@ def main(
                          "train_cpu_seconds": round(train_cpu, 2),
                          "measure_cpu_seconds": round(ledger.cpu(f"measure-{b}"), 2),
                          "measured_sparsity": round(global_sparsity(model), 6),
+                         # where the allocation put the weights (learned rates: what they learned)
+                         "kept_per_layer": [int(l.weight_mask.count_nonzero()) for _, l in masked_layers(model)],
                          "prune_optimizer": optimiser})
             typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
                        f"{job['sparsity']:>5g} seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} "
@@ -752,15 +757,20 @@ def render_goals(rows: list[dict]) -> list[str]:
     return lines
 
 
-README_MARKS = ("<!-- generated:fashion-full by `benchmarks/fashion.py --table FILE --readme README`; do not edit -->",
-                "<!-- /generated:fashion-full -->")
+def readme_marks(name: str) -> tuple[str, str]:
+    """The markers of results file ``name``'s generated block in a README (``fashion_full`` -> ``fashion-full``)."""
+    block = name.replace("_", "-")
+    return (f"<!-- generated:{block} by `benchmarks/fashion.py --table FILE --readme README`; do not edit -->",
+            f"<!-- /generated:{block} -->")
 
 
-def readme_with_table(readme: str, rows: list[dict]) -> str:
-    """``readme`` with its fashion-full block (between :data:`README_MARKS`) replaced by :func:`render_table`."""
+def readme_with_table(readme: str, rows: list[dict], name: str = "fashion_full", goals: bool = True) -> str:
+    """``readme`` with results file ``name``'s block replaced by :func:`render_table` (and the goals, judged
+    from the rows, after it)."""
     from stages.figures import replace_block
 
-    return replace_block(readme, README_MARKS, render_table(rows) + "\n\n" + "\n".join(render_goals(rows)))
+    body = render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) if goals else "")
+    return replace_block(readme, readme_marks(name), body)
 
 
 def draw(rows: list[dict], path: Path) -> None:

@@ -3,6 +3,7 @@ dense networks' cache, the README's tables generated from the committed results 
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import time
@@ -94,12 +95,15 @@ def test_cpu_hours_count_each_training_once(fashion):
     assert hours == pytest.approx(1.3) and unknown == 1
 
 
-def test_the_readme_table_is_the_committed_results_file(fashion):
-    """benchmarks/README.md's fashion-full block is ``fashion.py --table ... --readme``'s output."""
+@pytest.mark.parametrize("name, goals", [("fashion_full", True)])
+def test_the_readme_table_is_the_committed_results_file(fashion, name, goals):
+    """benchmarks/README.md's fashion-full block (the grid, with its goals) and fashion-rates block (learned rates'
+    start ablation) are ``fashion.py --table ... --readme``'s output."""
     readme = (ROOT / "benchmarks" / "README.md").read_text()
-    rows = fashion.read_rows(ROOT / "benchmarks" / "results" / "fashion_full.json")
-    assert fashion.readme_with_table(readme, rows) == readme, \
-        "run: python benchmarks/fashion.py --table benchmarks/results/fashion_full.json --readme benchmarks/README.md"
+    rows = fashion.read_rows(ROOT / "benchmarks" / "results" / f"{name}.json")
+    assert rows and fashion.readme_with_table(readme, rows, name, goals) == readme, \
+        f"run: python benchmarks/fashion.py --table benchmarks/results/{name}.json --readme benchmarks/README.md" + \
+        ("" if goals else " --no-goals")
 
 
 def bench(name: str):
@@ -269,7 +273,9 @@ def test_a_killed_grid_resumes_each_model_where_it_stopped(fashion, tmp_path, mo
     assert run("killed").exit_code == 0
     assert [meta["epoch"] for meta in found] == [1, 1]  # prune's and finetune's last states: nothing trained again
     rows = {r["method"]: r for r in json.loads((tmp_path / "killed.json").read_text())["rows"]}
-    for field in ("clean_accuracy", "robust_accuracy", "pgd_robust_accuracy", "measured_sparsity"):
+    for field in ("clean_accuracy", "robust_accuracy", "pgd_robust_accuracy", "measured_sparsity", "kept_per_layer"):
         assert rows["hydra"][field] == whole["hydra"][field], field
+    dense, kept = rows["dense"]["kept_per_layer"], rows["hydra"]["kept_per_layer"]
+    assert len(kept) == len(dense) == 4 and kept == [math.ceil(0.1 * n) for n in dense]  # uniform 90% per layer
     assert rows["hydra"]["train_cpu_seconds"] >= round(spent, 2)  # the killed process's training counts
     assert not list((tmp_path / "cache-killed" / "resume").iterdir())
