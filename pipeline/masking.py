@@ -295,7 +295,8 @@ class LearnedRates:
 
     HARP gives each layer a rate ``k_min + (1 - k_min) * sigmoid(s_l)`` (``k_min = 0.1 * keep_ratio``) and adds
     ``gamma * max(rate / target - 1, 0)`` to the loss, so its model ends *near* the budget. Here the budget is a
-    constraint instead: each layer has a logit ``s_l`` (its ``rate_score``) and keeps ``B * softmax(s + log n)_l`` of the ``B = ceil(keep_ratio * N)`` weights, clipped to
+    constraint instead: each layer has a logit ``s_l`` (its ``rate_score``) and keeps ``B * softmax(s + log n)_l``
+    of the ``B = ceil(keep_ratio * N)`` weights, clipped to
     ``[max(1, ceil(rate_min * keep_ratio * n_l)), n_l]`` (HARP's lower bound), rounded by :func:`allocate` so the
     counts sum to exactly ``B`` in every forward pass: the masks that train are the masks that ship (HARP leaves the
     final count to its per-layer ``int`` rounding). The gradient reaches the logits through :class:`RatedSubnet` (the
