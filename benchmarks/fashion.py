@@ -201,8 +201,10 @@ RATES = ("uniform", "global", "learned")
 
 def allocations(methods: list[str], rates: list[str]) -> list[tuple[str, str]]:
     """(method, rates) pairs: every method with every allocation, learned rates with HYDRA only (they train with
-    its scores)."""
-    return [(m, r) for m in methods for r in rates if r != "learned" or m.partition("-")[0] == "hydra"]
+    its scores), and the learned rates' ablations (:data:`RATE_VARIANTS`) with learned rates only (elsewhere they
+    would be HYDRA again)."""
+    return [(m, r) for m in methods for r in rates
+            if (r != "learned" or m.partition("-")[0] == "hydra") and (r == "learned" or m not in RATE_VARIANTS)]
 
 
 def plan(experiments: list[str], archs: list[str], sparsities: list[float], seeds: list[int],
@@ -562,11 +564,13 @@ def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def render_table(rows: list[dict]) -> str:
-    """The README's table: one line per model (seeds: their mean ± half their range), then the grid's CPU time."""
+    """The README's table: one line per model (seeds: their mean ± half their range), then the grid's CPU time.
+    Where rows record their kept weights per layer, a column gives them (the first seed's; "-" for older rows)."""
     from stages.figures import mean_spread
+    kept = any("kept_per_layer" in r for r in rows)
     lines = ["| experiment | arch | method | rates | sparsity | bits | seeds | clean | robust (AA-eq.) | PGD robust | "
-             "verified | CPU s per seed |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "verified | CPU s per seed |" + (" kept per layer (first seed) |" if kept else ""),
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if kept else "")]
     for (exp, arch, method, rates, sparsity, bits), g in sorted(_groups(rows).items(),
                                                                   key=lambda kv: (kv[0][0], kv[0][1], kv[0][4],
                                                                                   kv[0][2], kv[0][3], -kv[0][5])):
@@ -576,12 +580,18 @@ def render_table(rows: list[dict]) -> str:
                      f"{mean_spread([r['robust_accuracy'] for r in g])} | "
                      f"{mean_spread([r['pgd_robust_accuracy'] for r in g])} | "
                      f"{mean_spread([r['verified_accuracy'] for r in g])} | "
-                     f"{f'{sum(cpu) / len(cpu):.0f}' if cpu else '-'} |")
+                     f"{f'{sum(cpu) / len(cpu):.0f}' if cpu else '-'} |" + (f" {_kept(g)} |" if kept else ""))
     hours, unknown = cpu_hours(rows)
     lines += ["", f"{len(rows)} rows; CPU time of the models they measure (each training once, each measurement): "
                   f"{hours:.1f} CPU hours" + (f", {unknown} rows written before CPU time was recorded not counted"
                                               if unknown else "") + "."]
     return "\n".join(lines)
+
+
+def _kept(group: list[dict]) -> str:
+    """The first seed's kept weights per layer (``a / b / ...``), "-" where its row does not record them."""
+    first = min(group, key=lambda r: r["seed"]).get("kept_per_layer")
+    return " / ".join(str(k) for k in first) if first else "-"
 
 
 def cpu_hours(rows: list[dict]) -> tuple[float, int]:

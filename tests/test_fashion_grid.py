@@ -95,7 +95,7 @@ def test_cpu_hours_count_each_training_once(fashion):
     assert hours == pytest.approx(1.3) and unknown == 1
 
 
-@pytest.mark.parametrize("name, goals", [("fashion_full", True)])
+@pytest.mark.parametrize("name, goals", [("fashion_full", True), ("fashion_rates", False)])
 def test_the_readme_table_is_the_committed_results_file(fashion, name, goals):
     """benchmarks/README.md's fashion-full block (the grid, with its goals) and fashion-rates block (learned rates'
     start ablation) are ``fashion.py --table ... --readme``'s output."""
@@ -194,6 +194,19 @@ def test_the_plan_takes_hydra_variants_with_every_allocation(fashion):
     # hydra-adam is HYDRA with Adam 1e-3 scores; a plain method takes its own optimiser (the run's params: null)
     assert PruneParams(method="hydra", **fashion.VARIANTS["adam"]).optimiser() == ("adam", 1e-3, 0.9, 0.0)
     assert PruneParams(method="hydra", **fashion.VARIANTS["kaiming"]).optimiser()[0] == "sgd"
+
+
+def test_the_learned_rates_ablations_run_with_learned_rates_only(fashion):
+    """hydra-startglobal / hydra-slowrates change where learned rates start and how fast they move: under a fixed
+    allocation they would be plain HYDRA again, so the plan leaves those out."""
+    from pipeline.config import PruneParams
+
+    jobs = fashion.plan(["adversarial"], ["cnn_small"], [0.99], [3], ["hydra", "hydra-startglobal"],
+                        ["global", "learned"])
+    got = {(j["method"], j["rates"]) for j in jobs if j["method"] != "dense"}
+    assert got == {("hydra", "global"), ("hydra", "learned"), ("hydra-startglobal", "learned")}
+    p = PruneParams(rates="learned", **fashion.VARIANTS["slowrates"])
+    assert (p.rate_start, p.rate_lr) == ("global", 0.005)
 
 
 def test_hydra_rows_from_before_the_score_optimiser_changed_read_as_hydra_adam(fashion, tmp_path):
