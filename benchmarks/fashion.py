@@ -570,7 +570,8 @@ def render_table(rows: list[dict]) -> str:
     kept = any("kept_per_layer" in r for r in rows)
     lines = ["| experiment | arch | method | rates | sparsity | bits | seeds | clean | robust (AA-eq.) | PGD robust | "
              "verified | CPU s per seed |" + (" kept per layer (first seed) |" if kept else ""),
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if kept else "")]
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+             + (" --- |" if kept else "")]
     for (exp, arch, method, rates, sparsity, bits), g in sorted(_groups(rows).items(),
                                                                   key=lambda kv: (kv[0][0], kv[0][1], kv[0][4],
                                                                                   kv[0][2], kv[0][3], -kv[0][5])):
