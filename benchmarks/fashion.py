@@ -297,7 +297,7 @@ def main(
     from pipeline.config import AuditParams, DataParams, FinetuneParams, PruneParams, TrainParams
     from pipeline.data import as_arrays, load_dataset
     from pipeline.errors import HydraPipeError
-    from pipeline.masking import global_sparsity, masked_layers, plain_copy
+    from pipeline.masking import global_sparsity, plain_copy, sparsity_report
     from pipeline.models import build_model
     from pipeline.pruning import prune
     from pipeline.training import train
@@ -446,6 +446,9 @@ def main(
                           resume_dir=work / "finetune" if work is not None else None)
         train_s = dense_s + ledger.wall("train")
         train_cpu = dense_cpu if job["method"] == "dense" else ledger.cpu("train")
+        # where the allocation put the weights (learned rates: what they learned), one report for every bit width
+        kept = [int(r["kept"]) for r in sparsity_report(model).values()]
+        sparsity = global_sparsity(model)
         rows = []
         for b in bits:
             figures = ledger.done.get(f"measure-{b}")  # measured before the process was stopped
@@ -457,9 +460,7 @@ def main(
                          "seconds": round(train_s + ledger.wall(f"measure-{b}"), 2),
                          "train_cpu_seconds": round(train_cpu, 2),
                          "measure_cpu_seconds": round(ledger.cpu(f"measure-{b}"), 2),
-                         "measured_sparsity": round(global_sparsity(model), 6),
-                         # where the allocation put the weights (learned rates: what they learned)
-                         "kept_per_layer": [int(l.weight_mask.count_nonzero()) for _, l in masked_layers(model)],
+                         "measured_sparsity": round(sparsity, 6), "kept_per_layer": kept,
                          "prune_optimizer": optimiser})
             typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
                        f"{job['sparsity']:>5g} seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} "
