@@ -34,7 +34,9 @@ PGD ``--attack-steps`` x ``--restarts`` alone (the card's kind of figure).
 
 Rows: ``experiment, arch, method, rates, sparsity, seed, bits (32 or 8), clean_accuracy, robust_accuracy,
 pgd_robust_accuracy, verified_accuracy (null where not measured), eps, n_test, seconds`` (seconds: the training and
-pruning of that model, then its evaluation), plus the machine, the thread count and the wall time. The JSON is
+pruning of that model, then its evaluation), the CPU and wall seconds of its training and of each measurement, where
+it trained (``device``: ``--device``, CUDA when present; ``channels_last``: ``--channels-last``), plus the machine,
+the thread count and the wall time. The JSON is
 rewritten atomically after every model, and a rerun with the same ``--out`` skips the rows already there (a killed
 run resumes). With ``--cache`` a killed model resumes too: its training stages keep resume states after every epoch
 (``CACHE/resume/<model>/``, :mod:`pipeline.training`: the rerun's weights are bit for bit the uninterrupted run's),
@@ -260,6 +262,10 @@ def main(
     int8: Annotated[bool, typer.Option(help="also measure each model as int8 ONNX (8-bit rows)")] = True,
     root: Annotated[str | None, typer.Option(help="Fashion-MNIST folder (default: Debian's)")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch and onnxruntime threads")] = 1,
+    device: Annotated[str, typer.Option(help="where the models train: auto (CUDA when present), cpu or cuda; the "
+                                             "measurement runs the ONNX models on onnxruntime's CPU")] = "auto",
+    channels_last: Annotated[bool, typer.Option(help="train in the channels-last memory format (faster for "
+                                                     "CNN-large on a CPU: benchmarks/README.md)")] = False,
     methods: Annotated[list[str], typer.Option(help="comma-separated pruning methods")] = [",".join(METHODS)],
     rates: Annotated[list[str], typer.Option(help="comma-separated allocations across layers (prune.rates)")] =
         ["uniform"],
@@ -294,7 +300,7 @@ def main(
     import torch
     from torch.utils.data import Subset
 
-    from pipeline.config import AuditParams, DataParams, FinetuneParams, PruneParams, TrainParams
+    from pipeline.config import AuditParams, ComputeParams, DataParams, FinetuneParams, PruneParams, TrainParams
     from pipeline.data import as_arrays, load_dataset
     from pipeline.errors import HydraPipeError
     from pipeline.masking import global_sparsity, plain_copy, sparsity_report
@@ -322,7 +328,15 @@ def main(
             raise typer.Exit(2) from None
     if verified_objective not in ("crown-ibp", "ibp"):
         raise typer.BadParameter("--verified-objective: crown-ibp or ibp")
+    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise typer.BadParameter(f"--device: {device!r}; expected auto, cpu or cuda (cuda: when a GPU is present)")
     torch.set_num_threads(threads)
+    compute = ComputeParams(threads=threads, device=device, channels_last=channels_last)
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    # what the rows record of where they trained; a GPU-trained network is another network than a CPU-trained one
+    # of the same settings, so its cache and resume names say so (a CPU run's names are unchanged)
+    placement = {"device": dev.type, "channels_last": channels_last}
+    own_names = ([] if dev.type == "cpu" else [dev.type]) + (["channels_last"] if channels_last else [])
     t_start = time.perf_counter()
     try:
         data = load_dataset(DataParams(name="fashion_mnist", root=root))
@@ -360,7 +374,7 @@ def main(
             objective = verified_objective if pretrain == "verified" else pretrain
             settings = stage_params("pretrain", objective, seed)
 
-            digest = hashlib.sha256(json.dumps([arch, len(train_set), train_subset, settings],
+            digest = hashlib.sha256(json.dumps([arch, len(train_set), train_subset, settings, *own_names],
                                                sort_keys=True).encode()).hexdigest()[:12]
             name = f"{pretrain}-{arch}-seed{seed}-{digest}"
             work = cache / "resume" / name if cache is not None else None
@@ -369,16 +383,16 @@ def main(
                 ledger = Ledger(work / "ledger.json" if work is not None else None)
                 with ledger.phase("train"):
                     torch.manual_seed(seed)
-                    model = build_model(arch, data.info)
+                    model = build_model(arch, data.info).to(dev)
                     train(model, train_set, TrainParams(**settings), label=f"pretrain {arch} {objective} seed {seed}",
-                          resume_dir=work)
+                          resume_dir=work, compute=compute)
                 return model, ledger.wall("train"), ledger.cpu("train")
 
             if cache is None:
                 dense_cache[key] = fit()
             else:
                 dense_cache[key] = cached_dense(cache / f"{name}.safetensors", fit,
-                                                lambda: build_model(arch, data.info))
+                                                lambda: build_model(arch, data.info).to(dev))
                 shutil.rmtree(work, ignore_errors=True)  # written: its resume state and ledger go
         return dense_cache[key]
 
@@ -422,7 +436,8 @@ def main(
         # the seconds spent, so a killed process's work continues where it stopped (bit for bit: pipeline.training)
         work = None
         if cache is not None and job["method"] != "dense":
-            digest = hashlib.sha256(json.dumps([key, header["options"]], sort_keys=True).encode()).hexdigest()[:12]
+            digest = hashlib.sha256(json.dumps([key, header["options"], *own_names],
+                                               sort_keys=True).encode()).hexdigest()[:12]
             work = cache / "resume" / (f"{job['experiment']}-{job['arch']}-{job['method']}-{job['rates']}-"
                                        f"{job['sparsity']:g}-seed{job['seed']}-{digest}")
         ledger = Ledger(work / "ledger.json" if work is not None else None)
@@ -439,11 +454,11 @@ def main(
             o = p.optimiser()
             optimiser = f"{o.optimizer} lr {o.lr:g} wd {o.weight_decay:g}"
             with ledger.phase("train"):
-                prune(model, train_set, p, resume_dir=work / "prune" if work is not None else None)
+                prune(model, train_set, p, resume_dir=work / "prune" if work is not None else None, compute=compute)
                 if job["experiment"] != "benign":  # the robust sub-network of a benign network is not finetuned
                     train(model, train_set, FinetuneParams(**stage_params("finetune", objective, job["seed"])),
                           label=f"finetune {job['method']} {job['sparsity']:g}",
-                          resume_dir=work / "finetune" if work is not None else None)
+                          resume_dir=work / "finetune" if work is not None else None, compute=compute)
         train_s = dense_s + ledger.wall("train")
         train_cpu = dense_cpu if job["method"] == "dense" else ledger.cpu("train")
         # where the allocation put the weights (learned rates: what they learned), one report for every bit width
@@ -460,8 +475,10 @@ def main(
                          "seconds": round(train_s + ledger.wall(f"measure-{b}"), 2),
                          "train_cpu_seconds": round(train_cpu, 2),
                          "measure_cpu_seconds": round(ledger.cpu(f"measure-{b}"), 2),
+                         "train_wall_seconds": round(dense_s if job["method"] == "dense" else ledger.wall("train"), 2),
+                         "measure_wall_seconds": round(ledger.wall(f"measure-{b}"), 2),
                          "measured_sparsity": round(sparsity, 6), "kept_per_layer": kept,
-                         "prune_optimizer": optimiser})
+                         "prune_optimizer": optimiser, **placement})
             typer.echo(f"{job['experiment']:>11} {job['arch']:>9} {job['method']:>13} {job['rates']:>7} "
                        f"{job['sparsity']:>5g} seed {job['seed']} {b:>2}-bit: clean {rows[-1]['clean_accuracy']:.3f} "
                        f"robust {rows[-1]['robust_accuracy']:.3f} pgd {rows[-1]['pgd_robust_accuracy']:.3f}"
@@ -539,7 +556,7 @@ def cached_dense(path: Path, fit, blank):
             if not path.is_file():
                 model, seconds, cpu = fit()
                 tmp = path.with_name(path.name + ".part")
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                           metadata={"seconds": f"{seconds:.2f}", "cpu_seconds": f"{cpu:.2f}"})
                 os.replace(tmp, path)
                 return model, seconds, cpu
@@ -576,7 +593,8 @@ def render_table(rows: list[dict]) -> str:
     for (exp, arch, method, rates, sparsity, bits), g in sorted(_groups(rows).items(),
                                                                   key=lambda kv: (kv[0][0], kv[0][1], kv[0][4],
                                                                                   kv[0][2], kv[0][3], -kv[0][5])):
-        cpu = [r["train_cpu_seconds"] + r["measure_cpu_seconds"] for r in g if "measure_cpu_seconds" in r]
+        cpu = [r["train_cpu_seconds"] + r["measure_cpu_seconds"] for r in g
+               if "measure_cpu_seconds" in r and r.get("device", "cpu") == "cpu"]
         lines.append(f"| {exp} | {arch} | {method} | {rates} | {100 * sparsity:g}% | {bits} | {len(g)} | "
                      f"{mean_spread([r['clean_accuracy'] for r in g])} | "
                      f"{mean_spread([r['robust_accuracy'] for r in g])} | "
@@ -584,9 +602,12 @@ def render_table(rows: list[dict]) -> str:
                      f"{mean_spread([r['verified_accuracy'] for r in g])} | "
                      f"{f'{sum(cpu) / len(cpu):.0f}' if cpu else '-'} |" + (f" {_kept(g)} |" if kept else ""))
     hours, unknown = cpu_hours(rows)
+    gpu = sum(r.get("device", "cpu") == "cuda" for r in rows)
     lines += ["", f"{len(rows)} rows; CPU time of the models they measure (each training once, each measurement): "
                   f"{hours:.1f} CPU hours" + (f", {unknown} rows written before CPU time was recorded not counted"
-                                              if unknown else "") + "."]
+                                              if unknown else "")
+              + (f"; {gpu} rows trained on a GPU: {cpu_hours(rows, 'cuda')[0]:.2f} GPU hours (wall)" if gpu else "")
+              + "."]
     return "\n".join(lines)
 
 
@@ -596,17 +617,22 @@ def _kept(group: list[dict]) -> str:
     return " / ".join(str(k) for k in first) if first else "-"
 
 
-def cpu_hours(rows: list[dict]) -> tuple[float, int]:
+def cpu_hours(rows: list[dict], device: str = "cpu") -> tuple[float, int]:
     """The grid's CPU hours (each model's own training once, a dense network once per pretraining, every row's
-    measurement) and how many rows do not say (written before ``train_cpu_seconds`` was recorded)."""
+    measurement) and how many rows do not say (written before ``train_cpu_seconds`` was recorded). ``device``
+    "cuda": the wall hours of the rows trained on a GPU instead (their CPU seconds are the host's, not the work's);
+    each count takes only its own device's rows."""
     trained: dict[tuple, float] = {}
     total, unknown = 0.0, 0
     for r in rows:
+        if r.get("device", "cpu") != device:
+            continue
         if "measure_cpu_seconds" not in r:
             unknown += 1
             continue
-        total += r["measure_cpu_seconds"]
-        trained[Results.key({**r, "bits": 0})] = r["train_cpu_seconds"]  # one per model, whatever its bit widths
+        total += r["measure_cpu_seconds" if device == "cpu" else "measure_wall_seconds"]
+        # one per model, whatever its bit widths
+        trained[Results.key({**r, "bits": 0})] = r["train_cpu_seconds" if device == "cpu" else "train_wall_seconds"]
     return (total + sum(trained.values())) / 3600, unknown
 
 

@@ -93,6 +93,12 @@ def test_cpu_hours_count_each_training_once(fashion):
             row("lwm", 32)]  # written before CPU time was recorded
     hours, unknown = fashion.cpu_hours(rows)
     assert hours == pytest.approx(1.3) and unknown == 1
+    # a model trained on a GPU: its host CPU seconds are not the grid's CPU hours; its wall seconds are GPU hours
+    gpu = [row("admm", b, device="cuda", train_cpu_seconds=99.0, measure_cpu_seconds=99.0, train_wall_seconds=720.0,
+               measure_wall_seconds=360.0) for b in (32, 8)]
+    assert fashion.cpu_hours(rows + gpu) == (pytest.approx(1.3), 1)
+    assert fashion.cpu_hours(rows + gpu, "cuda") == (pytest.approx(0.4), 0)
+    assert "2 rows trained on a GPU: 0.40 GPU hours" in fashion.render_table(rows + gpu)
 
 
 @pytest.mark.parametrize("name, goals", [("fashion_full", True), ("fashion_rates", False)])
@@ -292,3 +298,28 @@ def test_a_killed_grid_resumes_each_model_where_it_stopped(fashion, tmp_path, mo
     assert len(kept) == len(dense) == 4 and kept == [math.ceil(0.1 * n) for n in dense]  # uniform 90% per layer
     assert rows["hydra"]["train_cpu_seconds"] >= round(spent, 2)  # the killed process's training counts
     assert not list((tmp_path / "cache-killed" / "resume").iterdir())
+
+
+def test_a_channels_last_grid_trains_its_own_dense_network_and_says_where_it_trained(fashion, tmp_path):
+    """Rows record the device and memory format they trained in; a channels-last run sharing a plain run's cache
+    does not take its dense network (another network, float for float), it trains and keeps its own. A GPU asked
+    for where none is: one line, a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from tests.test_data import write_idx_set
+
+    write_idx_set(tmp_path / "fm", n_train=5100, n_test=20, gz=(True,) * 4)
+    common = ["--root", str(tmp_path / "fm"), "--train-subset", "40", "--epochs", "1", "--n-test", "5",
+              "--attack-steps", "1", "--restarts", "1", "--square-queries", "5", "--experiments", "adversarial",
+              "--archs", "cnn_small", "--sparsities", "0.9", "--seeds", "0", "--methods", "lwm", "--no-int8",
+              "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    for name, extra in (("plain", []), ("last", ["--channels-last"])):
+        result = CliRunner().invoke(fashion.app, [*common, *extra, "--out", str(tmp_path / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        assert [(r["method"], r["device"], r["channels_last"]) for r in rows] == \
+            [("dense", "cpu", bool(extra)), ("lwm", "cpu", bool(extra))]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(fashion.app, [*common[:-1], "cuda", "--out", str(tmp_path / "gpu.json")])
+        assert result.exit_code != 0 and "--device" in result.output and not (tmp_path / "gpu.json").exists()
