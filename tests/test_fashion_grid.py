@@ -202,6 +202,19 @@ def test_the_plan_takes_hydra_variants_with_every_allocation(fashion):
     assert PruneParams(method="hydra", **fashion.VARIANTS["kaiming"]).optimiser()[0] == "sgd"
 
 
+def test_the_score_init_ablation_trains_only_the_init_the_grid_does_not(fashion):
+    """Scaled scores are HYDRA's default: that network is the adversarial experiment's hydra row (uniform, 99%, same
+    seed), so the ablation plans Kaiming alone, with the settings that differ from the default's in score_init only."""
+    from pipeline.config import PruneParams
+
+    jobs = fashion.plan(["adversarial", "score_init"], ["cnn_small"], [0.99], [0], ["hydra"], ["uniform"])
+    got = [(j["experiment"], j["method"], j["rates"], j["sparsity"], j["seed"]) for j in jobs if j["method"] != "dense"]
+    assert got == [("adversarial", "hydra", "uniform", 0.99, 0), ("score_init", "hydra-kaiming", "uniform", 0.99, 0)]
+    default, kaiming = PruneParams(method="hydra"), PruneParams(method="hydra", **fashion.VARIANTS["kaiming"])
+    assert default.score_init == "scaled" and {k for k, v in kaiming.model_dump().items()
+                                               if v != default.model_dump()[k]} == {"score_init"}
+
+
 def test_the_learned_rates_ablations_run_with_learned_rates_only(fashion):
     """hydra-startglobal / hydra-slowrates change where learned rates start and how fast they move: under a fixed
     allocation they would be plain HYDRA again, so the plan leaves those out."""
