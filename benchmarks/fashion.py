@@ -736,7 +736,8 @@ def render_goals(rows: list[dict]) -> list[str]:
         below = [p for p in pairs if _mean(p[2]) < _mean(p[3])]
         lines.append("- (3b) Learned rates never below global rates (HYDRA): " + "; ".join(
             f"{a} {100 * s:g}% {100 * (_mean(l) - _mean(g)):+.1f}" for a, s, l, g in pairs) +
-            f": {verdict(not below, _seeds_note(*[p[2] for p in pairs], *[p[3] for p in pairs]))}.")
+            # provisional while the 99% pairs lack seeds (the grid has one seed at 90 and 95%, by design)
+            f": {verdict(not below, _seeds_note(*[g for p in pairs if p[1] == 0.99 for g in p[2:]] or [{}]))}.")
     else:
         lines.append("- (3b) Learned rates never below global rates: *not measured*.")
     # 4. HYDRA (any allocation) >= ADMM (any allocation) at every sparsity.

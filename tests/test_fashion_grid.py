@@ -165,6 +165,11 @@ def test_goal_verdicts_follow_the_rows(fashion):
     assert "HYDRA learned 73.5 ± 0.5% (2 seeds) vs LWM global 66.5 ± 0.5% (2 seeds): +7.0" in goal(lines, "1")
     assert "over LWM global +7.0 (2 seeds)" in goal(lines, "2")
     assert "cnn_small 99% -0.5: **not met** (provisional: 2 of 3 seeds)" in goal(lines, "3b")  # not +6.5
+    # the grid's one seed at 90% does not make a verdict on three seeds at 99% provisional
+    full = rows + [adv("hydra", "global", 0.99, r, seed=s) for s, r in enumerate((0.70, 0.71, 0.72))] + \
+        [adv("hydra", "global", 0.9, 0.71)]
+    assert goal(fashion.render_goals(full), "3b").endswith("cnn_small 90% +1.0; cnn_small 99% +3.0: **met**.")
+    assert "provisional: 2 of 3 seeds" in goal(fashion.render_goals(full[:-2]), "3b")
 
     rows = [adv(m, "uniform", s, 0.6 if m == "hydra" else 0.5) for m in ("hydra", "admm") for s in (0.9, 0.95, 0.99)]
     assert goal(fashion.render_goals(rows), "4").endswith("**met**.")
