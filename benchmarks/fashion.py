@@ -263,8 +263,9 @@ def main(
     int8: Annotated[bool, typer.Option(help="also measure each model as int8 ONNX (8-bit rows)")] = True,
     root: Annotated[str | None, typer.Option(help="Fashion-MNIST folder (default: Debian's)")] = None,
     threads: Annotated[int, typer.Option(min=1, help="torch and onnxruntime threads")] = 1,
-    device: Annotated[str, typer.Option(help="where the models train: auto (CUDA when present), cpu or cuda; the "
-                                             "measurement runs the ONNX models on onnxruntime's CPU")] = "auto",
+    device: Annotated[str, typer.Option(help="where the models train: auto (CUDA when present), cpu or cuda (the "
+                                             "measurement is the audit's: its attacks on CUDA when present, the "
+                                             "deployed model on onnxruntime's CPU)")] = "auto",
     channels_last: Annotated[bool, typer.Option(help="train in the channels-last memory format (faster for "
                                                      "CNN-large on a CPU: benchmarks/README.md)")] = False,
     methods: Annotated[list[str], typer.Option(help="comma-separated pruning methods")] = [",".join(METHODS)],
