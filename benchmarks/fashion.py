@@ -302,6 +302,7 @@ def main(
     import torch
     from torch.utils.data import Subset
 
+    from pipeline import distributed
     from pipeline.config import AuditParams, ComputeParams, DataParams, FinetuneParams, PruneParams, TrainParams
     from pipeline.data import as_arrays, load_dataset
     from pipeline.errors import HydraPipeError
@@ -330,11 +331,14 @@ def main(
             raise typer.Exit(2) from None
     if verified_objective not in ("crown-ibp", "ibp"):
         raise typer.BadParameter("--verified-objective: crown-ibp or ibp")
-    if device not in ("auto", "cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise typer.BadParameter(f"--device: {device!r}; expected auto, cpu or cuda (cuda: when a GPU is present)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"--device: {device!r}; expected auto, cpu or cuda")
+    try:
+        dev = distributed.init(device)  # the stages' own choice: auto is CUDA when present
+    except HydraPipeError as e:
+        raise typer.BadParameter(f"--device: {e}") from None
     torch.set_num_threads(threads)
     compute = ComputeParams(threads=threads, device=device, channels_last=channels_last)
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
     # what the rows record of where they trained; a GPU-trained network is another network than a CPU-trained one
     # of the same settings, so its cache and resume names say so (a CPU run's names are unchanged)
     placement = {"device": dev.type, "channels_last": channels_last}
