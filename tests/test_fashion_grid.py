@@ -324,7 +324,7 @@ def test_a_killed_grid_resumes_each_model_where_it_stopped(fashion, tmp_path, mo
 def test_a_channels_last_grid_trains_its_own_dense_network_and_says_where_it_trained(fashion, tmp_path):
     """Rows record the device and memory format they trained in; a channels-last run sharing a plain run's cache
     does not take its dense network (another network, float for float), it trains and keeps its own. A GPU asked
-    for where none is: one line, a non-zero exit."""
+    for where none is: a usage error naming --device, a non-zero exit, no results file."""
     from typer.testing import CliRunner
 
     from tests.test_data import write_idx_set
