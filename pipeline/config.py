@@ -193,6 +193,9 @@ class QuantizeParams(Strict):
                                                            "when the dataset has one, else training images)")
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
+    reduce_range: bool = Field(True, description="int8 weights within [-64, 64] (7 bits), which onnxruntime's "
+                                                 "integer kernels compute exactly on every CPU; full-range weights "
+                                                 "saturate its 16-bit pair sums on x86 CPUs without VNNI")
 
 
 ATTACK_ORDER = ("apgd-ce", "apgd-t", "pgd", "square")

@@ -38,6 +38,9 @@ class ModelMetadata(BaseModel):
     # how to feed it, how to read it
     input_shape: Optional[tuple[int, int, int]] = Field(None, description="one input's C x H x W, written CxHxW")
     bits: Optional[int] = Field(None, ge=1, description="bit width of the weights (8: int8)")
+    weight_range: Optional[int] = Field(None, ge=0, description="largest int8 weight magnitude: 64 (7 bits, "
+                                                               "onnxruntime's reduce_range) computes exactly on every "
+                                                               "CPU, beyond it x86 CPUs without VNNI can saturate")
     labels: Optional[list[str]] = Field(None, description="class index -> name")
     input_range: Optional[tuple[float, float]] = Field(None, description="[low, high] of the input values the "
                                                                          "threat model is defined on")

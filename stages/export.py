@@ -27,6 +27,7 @@ from pipeline.masking import masked_layers, sparsity_report
 from pipeline.metadata import ModelMetadata
 from pipeline.onnx_io import (INPUT_NAME, OUTPUT_NAME, ort_logits, ort_session, read_metadata, read_proto,
                               set_metadata, torch_logits, used_opsets_only)
+from pipeline.quantization import SATURATION_FREE, int8_weight_range
 from pipeline.reporting import atomic_write_bytes, console, layer_labels
 from pipeline.threat import ThreatModel
 from stages.common import AUDIT_REPORT, FINETUNED, INT8_ONNX, MODEL_CARD, SHIPPED, setup, write_figures
@@ -58,7 +59,18 @@ def _what_it_is(meta: ModelMetadata) -> str:
     what += _RATES.get(meta.prune_rates or "", "")
     return f"""**What it is.** A {meta.arch} classifier for {meta.dataset}, pruned to {100 * meta.sparsity:.1f}%
 sparsity with {what}; quantized to {meta.bits}-bit integers (onnxruntime static QDQ, int8 weights per channel,
-uint8 activations)."""
+uint8 activations){_weight_range(meta)}."""
+
+
+def _weight_range(meta: ModelMetadata) -> str:
+    """Where the audited integers hold: on every CPU when no weight pair can saturate onnxruntime's 16-bit sums."""
+    if meta.weight_range is None:
+        return ""
+    if meta.weight_range <= SATURATION_FREE:
+        return (f"; the int8 weights stay within +-{meta.weight_range} (7 bits), so onnxruntime computes the "
+                f"audited integers exactly on every CPU, x86 without VNNI included")
+    return (f"; the int8 weights reach +-{meta.weight_range}: on x86 CPUs without VNNI onnxruntime's 16-bit "
+            f"pair sums can saturate, and the outputs there can differ from the audited ones")
 
 
 def _input_output(meta: ModelMetadata) -> str:
@@ -257,6 +269,7 @@ def run(params_path: Path) -> dict:
                          if n.endswith(("weight", "bias")) and not n.endswith("weight_mask"))
     meta = ModelMetadata(
         warning=warning, arch=params.model.arch, dataset=params.data.name, bits=8,
+        weight_range=int8_weight_range(INT8_ONNX),
         **_dataset_metadata(info, prep, audit),
         sparsity=round(ckpt_meta["sparsity"], 6), sparsity_per_layer=layers, granularity=params.prune.granularity,
         channels_per_layer=channels, encoding=ENCODING, verified_method=audit.verified_method,

@@ -34,7 +34,8 @@ def run(params_path: Path) -> dict:
                              f"(> export.parity_atol {params.export.parity_atol})")
     calibration = data.val if data.val is not None else data.train
     x_cal, _ = as_arrays(calibration, limit=q.calibration_size, seed=0)
-    quantize_int8(FP32_ONNX, INT8_ONNX, x_cal, per_channel=q.per_channel, method=q.calibration_method)
+    quantize_int8(FP32_ONNX, INT8_ONNX, x_cal, per_channel=q.per_channel, method=q.calibration_method,
+                  reduce_range=q.reduce_range)
     int8_out = ort_logits(ort_session(INT8_ONNX), x_test)
     n_pruned = sum(int((w == 0).sum()) for n, w in model.state_dict().items()
                    if n.endswith("weight") and w.dim() > 1)

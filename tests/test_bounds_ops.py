@@ -254,9 +254,12 @@ def test_float_twin_quantize_is_bounded_without_rounding_slack():
 # onnxruntime's int8 graphs (static QDQ: uint8 activations, int8 per-channel weights, outputs quantized too)
 # ---------------------------------------------------------------------------------------------------------------
 
-def plain_int8(model: nn.Module | Path, folder: Path, shape: tuple[int, int, int], calibration: np.ndarray) -> Path:
+def plain_int8(model: nn.Module | Path, folder: Path, shape: tuple[int, int, int], calibration: np.ndarray,
+               reduce_range: bool = True) -> Path:
     """``model`` (or an ONNX file) quantized by onnxruntime's static quantizer with its defaults (QDQ, U8
-    activations, S8 per-channel weights; unlike the pipeline's recipe the Gemm outputs are quantized too)."""
+    activations, S8 per-channel weights; unlike the pipeline's recipe the Gemm outputs are quantized too), 7-bit
+    weights unless ``reduce_range`` is off: full-range ones saturate onnxruntime's kernels on x86 CPUs without
+    VNNI, and its outputs there are not the graph's integer arithmetic (``pipeline.quantization``)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -269,7 +272,8 @@ def plain_int8(model: nn.Module | Path, folder: Path, shape: tuple[int, int, int
         export_onnx(model, src, shape)
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     quantize_static(str(pre), str(dst), _Calibration("input", calibration), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    reduce_range=reduce_range)
     return dst
 
 
@@ -295,6 +299,43 @@ def test_int8_graph_is_onnxruntime_and_requantization_is_dropped(ort_int8):
     x = np.random.default_rng(1).random((300, 1, 8, 8), dtype=np.float32)
     with torch.no_grad():
         np.testing.assert_array_equal(model(torch.from_numpy(x)).numpy(), ort_logits(session, x))
+
+
+def test_full_range_weights_are_named_as_saturating_and_exact_only_where_the_cpu_has_vnni(ort_int8, tmp_path,
+                                                                                       monkeypatch):
+    from pipeline import quantization
+    from pipeline.audit.run import run_audit
+    from pipeline.config import AuditParams
+    from pipeline.quantization import SATURATION_FREE, int8_weight_range, saturating_layers, saturation_hint
+
+    net, reduced = ort_int8
+    calibration = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    full = plain_int8(net, tmp_path, (1, 8, 8), calibration, reduce_range=False)
+    assert int8_weight_range(reduced) <= SATURATION_FREE < int8_weight_range(full)
+    assert saturating_layers(reduced) == {}
+    named = saturating_layers(full)
+    assert named and all(SATURATION_FREE < top <= 127 for top in named.values())
+    assert len(named) == 4  # the two convolutions and the two linear layers: u8 activations into each
+    monkeypatch.setattr(quantization, "cpu_has_vnni", lambda: False)
+    hint = saturation_hint(full)
+    assert "without VNNI" in hint and "reduce_range" in hint and next(iter(named)) in hint
+    assert saturation_hint(reduced) == ""
+    monkeypatch.setattr(quantization, "cpu_has_vnni", lambda: True)
+    assert saturation_hint(full) == ""
+    monkeypatch.undo()
+    # on this machine: with VNNI onnxruntime computes the exact integers; without it, the audit says why it refuses
+    x = np.random.default_rng(1).random((300, 1, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        exact = np.array_equal(load_onnx(full)(torch.from_numpy(x)).numpy(),
+                               ort_logits(ort_session(full, threads=1), x))
+    if quantization.cpu_has_vnni():
+        assert exact
+    elif not exact:
+        y = load_onnx(full)(torch.from_numpy(x[:20])).argmax(1).numpy()
+        report = run_audit(full, x[:20], y, AuditParams(eps=0.01, steps=0, alpha_crown=False, bab=False,
+                                                        sweep_eps=[]), progress=False)
+        assert not report.parity.ok and report.verified_accuracy is None
+        assert "without VNNI" in report.verification_refused
 
 
 def test_int8_bounds_contain_onnxruntime_at_sampled_tie_and_attacked_points(ort_int8):

@@ -11,7 +11,7 @@ from pipeline.errors import HydraPipeError
 from pipeline.metadata import ModelMetadata, expected_form
 
 SHIPPED = ModelMetadata(
-    warning="below the export floor: clean 22.5% < 50.0%", arch="cnn_small", dataset="digits", classes=10, input_shape=(1, 8, 8), bits=8, labels=[str(i) for i in range(10)],
+    warning="below the export floor: clean 22.5% < 50.0%", arch="cnn_small", dataset="digits", classes=10, input_shape=(1, 8, 8), bits=8, weight_range=64, labels=[str(i) for i in range(10)],
     input_range=(0.0, 1.0), preprocessing="divided by 16 into [0, 1]", sparsity=0.900123,
     sparsity_per_layer={"1": 0.85, "4": 0.95}, granularity="weight", channels_per_layer={"1": "8/8"},
     encoding="delta", verified_method="ibp+crown", audit={"n": 450, "eps": 0.05, "norm": "linf", "clean_accuracy": 0.97,

@@ -194,6 +194,15 @@ def test_metadata_states_labels_input_and_stores_each_figure_once(meta):
     assert not set(audit) & set(meta)  # no audit figure repeated at the top level
 
 
+def test_weights_stay_in_the_range_every_cpu_computes_exactly_and_the_card_says_so(meta, run_dir):
+    from pipeline.quantization import SATURATION_FREE, int8_weight_range, saturating_layers
+
+    assert 0 < int(meta["weight_range"]) == int8_weight_range(run_dir / "models/quantized.onnx") <= SATURATION_FREE
+    assert saturating_layers(run_dir / "models/quantized.onnx") == {}
+    card = (run_dir / "deploy/MODEL_CARD.md").read_text()
+    assert f"within +-{meta['weight_range']} (7 bits)" in " ".join(card.split())
+
+
 def test_shipped_graph_names_its_producer_and_imports_only_used_opsets(run_dir):
     model = onnx.load(str(run_dir / "deploy/model.onnx"))
     assert (model.producer_name, model.producer_version) == ("hydra-pipe", pipeline.__version__)

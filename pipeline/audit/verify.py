@@ -23,6 +23,7 @@ from pipeline.bounds import branch_and_bound, certify
 from pipeline.bounds.ops import verification_blockers
 from pipeline.config import AuditParams
 from pipeline.errors import UnsupportedOpError
+from pipeline.quantization import saturation_hint
 
 BARS = {"ibp": "IBP bounds", "crown": "CROWN bounds", "alpha-crown": "alpha-CROWN bounds",
         "bab": "branch and bound"}
@@ -123,7 +124,8 @@ def verify(deployed: Deployed, xt: torch.Tensor, params: AuditParams, bars: Bars
     if deployed.parity is not None and not deployed.parity.ok:
         p = deployed.parity
         v.refused = (f"the graph form differs from onnxruntime by {p.max_logit_difference:.3g} on the clean inputs "
-                     f"(tolerance {p.tolerance:.3g}): bounds of it would not be about the deployed model")
+                     f"(tolerance {p.tolerance:.3g}): bounds of it would not be about the deployed model"
+                     f"{saturation_hint(deployed.path)}")
         return v
     blocked = verification_blockers(deployed.graph.nodes)
     if blocked:
