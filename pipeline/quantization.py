@@ -67,24 +67,24 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_x: np.ndarray, pe
         staged.replace(out_path)
 
 
-def int8_weight_range(path: Path) -> int:
-    """The largest magnitude of the int8 weight initializers of a quantized model (64 with ``reduce_range``)."""
+def int8_weights(path: Path) -> dict[str, np.ndarray]:
+    """The int8 weight initializers of a quantized model, by name."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    return max((int(np.abs(numpy_helper.to_array(init).astype(np.int32)).max(initial=0))
-                for init in model.graph.initializer if init.data_type == onnx.TensorProto.INT8), default=0)
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
+            if init.data_type == onnx.TensorProto.INT8}
+
+
+def int8_weight_range(path: Path) -> int:
+    """The largest magnitude of the int8 weight initializers of a quantized model (64 with ``reduce_range``)."""
+    return max((int(np.abs(w.astype(np.int32)).max(initial=0)) for w in int8_weights(path).values()), default=0)
 
 
 def int8_weight_zeros(path: Path) -> dict[str, int]:
     """Number of exact zeros in each int8 weight initializer of a quantized model (pruned entries)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    return {init.name: int((numpy_helper.to_array(init) == 0).sum())
-            for init in model.graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    return {name: int((w == 0).sum()) for name, w in int8_weights(path).items()}
 
 
 _INTEGER_INPUTS = {"Conv": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1), "ConvInteger": (0, 1), "MatMulInteger": (0, 1),
@@ -104,7 +104,7 @@ def saturating_layers(path: Path) -> dict[str, int]:
     inits = {t.name: t for t in graph.initializer}
     made_by = {out: n for n in graph.node for out in n.output}
 
-    def int8_weights(name: str):
+    def weights_of(name: str):  # an int8 initializer, directly or through its DequantizeLinear
         t = inits.get(name)
         if t is None and name in made_by and made_by[name].op_type == "DequantizeLinear":
             t = inits.get(made_by[name].input[0])
@@ -120,7 +120,7 @@ def saturating_layers(path: Path) -> dict[str, int]:
         a, w = _INTEGER_INPUTS[node.op_type]
         if len(node.input) <= max(a, w):
             continue
-        weights = int8_weights(node.input[w])
+        weights = weights_of(node.input[w])
         activation_8bit = node.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul") \
             or quantized(node.input[a])
         if weights is not None and activation_8bit:
@@ -148,11 +148,12 @@ def saturation_hint(path: Path) -> str:
     """Why onnxruntime may compute other integers than the graph's exact arithmetic (an empty string when nothing
     in the graph can saturate): for the audit's refusal, with what to do about it."""
     layers = saturating_layers(path)
-    if not layers or cpu_has_vnni() is True:
+    vnni = cpu_has_vnni()
+    if not layers or vnni is True:
         return ""
     shown = ", ".join(f"{name} (up to {top})" for name, top in list(layers.items())[:3])
     more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
-    cpu = "this CPU has no VNNI" if cpu_has_vnni() is False else "this CPU's VNNI could not be read"
+    cpu = "this CPU has no VNNI" if vnni is False else "this CPU's VNNI could not be read"
     return (f"; likely cause: onnxruntime's u8 x s8 kernels on x86 without VNNI add pairs of products in 16 bits with "
             f"saturation ({cpu}) and int8 weights beyond +-{SATURATION_FREE} can overflow them: {shown}{more}. "
             f"Quantize with reduce_range (7-bit weights) or uint8 weights, or deploy and audit on CPUs with VNNI")
