@@ -294,7 +294,8 @@ def main(
 ) -> None:
     if table is not None:
         rows = read_rows(table)
-        typer.echo(render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) if goals else ""))
+        typer.echo(render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) + "\n\n" + render_attack_gap(rows)
+                                         if goals else ""))
         if plot is not None:
             draw(rows, plot)
         if readme is not None:
@@ -817,6 +818,26 @@ def render_goals(rows: list[dict]) -> list[str]:
     return lines
 
 
+def render_attack_gap(rows: list[dict]) -> str:
+    """How far PGD alone (the card's attack, ``attack_steps`` x ``restarts``) overstates the AutoAttack-equivalent
+    robust accuracy, per method over the adversarially trained fp32 models: where gradients mislead PGD, the
+    AutoAttack-equivalent attacks (APGD-T's targeted losses, Square's queries) still break the examples."""
+    gaps: dict[str, list[tuple[float, dict]]] = {}
+    for r in rows:
+        if r["experiment"] == "adversarial" and r["bits"] == 32 and "-" not in r["method"] and \
+                r.get("pgd_robust_accuracy") is not None:
+            gaps.setdefault(r["method"], []).append((r["pgd_robust_accuracy"] - r["robust_accuracy"], r))
+    if not gaps:
+        return ""
+    worst, at = max((g for v in gaps.values() for g in v), key=lambda g: g[0])
+    return ("PGD alone against the AutoAttack-equivalent attacks (adversarial rows, fp32): PGD's robust accuracy is "
+            "higher by " + "; ".join(f"{100 * sum(g for g, _ in v) / len(v):.1f} points on average for {m} "
+                                     f"({len(v)} model{'s' if len(v) != 1 else ''}, at most {100 * max(g for g, _ in v):.1f})"
+                                     for m, v in sorted(gaps.items())) +
+            f". The largest gap, {100 * worst:.1f} points, is {at['method']} {at.get('rates', 'uniform')} "
+            f"{100 * at['sparsity']:g}% seed {at['seed']} ({at['arch']}).")
+
+
 def readme_marks(name: str) -> tuple[str, str]:
     """The markers of results file ``name``'s generated block in a README (``fashion_full`` -> ``fashion-full``)."""
     block = name.replace("_", "-")
@@ -829,7 +850,9 @@ def readme_with_table(readme: str, rows: list[dict], name: str = "fashion_full",
     from the rows, after it)."""
     from stages.figures import replace_block
 
-    body = render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) if goals else "")
+    gap = render_attack_gap(rows) if goals else ""
+    body = render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) if goals else "") + \
+        ("\n\n" + gap if gap else "")
     return replace_block(readme, readme_marks(name), body)
 
 

@@ -190,6 +190,19 @@ def test_goal_verdicts_follow_the_rows(fashion):
         goal(fashion.render_goals(rows), "4")
 
 
+def test_the_attack_gap_is_pgd_over_the_autoattack_equivalent_figure_per_method(fashion):
+    rows = [row("hydra", 32, 0, robust_accuracy=0.60, pgd_robust_accuracy=0.62),
+            row("hydra", 32, 1, robust_accuracy=0.60, pgd_robust_accuracy=0.66),
+            row("hydra", 8, 1, robust_accuracy=0.10, pgd_robust_accuracy=0.90),  # int8: not counted
+            row("lwm", 32, 0, robust_accuracy=0.50, pgd_robust_accuracy=0.51),
+            row("hydra-adam", 32, 0, robust_accuracy=0.10, pgd_robust_accuracy=0.90)]  # an ablation: not counted
+    line = fashion.render_attack_gap(rows)
+    assert "4.0 points on average for hydra (2 models, at most 6.0)" in line
+    assert "1.0 points on average for lwm (1 model, at most 1.0)" in line
+    assert "largest gap, 6.0 points, is hydra uniform 99% seed 1" in line
+    assert fashion.render_attack_gap([]) == ""
+
+
 def test_the_int8_and_benign_goals(fashion):
     pair = [row("hydra", 32), row("hydra", 8, robust_accuracy=0.396)]  # costs 0.4 points
     assert goal(fashion.render_goals(pair), "6").endswith("**met**.")
