@@ -294,8 +294,7 @@ def main(
 ) -> None:
     if table is not None:
         rows = read_rows(table)
-        typer.echo(render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) + "\n\n" + render_attack_gap(rows)
-                                         if goals else ""))
+        typer.echo(render_block(rows, goals))
         if plot is not None:
             draw(rows, plot)
         if readme is not None:
@@ -820,8 +819,9 @@ def render_goals(rows: list[dict]) -> list[str]:
 
 def render_attack_gap(rows: list[dict]) -> str:
     """How far PGD alone (the card's attack, ``attack_steps`` x ``restarts``) overstates the AutoAttack-equivalent
-    robust accuracy, per method over the adversarially trained fp32 models: where gradients mislead PGD, the
-    AutoAttack-equivalent attacks (APGD-T's targeted losses, Square's queries) still break the examples."""
+    robust accuracy, per method over the adversarially trained fp32 models: the examples PGD's cross-entropy steps
+    miss and the AutoAttack-equivalent attacks (APGD's adaptive steps, APGD-T's targeted losses, Square's queries)
+    break."""
     gaps: dict[str, list[tuple[float, dict]]] = {}
     for r in rows:
         if r["experiment"] == "adversarial" and r["bits"] == 32 and "-" not in r["method"] and \
@@ -838,6 +838,14 @@ def render_attack_gap(rows: list[dict]) -> str:
             f"{100 * at['sparsity']:g}% seed {at['seed']} ({at['arch']}).")
 
 
+def render_block(rows: list[dict], goals: bool = True) -> str:
+    """The table; with ``goals`` (the full grid's file) the goals judged from the rows and the PGD gap after it."""
+    if not goals:
+        return render_table(rows)
+    gap = render_attack_gap(rows)
+    return render_table(rows) + "\n\n" + "\n".join(render_goals(rows)) + ("\n\n" + gap if gap else "")
+
+
 def readme_marks(name: str) -> tuple[str, str]:
     """The markers of results file ``name``'s generated block in a README (``fashion_full`` -> ``fashion-full``)."""
     block = name.replace("_", "-")
@@ -850,10 +858,7 @@ def readme_with_table(readme: str, rows: list[dict], name: str = "fashion_full",
     from the rows, after it)."""
     from stages.figures import replace_block
 
-    gap = render_attack_gap(rows) if goals else ""
-    body = render_table(rows) + ("\n\n" + "\n".join(render_goals(rows)) if goals else "") + \
-        ("\n\n" + gap if gap else "")
-    return replace_block(readme, readme_marks(name), body)
+    return replace_block(readme, readme_marks(name), render_block(rows, goals))
 
 
 def draw(rows: list[dict], path: Path) -> None:
